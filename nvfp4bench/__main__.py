@@ -1,0 +1,7 @@
+"""``python -m nvfp4bench``: train and evaluate one cell (see nvfp4bench.cli)."""
+import sys
+
+from nvfp4bench.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
