@@ -1,0 +1,279 @@
+"""NVFP4 quantizer: known answers (nvfp4.md section 8), an independent NumPy reference, and
+properties (error bound, idempotence, SR neighbours and unbiasedness, determinism, RHT)."""
+import numpy as np
+import pytest
+import torch
+
+from nvfp4bench import nvfp4
+from nvfp4bench.nvfp4 import dequantize, fake_quantize, pack, quantize, rht, rht_matrix
+
+GOLDEN_INPUT = [0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, -6, 2688] + [0] * 15
+GOLDEN_CODES = [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6, 7, 15, 7] + [0] * 15
+GOLDEN_PACKED = "00 21 22 43 44 65 66 F7 07 00 00 00 00 00 00 00"
+
+# RN cast of a scaled value: (input, E2M1 magnitude), each tie marked.
+E2M1_RN_TABLE = [
+    (0.0, 0.0), (0.25, 0.0),  # tie to even (code 0)
+    (0.2500001, 0.5), (0.5, 0.5), (0.7499999, 0.5),
+    (0.75, 1.0),  # tie to even (code 2)
+    (1.25, 1.0),  # tie to even (code 2)
+    (1.2500001, 1.5), (1.75, 2.0),  # tie to even (code 4)
+    (2.5, 2.0),  # tie to even (code 4)
+    (2.5000002, 3.0), (3.4999998, 3.0),
+    (3.5, 4.0),  # tie to even (code 6)
+    (5.0, 4.0),  # tie to even (code 6)
+    (5.0000005, 6.0), (6.0, 6.0), (7.0, 6.0), (1e30, 6.0),  # saturate
+]
+
+
+def _bytes_hex(packed: torch.Tensor) -> str:
+    return " ".join(f"{b:02X}" for b in packed.flatten().tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Known answers
+# ---------------------------------------------------------------------------------------------
+def test_golden_vector_two_blocks():
+    q = quantize(torch.tensor([GOLDEN_INPUT]))
+    assert q.amax.item() == 2688.0
+    assert q.scales.view(torch.uint8).tolist() == [[0x38, 0x7E]]  # 1.0 and 448
+    assert q.codes.tolist() == [GOLDEN_CODES]
+    assert _bytes_hex(pack(q.codes)) == GOLDEN_PACKED
+
+
+def test_golden_vector_first_block_alone():
+    q = quantize(torch.tensor([GOLDEN_INPUT[:16]]))
+    assert q.amax.item() == 6.0
+    assert q.scales.view(torch.uint8).tolist() == [[0x7E]]
+    assert q.codes.tolist() == [GOLDEN_CODES[:16]]
+
+
+def test_all_zero_tensor():
+    q = quantize(torch.zeros(32, 48))
+    assert q.amax.item() == 0.0
+    assert (q.scales.view(torch.uint8) == 0).all() and (q.codes == 0).all()
+    assert (dequantize(q) == 0).all()
+
+
+@pytest.mark.parametrize("value, magnitude", E2M1_RN_TABLE)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_e2m1_round_to_nearest_even(value, magnitude, sign):
+    scaled = torch.tensor([sign * value], dtype=torch.float32)
+    assert nvfp4.round_e2m1_rn(scaled).item() == sign * magnitude
+
+
+def test_tiny_negative_keeps_its_sign_bit():
+    q = quantize(torch.tensor([[-1e-3] + [0.0] * 14 + [6.0]]))
+    assert q.codes[0, 0].item() == 8
+
+
+def test_rht_one_hot_maps_to_row_of_r_and_r_is_orthonormal():
+    r = rht_matrix()
+    assert torch.equal(r @ r.T, torch.eye(16))
+    assert torch.equal(rht(torch.eye(16)), r)
+    assert set(r.abs().flatten().tolist()) == {0.25}
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent reference: NumPy float32 for the scales, float64 integer arithmetic for E4M3
+# ---------------------------------------------------------------------------------------------
+def _e4m3_rne(v: np.ndarray) -> np.ndarray:
+    """Round non-negative float32 values (<= 448) to float8_e4m3fn, ties to even, subnormals kept."""
+    v = v.astype(np.float64)
+    exponent = np.floor(np.log2(np.where(v > 0, v, 1.0)))
+    step = 2.0 ** (np.maximum(exponent, -6) - 3)  # 3 mantissa bits; min normal exponent -6
+    return (np.round(v / step) * step).astype(np.float32)  # np.round: half to even
+
+
+def _e2m1_rne(y: np.ndarray) -> np.ndarray:
+    """Boundaries of nvfp4.md section 1, written as comparisons."""
+    a = np.minimum(np.abs(y), 6.0)
+    mag = np.select([a <= .25, a < .75, a <= 1.25, a < 1.75, a <= 2.5, a < 3.5, a <= 5.0],
+                    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], 6.0)
+    return np.copysign(mag, y).astype(np.float32)
+
+
+def _reference_fake_quantize(x: np.ndarray, tile_rows: int) -> np.ndarray:
+    f32 = np.float32
+    m, k = x.shape
+    amax = f32(np.abs(x).max())
+    with np.errstate(divide="ignore", over="ignore"):
+        s_enc = f32(f32(2688.0) / amax)
+    s_enc = min(s_enc, f32(np.finfo(np.float32).max))
+    if amax == 0 or s_enc == 0:
+        s_enc = f32(1.0)
+    s_dec = f32(f32(1.0) / s_enc)
+    mult = f32(s_enc * f32(f32(1.0) / f32(6.0)))
+    blocks = np.abs(x).reshape(m // tile_rows, tile_rows, k // 16, 16).max(axis=(1, 3))
+    s_b = _e4m3_rne(np.minimum((blocks * mult).astype(np.float32), f32(448.0)))
+    with np.errstate(divide="ignore", over="ignore"):
+        enc = np.minimum((f32(1.0) / (s_b * s_dec).astype(np.float32)).astype(np.float32),
+                         np.finfo(np.float32).max).astype(np.float32)
+    enc = np.repeat(np.repeat(enc, tile_rows, axis=0), 16, axis=1)
+    s_b = np.repeat(np.repeat(s_b, tile_rows, axis=0), 16, axis=1)
+    values = _e2m1_rne((x * enc).astype(np.float32))
+    return ((values * s_b).astype(np.float32) * s_dec).astype(np.float32)
+
+
+def _adversarial(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 96, generator=g) * torch.exp(4 * torch.randn(64, 1, generator=g))
+    x[0] = 0.0  # an all-zero row of blocks
+    x[1, :16] = 1e-30  # a block whose scale underflows
+    x[2, :16] = torch.tensor(GOLDEN_INPUT[:16])  # ties after scaling
+    x[3, 5] = 1e4  # one huge value: most other blocks get subnormal scales
+    return x
+
+
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)])
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_independent_reference_bit_for_bit(tile, seed):
+    x = _adversarial(seed)
+    ours = fake_quantize(x, tile=tile)
+    ref = torch.from_numpy(_reference_fake_quantize(x.numpy(), tile[0]))
+    assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(dequantize(quantize(x, tile=tile)).view(torch.int32), ours.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_any_float_input_dtype(dtype):
+    x = _adversarial(7).clamp(-6e4, 6e4).to(dtype)
+    ref = torch.from_numpy(_reference_fake_quantize(x.float().numpy(), 1))
+    assert torch.equal(fake_quantize(x), ref)
+
+
+def test_subnormal_global_decode_scale_is_not_flushed():
+    x = torch.randn(32, 32, generator=torch.Generator().manual_seed(0)) * 1e-36
+    s_dec = nvfp4.global_decode_scale(x.abs().max())  # amax / 2688 is below fp32's tiny
+    assert 0 < s_dec.item() < torch.finfo(torch.float32).tiny
+    assert fake_quantize(x).abs().max() > 0
+    assert torch.equal(fake_quantize(x),
+                       torch.from_numpy(_reference_fake_quantize(x.numpy(), 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties
+# ---------------------------------------------------------------------------------------------
+def test_per_block_error_bound():
+    """With u = s_b * S_dec the block's unit: |x - x_hat| <= u * step(|x| / u) / 2, the half grid
+    step at x, or, where |x| exceeds 6u (s_b rounded down), |x| - 6u; up to fp32 rounding."""
+    x = torch.randn(128, 256, generator=torch.Generator().manual_seed(0))
+    q = quantize(x)
+    s_dec = nvfp4.global_decode_scale(q.amax)
+    unit = (q.scales.float() * s_dec).repeat_interleave(16, dim=1)
+    half_step = nvfp4._grid_step((x.abs() / unit).clamp(max=6.0)) / 2 * unit
+    bound = torch.maximum(half_step, x.abs() - 6 * unit)
+    err = (x - dequantize(q)).abs()
+    assert (err <= bound * (1 + 2 ** -20)).all()
+    assert err.max() > 0  # quantization actually happened
+
+
+def _representable(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = e2m1 * s_b with S_enc = 1 (amax 2688) and each block's max code 7: x is exactly
+    representable with these scales. Returns (x, its codes)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (32, 64), generator=g, dtype=torch.uint8)
+    codes[:, ::16] = 7  # each block reaches 6 * s_b, so its scale is recovered
+    e4m3 = torch.randint(1, 127, (32, 4), generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    e4m3[0, 0] = 448.0  # the tensor's amax is 6 * 448 = 2688
+    return dequantize(nvfp4.NVFP4Tensor(codes, e4m3, amax=torch.tensor(2688.0))), codes
+
+
+def test_rn_is_idempotent_on_representable_values():
+    x, codes = _representable(3)
+    assert torch.equal(fake_quantize(x), x)
+    assert torch.equal(quantize(x).codes, codes)  # -0 (code 8) keeps its sign bit
+
+
+def test_2d_tiles_columnwise_copy_is_the_transpose():
+    x = _adversarial(1)
+    rowwise = fake_quantize(x, tile=(16, 16))
+    columnwise = fake_quantize(x.t().contiguous(), tile=(16, 16))
+    assert torch.equal(columnwise.t(), rowwise)
+    q = quantize(x, tile=(16, 16))
+    assert q.scales.shape == (64, 96 // 16)
+    assert torch.equal(q.scales.view(torch.uint8)[0::16], q.scales.view(torch.uint8)[15::16])
+
+
+@pytest.mark.parametrize("mode", ["hardware", "ideal"])
+def test_sr_picks_one_of_the_two_neighbours_and_never_moves_grid_values(mode):
+    x = _adversarial(2)
+    rn = fake_quantize(x)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([fake_quantize(x, sr=True, generator=g, sr_mode=mode) for _ in range(8)])
+    q = quantize(x)
+    unit = (q.scales.float() * nvfp4.global_decode_scale(q.amax)).repeat_interleave(16, dim=1)
+    # every draw is within one grid step of x (or x's excess over 6 units, where s_b rounded down)
+    step = nvfp4._grid_step((x.abs() / unit).clamp(max=6.0)) * unit
+    assert ((draws - x).abs() <= torch.maximum(step, x.abs() - 6 * unit) * (1 + 2 ** -20)).all()
+    assert torch.equal(draws[0], fake_quantize(x, sr=True, sr_mode=mode,
+                                               generator=torch.Generator().manual_seed(0)))
+    on_grid, _ = _representable(4)
+    assert torch.equal(fake_quantize(on_grid, sr=True, generator=g, sr_mode=mode), on_grid)
+    assert (draws != rn).any()  # SR differs from RN somewhere
+
+
+def test_sr_is_unbiased_to_within_its_8_bit_quantization():
+    """E[SR(y)] = lo + step * floor(256 f) / 256, so the bias is in [-step/256, 0]."""
+    y = torch.linspace(0, 6, 16 * 64).view(64, 16)
+    y[:, 15] = 6.0  # amax 6, S_enc 448, every scale 448: the scaled value is y itself
+    g = torch.Generator().manual_seed(1)
+    n = 2000
+    mean = sum(nvfp4.round_e2m1_sr(y, g) for _ in range(n)) / n
+    step = nvfp4._grid_step(y)
+    expected_low = y - step / 256
+    sigma = step / 2 / n ** 0.5  # sd of the mean of a two-point variable of spread `step`
+    assert (mean <= y + 5 * sigma).all() and (mean >= expected_low - 5 * sigma).all()
+    ideal = sum(nvfp4.round_e2m1_sr(y, g, "ideal") for _ in range(n)) / n
+    assert ((ideal - y).abs() <= 5 * sigma).all()
+
+
+def test_sr_same_seed_same_bits_other_seed_other_bits():
+    x = _adversarial(4)
+    a = fake_quantize(x, sr=True, generator=torch.Generator().manual_seed(5))
+    b = fake_quantize(x, sr=True, generator=torch.Generator().manual_seed(5))
+    c = fake_quantize(x, sr=True, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sr_needs_an_explicit_generator():
+    with pytest.raises(ValueError, match="torch.Generator"):
+        fake_quantize(torch.randn(16, 16), sr=True)
+
+
+def test_rht_preserves_dot_products_of_a_rotated_pair():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 64, generator=g).to(torch.bfloat16).float()
+    b = torch.randn(8, 64, generator=g).to(torch.bfloat16).float()
+    r = rht_matrix().double()
+    rot = lambda t: (t.double().view(8, 4, 16) @ r).view(8, 64)  # noqa: E731
+    assert torch.allclose(rot(a) @ rot(b).T, a.double() @ b.double().T, rtol=0, atol=1e-12)
+    # the bf16-rounded rotation TE performs stays within bf16 precision of the exact one
+    assert torch.allclose(rht(a).double(), rot(a), rtol=2 ** -8, atol=0)
+
+
+def test_rht_amax_is_of_the_rotated_tensor():
+    x = torch.zeros(16, 16)
+    x[0, 0] = 1.0
+    q = quantize(x, rht=True)
+    assert q.amax.item() == 0.25
+    assert torch.equal(dequantize(q)[0], rht_matrix()[0])
+
+
+@pytest.mark.parametrize("shape, tile", [((16, 20), (1, 16)), ((8, 32), (16, 16)),
+                                         ((4, 4, 16), (1, 16))])
+def test_bad_shapes_raise_clear_errors(shape, tile):
+    with pytest.raises(ValueError, match="multiples of 16|2-D"):
+        quantize(torch.ones(shape), tile=tile)
+
+
+def test_bad_tile_and_integer_input_are_refused():
+    with pytest.raises(ValueError, match="tile"):
+        quantize(torch.ones(16, 16), tile=(2, 16))
+    with pytest.raises(ValueError, match="floating"):
+        quantize(torch.ones(16, 16, dtype=torch.int32))
+
+
+def test_pack_puts_even_index_in_low_nibble():
+    codes = torch.tensor([[1, 2, 15, 8]], dtype=torch.uint8)
+    assert pack(codes).tolist() == [[0x21, 0x8F]]
