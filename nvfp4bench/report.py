@@ -1,0 +1,684 @@
+"""``python -m nvfp4bench.report RESULTS_DIR``: aggregate cell results into tables and figures.
+
+Reads every ``OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json`` under RESULTS_DIR and
+writes, per dataset, to ``--out`` (default ``RESULTS_DIR/report``):
+
+* ``report.md``: mean, sd, 95 % CI and n of the test metrics per arch x scale x recipe; each
+  recipe against the baseline (``--baseline``, default bf16) on ``--metric`` (default auprc),
+  paired per (fold, seed): % of baseline with its CI, mean difference, paired Cohen's d, Wilcoxon
+  signed-rank p and its Holm correction over the recipes of one arch x scale; Kendall's W of the
+  recipe ranking over folds; the missing cells (expected from the grid of the archs, scales,
+  recipes, folds and seeds present) and the failed ones. Synthetic data is said at the top.
+* ``summary.csv``, ``comparison.csv`` (every table metric), ``ranking.csv``, ``cells.csv``.
+* Figures when matplotlib is installed (else a note): the cross-validation bars (baseline vs
+  ``--recipe`` per arch, one point per fold), the sensitivity grid (arch rows x scale columns,
+  each recipe as % of baseline with its 95 % CI), and the diagnostics (attention collapse,
+  gradient fidelity: every numeric summary found under ``diagnostics``).
+
+The statistics are nvfp4bench.stats; this module only collects, pairs and prints.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+
+from nvfp4bench import stats
+from nvfp4bench.recipes import RECIPES
+
+ARCH_ORDER = ("cnn", "vit", "swin")
+SCALE_ORDER = ("tiny", "small", "base")
+TABLE_METRICS = ("auprc", "recall", "dice", "hd95_mean")
+METRIC_LABELS = {"auprc": "AUPRC", "recall": "recall", "precision": "precision", "f2": "F2",
+                 "iou": "IoU", "dice": "Dice (soft, per image)", "hd95_mean": "HD95",
+                 "patient_dice_mean": "Dice (patient)", "lesion_recall": "lesion recall"}
+DEFAULT_FIGURE_RECIPE = "2d_rht_sr"   # TE's default recipe
+CELL_NAME = re.compile(r"^fold(\d+)_seed(\d+)\.json$")
+# Diagnostics figures: a numeric summary goes to the first group whose words its key contains.
+DIAGNOSTIC_GROUPS = {"attention": ("collapse", "entropy", "attention", "attn", "distinct"),
+                     "gradient": ("cosine", "grad", "sqnr", "relative_error")}
+MAX_PANELS = 9
+# Options that may differ between the cells of one arch x scale without making them incomparable:
+# the cell's identity, where and how it ran, and the precision each baseline recipe resolves to.
+IDENTITY_OPTIONS = frozenset({"arch", "scale", "recipe", "fold", "seed"})
+FREE_OPTIONS = frozenset({"out", "resume", "workers", "threads", "progress", "device", "data",
+                          "precision"})
+
+
+class ReportError(Exception):
+    """Bad input: the CLI prints it and exits 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class Cell:
+    path: Path
+    dataset: str
+    arch: str
+    scale: str
+    recipe: str
+    fold: int
+    seed: int
+    status: str
+    error: str | None = None
+    synthetic: bool | None = None
+    test: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    fingerprint: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.dataset, self.arch, self.scale, self.recipe, self.fold, self.seed)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return (self.fold, self.seed)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+def _read_json(path: Path):
+    try:
+        with open(path) as f:
+            return json.load(f), None
+    except (OSError, ValueError) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def load_cells(root) -> tuple[list[Cell], list[str]]:
+    """Every cell JSON under ``root`` (layout of interfaces.md) and a list of problems found.
+
+    Identity comes from the path; the ``config`` inside (and ``data.name``) must agree with it,
+    else the file is listed as a problem and left out. Unreadable files count as failed cells."""
+    root = Path(root)
+    cells, problems = [], []
+    for path in sorted(root.rglob("fold*_seed*.json")):
+        match = CELL_NAME.match(path.name)
+        rel = path.relative_to(root).parts
+        if not match or len(rel) < 5:
+            continue
+        dataset, arch, scale, recipe = rel[-5:-1]
+        fold, seed = int(match.group(1)), int(match.group(2))
+        obj, err = _read_json(path)
+        if not isinstance(obj, dict):
+            cell = Cell(path, dataset, arch, scale, recipe, fold, seed, "unreadable",
+                        err or "not a JSON object")
+        else:
+            config = obj.get("config") or {}
+            data = obj.get("data") or {}
+            stated = {"arch": config.get("arch"), "scale": config.get("scale"),
+                      "recipe": config.get("recipe"), "fold": config.get("fold"),
+                      "seed": config.get("seed"), "dataset": data.get("name")}
+            actual = {"arch": arch, "scale": scale, "recipe": recipe, "fold": fold, "seed": seed,
+                      "dataset": dataset}
+            wrong = [f"{k}={stated[k]!r} (path says {actual[k]!r})" for k in actual
+                     if stated[k] is not None and stated[k] != actual[k]]
+            if wrong:
+                problems.append(f"`{path.relative_to(root)}`: left out, its content disagrees with "
+                                f"its path: {', '.join(wrong)}")
+                continue
+            test = obj.get("test") if isinstance(obj.get("test"), dict) else {}
+            diagnostics = obj.get("diagnostics") if isinstance(obj.get("diagnostics"), dict) else {}
+            cell = Cell(path, dataset, arch, scale, recipe, fold, seed,
+                        str(obj.get("status") or "unknown"), obj.get("error"),
+                        data.get("synthetic"), test, diagnostics, config, data.get("fingerprint"))
+            if cell.complete and not test:
+                cell.status, cell.error = "no test metrics", "status complete but no test block"
+        cells.append(cell)  # one file per identity: the path is the identity
+    return cells, problems
+
+
+def _ordered(values, order) -> list:
+    known = [v for v in order if v in values]
+    return known + sorted(v for v in values if v not in order)
+
+
+# ----------------------------------------------------------------------------------------------
+# analysis
+
+
+def _value(cell: Cell, metric: str) -> float | None:
+    v = cell.test.get(metric)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+@dataclass
+class DatasetView:
+    name: str
+    cells: list[Cell]
+    archs: list[str]
+    scales: list[str]
+    recipes: list[str]
+    blocks: list[tuple[int, int]]
+    missing: list[tuple]
+    synthetic: bool | None
+    by_key: dict
+
+    def complete(self, arch, scale, recipe) -> dict[tuple[int, int], Cell]:
+        """(fold, seed) -> complete cell."""
+        out = {}
+        for fold, seed in self.blocks:
+            cell = self.by_key.get((self.name, arch, scale, recipe, fold, seed))
+            if cell is not None and cell.complete:
+                out[(fold, seed)] = cell
+        return out
+
+    def values(self, arch, scale, recipe, metric) -> dict[tuple[int, int], float]:
+        return {b: v for b, c in self.complete(arch, scale, recipe).items()
+                if (v := _value(c, metric)) is not None}
+
+
+def dataset_views(cells: list[Cell]) -> list[DatasetView]:
+    views = []
+    for name in sorted({c.dataset for c in cells}):
+        mine = [c for c in cells if c.dataset == name]
+        archs = _ordered({c.arch for c in mine}, ARCH_ORDER)
+        scales = _ordered({c.scale for c in mine}, SCALE_ORDER)
+        recipes = _ordered({c.recipe for c in mine}, tuple(RECIPES))
+        folds, seeds = sorted({c.fold for c in mine}), sorted({c.seed for c in mine})
+        by_key = {c.key: c for c in mine}
+        missing = [k for k in product([name], archs, scales, recipes, folds, seeds)
+                   if k not in by_key]
+        flags = {c.synthetic for c in mine if c.synthetic is not None}
+        synthetic = True if True in flags else (False if flags == {False} else None)
+        blocks = [(f, s) for f in folds for s in seeds]
+        views.append(DatasetView(name, mine, archs, scales, recipes, blocks, missing, synthetic,
+                                 by_key))
+    return views
+
+
+def _count_values(values: list) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for v in values:
+        counts[json.dumps(v, sort_keys=True)] += 1
+    return ", ".join(f"{v} ({n} cell{'s' if n > 1 else ''})" for v, n in sorted(counts.items()))
+
+
+def consistency_problems(view: DatasetView) -> list[str]:
+    """Options that differ between the cells of one arch x scale (e.g. --epochs), and data
+    fingerprints that differ within one dataset name: numbers that should not be compared."""
+    problems = []
+    prints = [c.fingerprint for c in view.cells if c.fingerprint is not None]
+    if len(set(prints)) > 1:
+        problems.append(f"dataset `{view.name}`: cells come from different stores (data "
+                        f"fingerprints {_count_values(prints)})")
+    for arch, scale in product(view.archs, view.scales):
+        group = [c for c in view.cells if (c.arch, c.scale) == (arch, scale) and c.config]
+        keys = sorted({k for c in group for k in c.config} - IDENTITY_OPTIONS - FREE_OPTIONS)
+        for key in keys:
+            values = [c.config.get(key) for c in group]
+            if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+                problems.append(f"{arch} / {scale}: cells differ in `{key}`: "
+                                f"{_count_values(values)}")
+    return problems
+
+
+def summary_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
+    rows = []
+    for arch, scale, recipe in product(view.archs, view.scales, view.recipes):
+        n_cells = len(view.complete(arch, scale, recipe))
+        for metric in metrics:
+            s = stats.summarize(list(view.values(arch, scale, recipe, metric).values()))
+            rows.append({"dataset": view.name, "arch": arch, "scale": scale, "recipe": recipe,
+                         "metric": metric, "n_cells": n_cells, **s})
+    return rows
+
+
+def comparison_rows(view: DatasetView, baseline: str, metrics=TABLE_METRICS) -> list[dict]:
+    """Each recipe vs the baseline, paired per (fold, seed); Holm over the recipes of one
+    arch x scale x metric."""
+    rows = []
+    if baseline not in view.recipes:
+        return rows
+    for arch, scale, metric in product(view.archs, view.scales, metrics):
+        base = view.values(arch, scale, baseline, metric)
+        group = []
+        for recipe in view.recipes:
+            if recipe == baseline:
+                continue
+            mine = view.values(arch, scale, recipe, metric)
+            blocks = sorted(set(base) & set(mine))
+            x, y = [mine[b] for b in blocks], [base[b] for b in blocks]
+            pct = stats.percent_of_baseline(x, y)
+            group.append({"dataset": view.name, "arch": arch, "scale": scale, "recipe": recipe,
+                          "baseline": baseline, "metric": metric, "n_pairs": len(blocks),
+                          "mean_diff": stats.summarize([a - b for a, b in zip(x, y)])["mean"],
+                          "pct_mean": pct["mean"], "pct_ci_low": pct["ci_low"],
+                          "pct_ci_high": pct["ci_high"], "pct_values": [100 * a / b for a, b in
+                                                                        zip(x, y) if b != 0],
+                          "cohens_d": stats.cohens_d_paired(x, y),
+                          "wilcoxon_p": stats.wilcoxon_paired(x, y)})
+        for row, adjusted in zip(group, stats.holm([r["wilcoxon_p"] for r in group])):
+            row["holm_p"] = adjusted
+        # recipes never run at this arch x scale (all cells missing or failed) get no row
+        rows.extend(r for r in group if view.complete(arch, scale, r["recipe"]))
+    return rows
+
+
+def ranking_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
+    """Kendall's W of the recipe ranking over the (fold, seed) blocks where every recipe of
+    the arch x scale has a value (a complete-block design)."""
+    rows = []
+    for arch, scale, metric in product(view.archs, view.scales, metrics):
+        per_recipe = {r: view.values(arch, scale, r, metric) for r in view.recipes}
+        recipes = [r for r in view.recipes if per_recipe[r]]
+        blocks = [b for b in view.blocks if all(b in per_recipe[r] for r in recipes)]
+        table = [[per_recipe[r][b] for r in recipes] for b in blocks]
+        w = stats.kendalls_w(table) if blocks and len(recipes) >= 2 else None
+        rows.append({"dataset": view.name, "arch": arch, "scale": scale, "metric": metric,
+                     "kendalls_w": w, "m_blocks": len(blocks), "n_recipes": len(recipes)})
+    return rows
+
+
+def hd95_unit(view: DatasetView) -> str:
+    units = {c.test.get("hd95_unit") for c in view.cells if c.complete}
+    units.discard(None)
+    return units.pop() if len(units) == 1 else ("mixed units" if units else "unit not recorded")
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+
+
+def _f(v, digits=4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _digits(metric: str) -> int:
+    return 2 if metric.startswith("hd95") else 4
+
+
+def _p(v) -> str:
+    return "n/a" if v is None else (f"{v:.3g}" if v >= 1e-3 else f"{v:.1e}")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _summary_cell(s: dict, metric: str) -> str:
+    d = _digits(metric)
+    if s["mean"] is None:
+        return "n/a"
+    text = f"{_f(s['mean'], d)} ± {_f(s['sd'], d)}"
+    if s["ci_low"] is not None:
+        text += f" [{_f(s['ci_low'], d)}, {_f(s['ci_high'], d)}]"
+    return text
+
+
+def render_dataset(view: DatasetView, baseline: str, metric: str, summary, comparison,
+                   ranking) -> str:
+    unit = hd95_unit(view)
+    out = [f"## Dataset `{view.name}`" + (" (synthetic)" if view.synthetic else "")]
+    if view.synthetic:
+        out.append(f"\n**Synthetic data**: `{view.name}` is simulated tumours on a brain template; "
+                   "these numbers test the pipeline and say nothing about real patients.")
+    n_complete = sum(c.complete for c in view.cells)
+    out.append(f"\nCells: {len(view.cells)} found, {n_complete} complete, "
+               f"{len(view.cells) - n_complete} not complete, {len(view.missing)} missing of the "
+               f"{len(view.archs) * len(view.scales) * len(view.recipes) * len(view.blocks)} "
+               f"expected (archs x scales x recipes x (fold, seed) blocks = {len(view.archs)} x "
+               f"{len(view.scales)} x {len(view.recipes)} x {len(view.blocks)}).")
+
+    conflicts = consistency_problems(view)
+    if conflicts:
+        out.append("\n**Warning: cells that should not be compared** (their options differ):\n"
+                   + "\n".join(f"- {p}" for p in conflicts))
+    out.append("\n### Test metrics: mean ± sd [95 % CI] over folds and seeds\n")
+    by = {(r["arch"], r["scale"], r["recipe"], r["metric"]): r for r in summary}
+    labels = [METRIC_LABELS.get(m, m) + (f" ({unit})" if m.startswith("hd95") else "")
+              for m in TABLE_METRICS]
+    rows = []
+    for arch, scale, recipe in product(view.archs, view.scales, view.recipes):
+        cols = [by[(arch, scale, recipe, m)] for m in TABLE_METRICS]
+        n_cells = cols[0]["n_cells"]
+        n_text = str(n_cells)
+        if any(c["n"] != n_cells for c in cols):   # some metric is null in some cells
+            n_text += " (values: " + "/".join(str(c["n"]) for c in cols) + ")"
+        rows.append([arch, scale, recipe, n_text] +
+                    [_summary_cell(c, m) for c, m in zip(cols, TABLE_METRICS)])
+    out.append(_md_table(["arch", "scale", "recipe", "n"] + labels, rows))
+
+    label = METRIC_LABELS.get(metric, metric)
+    out.append(f"\n### {label}: each recipe against `{baseline}`, paired per (fold, seed)\n")
+    mine = [r for r in comparison if r["metric"] == metric]
+    if baseline not in view.recipes:
+        out.append(f"No `{baseline}` cells in this dataset: no comparison.")
+    elif not mine:
+        out.append("No recipe besides the baseline.")
+    else:
+        out.append(_md_table(
+            ["arch", "scale", "recipe", "pairs", "% of baseline [95 % CI]", "mean diff",
+             "Cohen's d", "Wilcoxon p", "Holm p"],
+            [[r["arch"], r["scale"], r["recipe"], str(r["n_pairs"]),
+              (f"{_f(r['pct_mean'], 2)} [{_f(r['pct_ci_low'], 2)}, {_f(r['pct_ci_high'], 2)}]"
+               if r["pct_ci_low"] is not None else _f(r["pct_mean"], 2)),
+              _f(r["mean_diff"], _digits(metric)), _f(r["cohens_d"], 3), _p(r["wilcoxon_p"]),
+              _p(r["holm_p"])] for r in mine]))
+        out.append("\n% of baseline: mean over pairs of 100 x recipe / baseline; Cohen's d = "
+                   "mean(diff) / sd(diff), diff = recipe - baseline; Wilcoxon signed-rank, "
+                   "two-sided, Holm-corrected over the recipes of one arch x scale. With n pairs "
+                   "the smallest possible Wilcoxon p is 2 / 2^n (0.0625 for 5 folds).")
+
+    out.append(f"\n### Stability of the recipe ranking over folds (Kendall's W, {label})\n")
+    rk = [r for r in ranking if r["metric"] == metric]
+    out.append(_md_table(["arch", "scale", "W", "blocks", "recipes"],
+                         [[r["arch"], r["scale"], _f(r["kendalls_w"], 3), str(r["m_blocks"]),
+                           str(r["n_recipes"])] for r in rk]))
+    out.append("\nW = 1: every fold ranks the recipes alike; 0: no agreement. Only (fold, seed) "
+               "blocks where every recipe has a value count.")
+
+    out.append("\n### Missing cells\n")
+    if view.missing:
+        out.append("\n".join(f"- {a} / {s} / {r} / fold {f} seed {sd}"
+                             for _, a, s, r, f, sd in view.missing))
+    else:
+        out.append("None: the grid of the archs, scales, recipes, folds and seeds present is full.")
+    out.append("\n### Failed or unfinished cells\n")
+    bad = [c for c in view.cells if not c.complete]
+    if bad:
+        out.append("\n".join(
+            f"- {c.arch} / {c.scale} / {c.recipe} / fold {c.fold} seed {c.seed}: **{c.status}**"
+            + (f": {str(c.error).strip().splitlines()[0][:200]}" if c.error else "") for c in bad))
+    else:
+        out.append("None.")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# figures (matplotlib, optional)
+
+
+def _numeric_leaves(d: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_numeric_leaves(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+def diagnostic_summaries(cell: Cell) -> dict[str, float]:
+    """The numeric summaries of a cell's diagnostics: its ``summary`` block when there is one,
+    else every numeric leaf."""
+    d = cell.diagnostics
+    return _numeric_leaves(d["summary"] if isinstance(d.get("summary"), dict) else d)
+
+
+def _group_of(key: str) -> str | None:
+    low = key.lower()
+    return next((g for g, words in DIAGNOSTIC_GROUPS.items() if any(w in low for w in words)), None)
+
+
+def make_figures(view: DatasetView, comparison, baseline, metric, recipe,
+                 out_dir: Path) -> list[str]:
+    """Write the figures; return the Markdown lines that reference them (or say why not)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["Figures skipped: matplotlib is not installed (`pip install matplotlib`)."]
+    notes, label = [], METRIC_LABELS.get(metric, metric)
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", view.name)
+
+    def save(fig, name, caption):
+        path = out_dir / f"{stem}_{name}.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, path)
+        notes.append(f"![{caption}]({path.name})")
+
+    # 1. cross-validation bars: baseline vs one recipe per arch, a panel per scale
+    if baseline in view.recipes and recipe in view.recipes and recipe != baseline:
+        fig, axes = plt.subplots(1, len(view.scales), figsize=(4 * len(view.scales), 3.5),
+                                 squeeze=False, layout="constrained")
+        for ax, scale in zip(axes[0], view.scales):
+            for j, (name, color) in enumerate(((baseline, "tab:gray"), (recipe, "tab:blue"))):
+                for i, arch in enumerate(view.archs):
+                    vals = list(view.values(arch, scale, name, metric).values())
+                    x = i + (j - 0.5) * 0.38
+                    if vals:
+                        ax.bar(x, sum(vals) / len(vals), 0.36, color=color, alpha=0.6,
+                               label=name if i == 0 else None)
+                        ax.plot([x] * len(vals), vals, "o", color="black", ms=3)
+            ax.set_xticks(range(len(view.archs)), view.archs)
+            ax.set_title(scale)
+            ax.set_ylabel(label)
+        axes[0][0].legend(fontsize=8)
+        save(fig, "cv_bars", f"{label}: {baseline} vs {recipe}, one point per fold")
+    else:
+        notes.append(f"Cross-validation bars skipped: need `{baseline}` and `{recipe}` cells "
+                     "(choose another with --recipe).")
+
+    # 2. sensitivity grid: % of baseline with 95 % CI, arch rows x scale columns
+    rows = [r for r in comparison if r["metric"] == metric and r["pct_mean"] is not None]
+    if rows:
+        others = [r for r in view.recipes if r != baseline]
+        fig, axes = plt.subplots(len(view.archs), len(view.scales), squeeze=False, sharey=True,
+                                 figsize=(3.6 * len(view.scales), 3.2 * len(view.archs)),
+                                 layout="constrained")
+        by = {(r["arch"], r["scale"], r["recipe"]): r for r in rows}
+        for (i, arch), (j, scale) in product(enumerate(view.archs), enumerate(view.scales)):
+            ax = axes[i][j]
+            ax.axhline(100, color="gray", lw=0.8)
+            for k, name in enumerate(others):
+                r = by.get((arch, scale, name))
+                if r is None:
+                    continue
+                lo, hi = r["pct_ci_low"], r["pct_ci_high"]
+                err = [[r["pct_mean"] - lo], [hi - r["pct_mean"]]] if lo is not None else None
+                ax.errorbar(k, r["pct_mean"], yerr=err, fmt="o", capsize=3, color=f"C{k}")
+            ax.set_xlim(-0.6, len(others) - 0.4)
+            ax.set_xticks(range(len(others)), others, rotation=60, fontsize=7)
+            ax.set_title(f"{arch} / {scale}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"% of {baseline} {label}")
+        save(fig, "sensitivity", f"{label} as % of {baseline}, 95 % CI")
+    else:
+        notes.append("Sensitivity grid skipped: no paired comparison with the baseline.")
+
+    # 3. diagnostics: every numeric summary, grouped (attention collapse, gradient fidelity)
+    per_key: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in view.cells:
+        if c.complete:
+            for key, v in diagnostic_summaries(c).items():
+                per_key[key][(c.arch, c.scale, c.recipe)].append(v)
+    if not per_key:
+        notes.append("Diagnostics figures skipped: no cell has numeric diagnostics.")
+    for group in (*DIAGNOSTIC_GROUPS, None):
+        keys = sorted(k for k in per_key if _group_of(k) == group)
+        if not keys:
+            continue
+        shown = keys[:MAX_PANELS]
+        cols = min(3, len(shown))
+        nrows = math.ceil(len(shown) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False,
+                                 layout="constrained")
+        series = list(product(view.archs, view.scales))
+        for ax, key in zip(axes.flat, shown):
+            for s_i, (arch, scale) in enumerate(series):
+                offset = 0.3 * (s_i - (len(series) - 1) / 2) / max(1, len(series) - 1)
+                xs, ys = [], []
+                for k, name in enumerate(view.recipes):
+                    vals = per_key[key].get((arch, scale, name))
+                    if vals:
+                        xs.append(k + offset)
+                        ys.append(sum(vals) / len(vals))
+                if xs:
+                    ax.plot(xs, ys, "o", ms=4, label=f"{arch}/{scale}")
+            ax.set_xlim(-0.5, len(view.recipes) - 0.5)
+            ax.set_xticks(range(len(view.recipes)), view.recipes, rotation=60, fontsize=7)
+            ax.set_title(key, fontsize=9)
+        for ax in list(axes.flat)[len(shown):]:
+            ax.axis("off")
+        axes[0][0].legend(fontsize=6)
+        name = group or "other"
+        save(fig, f"diagnostics_{name}", f"diagnostics ({name}): mean over folds")
+        if len(keys) > len(shown):
+            notes.append(f"({name} diagnostics: {len(keys) - len(shown)} more keys in cells.csv "
+                         "are not plotted.)")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def build_report(results_dir, out_dir=None, *, baseline: str = "bf16", metric: str = "auprc",
+                 recipe: str | None = None, figures: bool = True) -> dict:
+    """Read the cells, write report.md and the CSVs (and figures); return what was computed."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ReportError(f"results directory {root} does not exist")
+    cells, problems = load_cells(root)
+    if not cells:
+        raise ReportError("no cell results (<dataset>/<arch>/<scale>/<recipe>/"
+                          f"fold<k>_seed<s>.json) under {root}")
+    all_recipes = {c.recipe for c in cells}
+    if baseline not in all_recipes:
+        raise ReportError(f"baseline recipe {baseline!r} has no cells; present: "
+                          f"{', '.join(sorted(all_recipes))} (use --baseline)")
+    numeric = {k for c in cells if c.complete for k in c.test if _value(c, k) is not None}
+    if metric not in numeric:
+        raise ReportError(f"--metric {metric!r} is in no complete cell's test block; available: "
+                          f"{', '.join(sorted(numeric)) or 'none'}")
+    out = Path(out_dir) if out_dir is not None else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = tuple(dict.fromkeys((*TABLE_METRICS, metric)))
+
+    views = dataset_views(cells)
+    summary, comparison, ranking, sections = [], [], [], []
+    for view in views:
+        s = summary_rows(view, metrics)
+        cmp = comparison_rows(view, baseline, metrics)
+        rk = ranking_rows(view, metrics)
+        summary += s
+        comparison += cmp
+        ranking += rk
+        text = render_dataset(view, baseline, metric, s, cmp, rk)
+        if figures:
+            chosen = recipe or (DEFAULT_FIGURE_RECIPE if DEFAULT_FIGURE_RECIPE in view.recipes
+                                else next((r for r in view.recipes if r != baseline), baseline))
+            text += "\n\n### Figures\n\n" + "\n\n".join(
+                make_figures(view, cmp, baseline, metric, chosen, out))
+        sections.append(text)
+
+    synthetic = [v.name for v in views if v.synthetic]
+    head = ["# nvfp4bench report"]
+    if synthetic:
+        head.append(f"\n> **These results come from a synthetic dataset** "
+                    f"({', '.join(f'`{n}`' for n in synthetic)}), not from patients.")
+    head.append(f"\nSource: `{root}`; {len(cells)} cell files; baseline `{baseline}`; "
+                f"primary metric {METRIC_LABELS.get(metric, metric)} (test partition).")
+    if problems:
+        head.append("\n**Problems**:\n" + "\n".join(f"- {p}" for p in problems))
+    _write_text_atomic(out / "report.md", "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
+
+    stat_cols = ["n", "mean", "sd", "ci_low", "ci_high"]
+    _write_text_atomic(out / "summary.csv", _csv(
+        summary, ["dataset", "arch", "scale", "recipe", "metric", "n_cells", *stat_cols]))
+    _write_text_atomic(out / "comparison.csv", _csv(
+        comparison, ["dataset", "arch", "scale", "recipe", "baseline", "metric", "n_pairs",
+                     "mean_diff", "pct_mean", "pct_ci_low", "pct_ci_high", "cohens_d",
+                     "wilcoxon_p", "holm_p"]))
+    _write_text_atomic(out / "ranking.csv", _csv(
+        ranking, ["dataset", "arch", "scale", "metric", "kendalls_w", "m_blocks", "n_recipes"]))
+    cell_rows, test_keys, diag_keys = [], set(), set()
+    for c in cells:
+        tests = {k: c.test[k] for k in c.test if _value(c, k) is not None}  # ints stay ints
+        diags = {f"diag.{k}": v for k, v in diagnostic_summaries(c).items()}
+        test_keys |= set(tests)
+        diag_keys |= set(diags)
+        cell_rows.append({"dataset": c.dataset, "arch": c.arch, "scale": c.scale,
+                          "recipe": c.recipe, "fold": c.fold, "seed": c.seed, "status": c.status,
+                          "synthetic": c.synthetic, "path": str(c.path.relative_to(root)),
+                          **tests, **diags})
+    _write_text_atomic(out / "cells.csv", _csv(
+        cell_rows, ["dataset", "arch", "scale", "recipe", "fold", "seed", "status", "synthetic",
+                    "path", *sorted(test_keys), *sorted(diag_keys)]))
+    return {"out": out, "cells": cells, "problems": problems, "summary": summary,
+            "comparison": comparison, "ranking": ranking, "views": views}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nvfp4bench.report",
+                                description="Aggregate cell results into tables, statistics "
+                                            "and figures.")
+    p.add_argument("results_dir", help="the --out directory of the runs (e.g. results/)")
+    p.add_argument("--out", default=None, help="where to write (default RESULTS_DIR/report)")
+    p.add_argument("--baseline", default="bf16", help="recipe the others are compared with")
+    p.add_argument("--metric", default="auprc", help="test metric of the comparison, ranking "
+                                                     "and figures (default auprc)")
+    p.add_argument("--recipe", default=None, help="recipe of the cross-validation bar chart "
+                                                  f"(default {DEFAULT_FIGURE_RECIPE})")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = build_report(args.results_dir, args.out, baseline=args.baseline,
+                              metric=args.metric, recipe=args.recipe, figures=not args.no_figures)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cells = result["cells"]
+    n_complete = sum(c.complete for c in cells)
+    n_missing = sum(len(v.missing) for v in result["views"])
+    print(f"{len(cells)} cells ({n_complete} complete, {len(cells) - n_complete} not complete, "
+          f"{n_missing} missing) -> {result['out'] / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
