@@ -1,0 +1,89 @@
+"""The fp32 GEMM every emulated NVFP4 GEMM runs, and the implicit-GEMM geometry of a convolution.
+
+Why a module of its own: an fp32 matrix product is bit-reproducible only for the same call (the
+same shapes, memory layouts and operand order pick the same BLAS kernel and summation order).
+``nvfp4bench.layers`` and the reference that its tests build from ``nvfp4.quantize`` /
+``dequantize`` both call :func:`gemm`, and a convolution's implicit GEMM is always summed tap by
+tap in the order of :meth:`ConvGeometry.taps`, so that the tests can demand bit-for-bit equality
+and thereby check the quantization roles, not BLAS.
+
+The GEMM formulation (the emulator's definition, nvfp4.md sections 3 and 6)::
+
+    gemm(a, b) = a @ b^T        a (..., M, K), b (..., N, K), fp32 in and out, contiguous
+    conv fprop   Y  = sum_t gemm(A_t, B_t)        t = 0 .. kh*kw - 1 in order, Y starts at 0
+    conv dgrad   dX = sum_t col2im_t(gemm(G, B_t))  scatter-added in tap order into zeros
+    conv wgrad   dW_t = gemm(G^T, A_t^T)           one GEMM per tap, contraction over tokens
+
+where ``A_t`` is tap t of im2col(X) (K = (kh, kw, C_in), C_in fastest, so a tap is a contiguous
+run of C_in columns) and ``B_t`` the weight's columns of that tap. Wgrad operands are stored
+tokens-last, ``(C, Mp)``, with the token count M zero-padded to ``Mp``, a multiple of 16 (zeros
+change neither an amax nor a product).
+
+fp32 means fp32: the products run at torch's float32 matmul precision, which must stay at its
+default ("highest"; no TF32) for the emulator to mean what nvfp4.md says. Nothing here changes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 16  # tokens per columnwise block / RHT tile
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b^T`` in fp32: a (..., M, K), b (..., N, K) -> (..., M, N).
+
+    Both operands are made fp32 and contiguous first, so the BLAS call (and its summation order)
+    depends only on values and shapes, never on the strides of the views passed in.
+    """
+    return torch.matmul(a.float().contiguous(), b.float().contiguous().transpose(-1, -2))
+
+
+def bias_grad(dy_tokens: torch.Tensor) -> torch.Tensor:
+    """``db = sum over tokens of dY``: dy_tokens (M, N) -> (N,), fp32, high-precision dY."""
+    return dy_tokens.float().contiguous().sum(0)
+
+
+def padded_tokens(m: int) -> int:
+    """M rounded up to a multiple of 16: the token count of a columnwise (wgrad) copy."""
+    return -(-m // BLOCK) * BLOCK
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Kernel, stride, padding and dilation of a 2-D convolution, as implicit-GEMM taps.
+
+    Tap ``t = i * kw + j`` reads, for output pixel (oh, ow), the zero-padded input pixel
+    ``(oh * stride_h + i * dil_h, ow * stride_w + j * dil_w)``. ConvTranspose2d uses the geometry
+    of the Conv2d it is the adjoint of (input and output swapped).
+    """
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def of(cls, kernel, stride, padding, dilation) -> "ConvGeometry":
+        return cls(_pair(kernel), _pair(stride), _pair(padding), _pair(dilation))
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        """Conv2d output size for an (h, w) input (PyTorch's formula)."""
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
+            (h, w), self.padding, self.dilation, self.kernel, self.stride))
+
+    def tap_window(self, t: int, out_h: int, out_w: int) -> tuple[slice, slice]:
+        """Rows and columns of the zero-padded input that tap ``t`` reads, one per output pixel."""
+        i, j = divmod(t, self.kernel[1])
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        return (slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh),
+                slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw))
