@@ -393,3 +393,14 @@ def test_same_seeds_give_the_same_bits_under_a_stochastic_rounding_recipe():
     a, b, c = grads(3), grads(3), grads(4)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))  # the SR draws do matter
+
+
+@pytest.mark.parametrize("arch", ["cnn", "vit", "swin"])
+def test_output_starts_at_the_tumour_prior(arch):
+    """The head's bias is logit(TUMOUR_PRIOR), so a fresh model predicts ~1 % tumour, not 50 %."""
+    from nvfp4bench.models.blocks import TUMOUR_PRIOR
+    torch.manual_seed(0)
+    model = build_model(arch, "tiny", image_size=32).eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(model(torch.randn(2, 3, 32, 32)))
+    assert TUMOUR_PRIOR / 4 < probs.mean().item() < TUMOUR_PRIOR * 4

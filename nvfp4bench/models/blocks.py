@@ -40,6 +40,7 @@ PATCH = 16            # patch size: a 256 px image is a 16 x 16 token grid
 DECODER_STAGES = 4    # log2(PATCH) upsampling stages of the token decoder
 DECODER_GROUPS = 8    # GroupNorm groups in the decoder (fewer when the channels need it)
 INIT_STD = 0.02       # truncated-normal std of linears, position embeddings and CLS
+TUMOUR_PRIOR = 0.01   # the output logit starts at this probability (see init_logit_prior)
 
 
 class DropPath(nn.Module):
@@ -164,6 +165,7 @@ class TokenDecoder(nn.Module):
             ch //= 2
         self.up = nn.Sequential(*layers)
         self.head = nn.Conv2d(ch, 1, kernel_size=1)
+        init_logit_prior(self.head)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         # tokens: (B, T, D) with T = gh * gw
@@ -176,6 +178,17 @@ def drop_path_rates(depth: int, max_rate: float) -> list[float]:
     if depth == 1:
         return [0.0]
     return [max_rate * i / (depth - 1) for i in range(depth)]
+
+
+def init_logit_prior(head: nn.Module, prior: float = TUMOUR_PRIOR) -> None:
+    """Start the one-logit head at the tumour prior: bias = log(prior / (1 - prior)).
+
+    Tumour pixels are ~1 % of a slice. With a zero bias the model starts at probability ~0.5
+    everywhere, and at the study's learning rates the transformers spend thousands of steps only
+    lowering that level (RetinaNet's prior initialisation; it adds no parameter and leaves the
+    weights' initialisation as it is). Every architecture and recipe starts this way.
+    """
+    nn.init.constant_(head.bias, math.log(prior / (1.0 - prior)))
 
 
 def init_transformer_weights(module: nn.Module) -> None:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nvfp4bench.models.blocks import init_logit_prior
+
 KERNEL, STRIDE, PADDING = 4, 2, 1
 
 
@@ -87,6 +89,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(UpStage(c if j == 0 else 2 * c, c, p)
                                 for j in range(config.stages - 1))
         self.head = nn.ConvTranspose2d(2 * c, 1, KERNEL, STRIDE, PADDING)
+        init_logit_prior(self.head)
 
     @property
     def multiple(self) -> int:

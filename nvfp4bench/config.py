@@ -1,0 +1,119 @@
+"""The configuration of one cell (arch x scale x recipe x fold x seed) and the study's defaults.
+
+``RunConfig`` is a frozen dataclass holding every command-line option. Options left at ``None``
+take the study's value when the run starts (``RunConfig.resolved()``): the optimiser, learning rate
+and weight decay come from ``OPTIMIZERS`` (a table per architecture), the number of epochs from
+``DEFAULT_EPOCHS`` (or ``SYNTHETIC_EPOCHS`` on the embedded synthetic dataset, see below), the
+image size from the data store.
+
+Defaults (protocol.md "Training"): batch 32, at most 100 epochs, ReduceLROnPlateau(factor 0.5,
+patience 10) on the validation loss, gradient clipping at norm 1.0, early stopping on the
+validation loss (patience 20, min delta 0.001, never before epoch 40), seed 2026.
+
+Embedded synthetic dataset (``--data`` not given): the default run must finish in minutes on a
+2-core CPU, so it trains ``SYNTHETIC_EPOCHS`` = 40 epochs instead of 100. Measured for Swin tiny
+``nvfp4_full`` on the 40-patient 64 px store (503 training slices, 16 steps of 32 per epoch):
+100 epochs took 5.6 CPU-minutes at one thread (18 min wall on a 2-core machine shared with other
+jobs), so 40 epochs is ~2-3 CPU-minutes plus evaluation. Early stopping cannot fire before epoch
+40, so the shorter schedule is simply the first 40 epochs of the study's. ``--epochs 100`` runs
+the study's schedule on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The study's optimiser for one architecture family."""
+
+    name: str  # a key of nvfp4bench.train.OPTIMIZER_CLASSES
+    lr: float
+    weight_decay: float
+
+
+# The study's optimisers, one row per architecture.
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "cnn": OptimizerSpec("adamax", lr=5e-4, weight_decay=0.0),
+    "vit": OptimizerSpec("adamw", lr=1e-4, weight_decay=1e-4),
+    "swin": OptimizerSpec("adamw", lr=1e-4, weight_decay=1e-4),
+}
+OPTIMIZER_NAMES = ("adamax", "adamw", "adam")
+
+DEFAULT_EPOCHS = 100  # the study's maximum
+SYNTHETIC_EPOCHS = 40  # the default on the embedded synthetic dataset (see the docstring)
+DEFAULT_SEED = 2026
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKENDS = ("emulator", "te")
+
+# Options that never change the numbers a cell produces: left out of the config hash.
+# (The CPU thread count can change float summation order; bit-identical reruns on CPU need the
+# same --threads.)
+NON_RESULT_FIELDS = frozenset({"out", "resume", "workers", "threads", "progress"})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every option of one cell. ``None`` means "the study's default" (see ``resolved``)."""
+
+    # model
+    arch: str
+    scale: str
+    image_size: int | None = None  # None: the data store's own size
+    # quantization
+    recipe: str = "nvfp4_full"
+    backend: str = "emulator"
+    quantize_attention: bool = False
+    # data
+    data: str | None = None  # None: the embedded synthetic dataset (built on first use)
+    fold: int = 0
+    seed: int = DEFAULT_SEED
+    augment: bool = True
+    # training
+    epochs: int | None = None  # None: DEFAULT_EPOCHS, or SYNTHETIC_EPOCHS on the embedded set
+    batch_size: int = 32
+    optimizer: str | None = None  # None: OPTIMIZERS[arch]
+    lr: float | None = None
+    weight_decay: float | None = None
+    grad_clip: float = 1.0
+    lr_factor: float = 0.5
+    lr_patience: int = 10
+    patience: int = 20
+    min_delta: float = 1e-3
+    min_epochs: int = 40
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 0
+    threads: int | None = None  # CPU threads of torch (None: torch's default)
+    diagnostics: bool = True
+    # output
+    out: str = "results"
+    resume: bool = False
+    progress: bool = True
+
+    def resolved(self) -> RunConfig:
+        """This config with the study's per-architecture and per-dataset defaults filled in.
+
+        The image size stays ``None`` (the store's size) until the store is opened.
+        """
+        spec = OPTIMIZERS[self.arch]
+        epochs = self.epochs
+        if epochs is None:
+            epochs = SYNTHETIC_EPOCHS if self.data is None else DEFAULT_EPOCHS
+        return dataclasses.replace(
+            self, epochs=epochs,
+            optimizer=self.optimizer if self.optimizer is not None else spec.name,
+            lr=self.lr if self.lr is not None else spec.lr,
+            weight_decay=self.weight_decay if self.weight_decay is not None
+            else spec.weight_decay)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def result_path(self) -> Path:
+        """Where this cell's result JSON goes: OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json."""
+        from nvfp4bench.results import dataset_name, result_path
+        return result_path(self.out, dataset_name(self.data), self.arch, self.scale, self.recipe,
+                           self.fold, self.seed)

@@ -1,0 +1,128 @@
+"""The command line: --help, option errors, the RunConfig it builds, the config hash, results."""
+import dataclasses
+import json
+import math
+import numpy as np
+import pytest
+
+from nvfp4bench import results
+from nvfp4bench.cli import main, parse_config
+from nvfp4bench.config import OPTIMIZERS, RunConfig
+from nvfp4bench.models import ARCHS, SCALES
+from nvfp4bench.recipes import RECIPES
+
+CELL = ["--arch", "swin", "--scale", "tiny", "--recipe", "nvfp4_full", "--fold", "0"]
+
+
+def test_help_lists_recipes_architectures_and_scales(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for name, recipe in RECIPES.items():
+        assert name in text and recipe.description in text
+    for name in [*ARCHS, *SCALES]:
+        assert name in text
+    for group in ("model:", "quantization:", "data:", "training:", "output:"):
+        assert group in text
+
+
+@pytest.mark.parametrize("argv", [
+    CELL[:-2],                                   # --fold missing
+    [*CELL[:5], "nvfp5", *CELL[6:]],             # unknown recipe
+    [*CELL[:-1], "7"],                           # fold out of range
+    ["--arch", "resnet", *CELL[2:]],             # unknown arch
+    [*CELL, "--epochs", "0"],
+    [*CELL, "--lr", "nan"],
+    [*CELL, "--lr", "inf"],
+    [*CELL, "--batch-size", "-4"],
+    [*CELL, "--precision", "fp8"],
+    [*CELL, "--backend", "cuda"],
+])
+def test_bad_options_exit_non_zero_with_a_usage_message(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "Traceback" not in err
+
+
+def test_missing_data_directory_is_a_one_line_error(tmp_path, capsys):
+    assert main([*CELL, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "no such directory" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parse_config_defaults_are_the_studys():
+    c = parse_config(CELL)
+    assert isinstance(c, RunConfig)
+    assert (c.batch_size, c.grad_clip, c.lr_factor, c.lr_patience) == (32, 1.0, 0.5, 10)
+    assert (c.patience, c.min_delta, c.min_epochs, c.seed) == (20, 1e-3, 40, 2026)
+    assert (c.backend, c.device, c.precision, c.workers, c.out) == (
+        "emulator", "auto", "auto", 0, "results")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.lr = 1.0
+    r = c.resolved()
+    assert (r.optimizer, r.lr, r.weight_decay) == ("adamw", 1e-4, 1e-4)
+    cnn = parse_config(["--arch", "cnn", *CELL[2:]]).resolved()
+    assert (cnn.optimizer, cnn.lr, cnn.weight_decay) == ("adamax", 5e-4, 0.0)
+    assert parse_config([*CELL, "--data", "x"]).resolved().epochs == 100
+    assert set(OPTIMIZERS) == set(ARCHS)
+
+
+def test_config_hash_follows_the_options_that_change_the_result():
+    h = results.config_hash(parse_config(CELL))
+    assert h == results.config_hash(parse_config(CELL))
+    # execution details do not change it
+    for extra in (["--out", "elsewhere"], ["--resume"], ["--workers", "2"], ["--no-progress"],
+                  ["--threads", "1"], ["--lr", "1e-4"]):  # 1e-4 is swin's default
+        assert results.config_hash(parse_config([*CELL, *extra])) == h, extra
+    for extra in (["--lr", "3e-4"], ["--seed", "1"], ["--epochs", "5"], ["--no-augment"],
+                  ["--precision", "bf16"], ["--quantize-attention"], ["--data", "/x"]):
+        assert results.config_hash(parse_config([*CELL, *extra])) != h, extra
+    assert results.config_hash(parse_config(["--arch", "swin", "--scale", "tiny", "--recipe",
+                                             "2d_rht", "--fold", "0"])) != h
+
+
+def test_result_path_layout_and_completeness(tmp_path):
+    p = results.result_path(tmp_path, "brats2021", "vit", "small", "2d_rht_sr", 3, 7)
+    assert p == tmp_path / "brats2021" / "vit" / "small" / "2d_rht_sr" / "fold3_seed7.json"
+    last, best = results.checkpoint_paths(p)
+    assert (last.name, best.name) == ("fold3_seed7.ckpt.pt", "fold3_seed7.best.pt")
+    assert not results.is_complete(p, "abc") and results.read_result(p) is None
+    results.write_json_atomic(p, {"status": "complete", "config_hash": "abc",
+                                  "x": np.float32(0.5), "n": np.int64(3), "none": None})
+    assert json.loads(p.read_text()) == {"status": "complete", "config_hash": "abc", "x": 0.5,
+                                         "n": 3, "none": None}
+    assert results.is_complete(p, "abc") and not results.is_complete(p, "abd")
+    assert [f.name for f in p.parent.iterdir()] == [p.name]  # no temporary file left
+    p.write_text("{truncated")
+    assert results.read_result(p) is None and not results.is_complete(p, "abc")
+
+
+def test_non_finite_values_are_never_written(tmp_path):
+    p = tmp_path / "r.json"
+    with pytest.raises(ValueError, match=r"result.test.auprc"):
+        results.write_json_atomic(p, {"test": {"auprc": math.nan}})
+    assert not p.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_precision_comes_from_the_option_the_recipe_or_the_device():
+    import torch
+
+    from nvfp4bench.recipes import get_recipe
+    from nvfp4bench.train import resolve_device, resolve_precision
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", get_recipe("nvfp4_full"), cpu) == "fp32"
+    assert resolve_precision("auto", get_recipe("bf16"), cuda) == "bf16"
+    assert resolve_precision("fp16", get_recipe("2d_rht"), cuda) == "fp16"
+    assert resolve_precision("auto", get_recipe("fp16"), cpu) == "fp16"
+    assert resolve_precision("fp32", get_recipe("fp32"), cuda) == "fp32"
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve_precision("bf16", get_recipe("fp16"), cuda)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="--device"):
+        resolve_device("tpu")
