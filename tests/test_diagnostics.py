@@ -15,14 +15,7 @@ from nvfp4bench.models import build_model, quantize_model
 bce = nn.functional.binary_cross_entropy_with_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: extra intra-op threads only add overhead (on a shared, busy machine,
-    a lot of it). One thread for this module's tests; the previous setting is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _batch(size=32, seed=0):

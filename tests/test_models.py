@@ -16,14 +16,7 @@ from nvfp4bench.recipes import RECIPES
 SIZES = (32, 64, 128, 256)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: extra intra-op threads only add overhead (on a shared, busy machine,
-    a lot of it). One thread for this module's tests; the previous setting is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _images(batch, size, seed=0, channels=3):

@@ -32,6 +32,22 @@ needs_no_te = pytest.mark.skipif(TE_INSTALLED, reason="TE is installed here: the
                                                       "cannot be exercised")
 
 
+def _te_nvfp4_unavailable_reason() -> str | None:
+    try:
+        te_backend.check_te_available()
+    except TEUnavailable as refusal:
+        return str(refusal)
+    return None
+
+
+def test_verify_te_passes_against_real_transformer_engine():
+    """Where TE imports and reports NVFP4 support (a Blackwell GPU): the emulator equals TE."""
+    reason = _te_nvfp4_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"Transformer Engine with NVFP4 support is not available here: {reason}")
+    assert v.main([]) == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Recipe mapping
 # --------------------------------------------------------------------------------------------
@@ -196,7 +212,7 @@ def test_quantize_model_refuses_without_te():
 
 @needs_no_te
 def test_models_registry_hands_te_its_layer_names():
-    models = pytest.importorskip("nvfp4bench.models")
+    from nvfp4bench import models
     model = models.build_model("vit", "tiny", image_size=32)
     names = models.quantizable_layers(model)
     assert names and all(isinstance(model.get_submodule(n), nn.Linear) for n in names)
@@ -444,7 +460,6 @@ def test_compare_close():
 
 
 def test_layer_comparison_with_the_emulator_layer():
-    pytest.importorskip("nvfp4bench.layers", reason="layers.py (the layers helper) not landed")
     cases = v.make_layer_cases(11, "cpu", recipes=("nvfp4_full", "chain_rule"), tokens=32)
     same = v.compare_layers(v.emulator_layer_runner, v.emulator_layer_runner, cases)
     assert same and all(r.passed for r in same), v.format_table(same)
