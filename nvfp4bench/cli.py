@@ -13,6 +13,7 @@ import sys
 
 from nvfp4bench.config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_SEED, OPTIMIZER_NAMES,
                                OPTIMIZERS, PRECISIONS, SYNTHETIC_EPOCHS, RunConfig)
+from nvfp4bench import nvfp4
 from nvfp4bench.recipes import RECIPES
 
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CUDA, optional) (default: %(default)s)")
     g.add_argument("--quantize-attention", action="store_true",
                    help="also quantize the two attention matmuls (an extension; off in the study)")
+    g.add_argument("--quant-kernels", choices=nvfp4.BACKENDS, default="auto",
+                   help="the emulator's kernels: eager PyTorch, torch.compile'd, or auto "
+                        "(compile large CPU tensors); the bits are the same (default: "
+                        "%(default)s)")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, metavar="DIR",

@@ -51,7 +51,9 @@ BACKENDS = ("emulator", "te")
 # Options that never change the numbers a cell produces: left out of the config hash.
 # (The CPU thread count can change float summation order; bit-identical reruns on CPU need the
 # same --threads.)
-NON_RESULT_FIELDS = frozenset({"out", "resume", "workers", "threads", "progress"})
+# The quantizer's kernels (eager or torch.compile'd) give the same bits (tests/test_nvfp4.py).
+NON_RESULT_FIELDS = frozenset({"out", "resume", "workers", "threads", "progress",
+                               "quant_kernels"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class RunConfig:
     recipe: str = "nvfp4_full"
     backend: str = "emulator"
     quantize_attention: bool = False
+    quant_kernels: str = "auto"  # nvfp4.set_backend: eager, compiled, or auto (compile big tensors)
     # data
     data: str | None = None  # None: the embedded synthetic dataset (built on first use)
     fold: int = 0

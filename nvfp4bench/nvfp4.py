@@ -29,9 +29,29 @@ back into fp32, ``fake_quantize`` fuses both without materialising codes (the tr
 ``pack`` packs codes two per byte, ``rht`` rotates a tensor. Every function takes a 2-D tensor
 whose dimensions are multiples of 16 and blocks along the last dimension; callers transpose for a
 columnwise copy, as TE's columnwise path does.
+
+Backends (speed only; the bits are the same)
+--------------------------------------------
+``fake_quantize`` makes two passes over the tensor: the block amax, then the elementwise
+``x -> x_hat`` (scale, E2M1 cast, dequantize), with the scale math on the small (M, K/16) block
+tensors in between. They run as eager PyTorch (``"eager"``, the default; on a one-thread CPU in
+row chunks of ``EAGER_CHUNK`` elements so that the temporaries stay in cache) or as kernels
+made by ``torch.compile`` (``"compiled"``; ``"auto"`` compiles CPU tensors of at least
+``COMPILE_MIN_NUMEL`` elements and falls back to eager, with one warning, when compiling fails).
+Pick one with ``set_backend(name)`` or ``with use_backend(name):``. Both run the same
+functions in the same order (``_dequantized``, ``_block_scales_f32``); the only difference is
+the E4M3 rounding of the block scales, the FP8 cast in eager and exact fp32 arithmetic in the
+kernels (tested equal on every rounding boundary). Every fp32 operation on x is a product, a
+scaling by a power of two, a round/floor or a comparison: no sum that contraction (FMA) or
+reassociation could change, and inductor's C++ flags keep ``-ffp-contract=off
+-fno-unsafe-math-optimizations`` anyway. The tests check both backends against the NumPy
+reference, bit for bit. SR draws its random bits eagerly from the caller's ``torch.Generator``,
+so both backends consume the same bits.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +73,16 @@ RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 
 SR_MODES = ("hardware", "ideal")
 _VALID_TILES = ((1, BLOCK), (BLOCK, BLOCK))
+
+# fp32 bit fields used by the E2M1 cast (see ``_grid_step_bits``)
+_F32_EXPONENT_MASK = 0x7F800000  # the 8 exponent bits
+_F32_EXPONENT_ONE = 1 << 23  # one unit of the exponent field: a factor of 2
+_F32_HALF = 0x3F000000  # bits of 0.5, the smallest E2M1 grid step
+_F32_E4M3_MIN_STEP = 0x3B000000  # bits of 2**-9, the E4M3 subnormal step
+_F32_EXPONENT_NEGATE = 0x7F000000  # minus the bits of 2**s: the bits of 2**-s
+
+BACKENDS = ("eager", "compiled", "auto")
+COMPILE_MIN_NUMEL = 1 << 15  # "auto" compiles tensors with at least this many elements (crossover)
 
 
 @dataclass(frozen=True)
@@ -80,9 +110,13 @@ class NVFP4Tensor:
 # Scales
 # --------------------------------------------------------------------------------------------
 def global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
-    """``S_enc = min(fl(2688 / amax), FLT_MAX)``, and 1 where amax is 0 or S_enc underflows to 0."""
+    """``S_enc = min(fl(2688 / amax), FLT_MAX)``, and 1 where amax is 0 or S_enc underflows to 0.
+
+    A true division: PyTorch evaluates ``2688 / tensor`` as ``tensor.reciprocal() * 2688``, two
+    roundings that differ from ``fl(2688 / amax)`` for about a quarter of all amax values.
+    """
     amax = amax.float()
-    s_enc = torch.clamp(GLOBAL_ENCODE_NUMERATOR / amax, max=FLT_MAX)
+    s_enc = torch.clamp(torch.full_like(amax, GLOBAL_ENCODE_NUMERATOR).div_(amax), max=FLT_MAX)
     return torch.where((amax == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
 
 
@@ -91,38 +125,48 @@ def global_decode_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.reciprocal(global_encode_scale(amax))
 
 
-def _block_scales(bamax: torch.Tensor, amax: torch.Tensor):
-    """Block decode scales ``s_b`` (E4M3), their encode scales ``enc_b`` (fp32) and ``S_dec``.
+def _e4m3_cast(v: torch.Tensor) -> torch.Tensor:
+    """fp32 values in [0, 448] -> the nearest E4M3 value (RNE, subnormals kept), as fp32."""
+    return v.to(torch.float8_e4m3fn).float()
+
+
+def _e4m3_round(v: torch.Tensor) -> torch.Tensor:
+    """``_e4m3_cast`` in fp32 arithmetic (for compiled kernels, which then need no FP8 cast):
+    round to a multiple of the E4M3 step ``2 ** max(e - 3, -9)`` (3 mantissa bits; 2**-9 is the
+    subnormal step) with ties to even. Scaling by the step and its reciprocal is exact."""
+    exponent = torch.bitwise_and(v.view(torch.int32), _F32_EXPONENT_MASK)  # bits of 2 ** e
+    step = (exponent - 3 * _F32_EXPONENT_ONE).clamp(min=_F32_E4M3_MIN_STEP).view(torch.float32)
+    return torch.round(v * _reciprocal_pow2(step)) * step
+
+
+def _block_scales_f32(bamax: torch.Tensor, amax: torch.Tensor, to_e4m3=_e4m3_cast):
+    """``s_b`` (fp32 holding E4M3 values), ``enc_b`` and ``S_dec``, in the order of section 2.
 
     Bit-exactness: ``bamax * fl(S_enc * fl(1/6))`` is not ``(bamax / 6) * S_enc`` (TE 2.8-2.13),
     and ``1 / (s_b * S_dec)`` is not ``S_enc / s_b`` (torchao, ModelOpt); both differ in the last
-    bit for about 0.1 % of blocks. The clamp to 448 comes before the E4M3 cast because PyTorch's
-    cast turns values above 464 into NaN instead of saturating.
+    bit for about 0.1 % of blocks. The clamp to 448 comes before the E4M3 rounding because
+    PyTorch's cast turns values above 464 into NaN instead of saturating.
     """
     s_enc = global_encode_scale(amax)
     s_dec = torch.reciprocal(s_enc)
-    one_sixth = torch.reciprocal(torch.tensor(E2M1_MAX, device=amax.device))  # fl(1/6)
-    multiplier = s_enc * one_sixth
-    scale_e4m3 = torch.clamp(bamax.float() * multiplier, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    multiplier = s_enc * torch.reciprocal(torch.full_like(s_enc, E2M1_MAX))  # fl(S_enc * fl(1/6))
+    scale = to_e4m3(torch.clamp(bamax.float() * multiplier, max=E4M3_MAX))
     # product first, then the reciprocal; a zero scale gives 1/0 = inf -> FLT_MAX
-    encode = torch.clamp(torch.reciprocal(scale_e4m3.float() * s_dec), max=FLT_MAX)
-    return scale_e4m3, encode, s_dec
+    encode = torch.clamp(torch.reciprocal(scale * s_dec), max=FLT_MAX)
+    return scale, encode, s_dec
 
 
-def _block_amax(x: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
-    """max |x| per block: (M, K/16) for 1x16 blocks, (M/16, K/16) for 16x16 tiles."""
-    m, k = x.shape
-    if tile == (1, BLOCK):
-        return torch.linalg.vector_norm(x.view(m, k // BLOCK, BLOCK), ord=float("inf"), dim=-1)
-    return torch.linalg.vector_norm(x.view(m // BLOCK, BLOCK, k // BLOCK, BLOCK),
-                                    ord=float("inf"), dim=(1, 3))
+def _block_scales(bamax: torch.Tensor, amax: torch.Tensor):
+    """Block decode scales ``s_b`` (E4M3), their encode scales ``enc_b`` (fp32) and ``S_dec``."""
+    scale, encode, s_dec = _block_scales_f32(bamax, amax)
+    return scale.to(torch.float8_e4m3fn), encode, s_dec
 
 
-def _expand_tiles(per_block: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
-    """Per-block values -> one value per row-block, (M, K/16), so rows carry their tile's value."""
-    if tile == (1, BLOCK):
-        return per_block
-    return per_block.repeat_interleave(BLOCK, dim=0)
+def _tensor_amax(bamax: torch.Tensor, amax, device) -> torch.Tensor:
+    """The given amax as an fp32 0-d tensor, or the max of the block amaxes."""
+    if amax is not None:
+        return torch.as_tensor(amax, dtype=torch.float32, device=device)
+    return bamax.max() if bamax.numel() else torch.zeros((), device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,17 +177,76 @@ def _grid_step(magnitude: torch.Tensor) -> torch.Tensor:
     return torch.where(magnitude < 2.0, 0.5, torch.where(magnitude < 4.0, 1.0, 2.0))
 
 
-def round_e2m1_rn(scaled: torch.Tensor) -> torch.Tensor:
-    """RN cast of fp32 values to E2M1 magnitudes, signed: clamp to [-6, 6], nearest, ties to even.
+def _grid_step_bits(y: torch.Tensor) -> torch.Tensor:
+    """``_grid_step`` of |y| <= 6 from the exponent bits of y (either sign): ``2 ** max(e - 1, -1)``
+    where ``2 ** e <= |y| < 2 ** (e + 1)``; integer ops, no comparison masks."""
+    exponent = torch.bitwise_and(y.view(torch.int32), _F32_EXPONENT_MASK)  # bits of 2 ** e
+    return (exponent - _F32_EXPONENT_ONE).clamp(min=_F32_HALF).view(torch.float32)
+
+
+def _reciprocal_pow2(step: torch.Tensor) -> torch.Tensor:
+    """``1 / step`` for a power of two 2 ** s (normal): 2 ** -s, by negating the exponent field."""
+    return (_F32_EXPONENT_NEGATE - step.view(torch.int32)).view(torch.float32)
+
+
+def _round_rn(scaled: torch.Tensor) -> torch.Tensor:
+    """RN cast of fp32 values to signed E2M1 magnitudes: clamp to [-6, 6], round to the nearest
+    grid value, ties to the even code.
 
     On each binade the grid is uniform (step 0.5 on [0, 2), 1 on [2, 4), 2 on [4, 6]), and rounding
     to a multiple of the step with ties to even multiples is rounding to the even code:
     0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4 (all ties to even).
+    Scaling by the step and its reciprocal (powers of two) is exact, ``round`` is RNE, and all of
+    it is symmetric in the sign, so a tiny negative value becomes -0.
     """
-    magnitude = scaled.abs().clamp_(max=E2M1_MAX)
-    step = _grid_step(magnitude)
-    rounded = torch.round(magnitude / step).mul_(step)  # step is a power of two: exact
-    return torch.copysign(rounded, scaled)
+    y = scaled.clamp(min=-E2M1_MAX, max=E2M1_MAX)
+    step = _grid_step_bits(y)
+    return torch.round(y * _reciprocal_pow2(step)) * step
+
+
+def _round_sr_abs(magnitude: torch.Tensor, noise: torch.Tensor, mode: str) -> torch.Tensor:
+    """SR cast of magnitudes |y| >= 0 with the given random draws.
+
+    In grid steps ``t = |y| / step`` (exact), ``lo = floor(t)`` and ``f = t - lo`` (exact).
+    ``hardware``: ``noise`` holds 8 random bits ``r`` per element (uint8), up when
+    ``r < floor(256 f)`` (i.e. when ``(r + 1) / 256 <= f``; ``256 f`` is exact). ``ideal``:
+    ``noise`` is uniform in [0, 1), up when ``noise < f``. A value on the grid has ``f = 0`` and
+    never moves.
+    """
+    a = magnitude.clamp(max=E2M1_MAX)
+    step = _grid_step_bits(a)
+    t = a * _reciprocal_pow2(step)
+    low = torch.floor(t)
+    fraction = t - low
+    up = noise < (torch.floor(fraction * 256.0) if mode == "hardware" else fraction)
+    return (low + up) * step
+
+
+def _check_sr(generator, mode: str) -> None:
+    if mode not in SR_MODES:
+        raise ValueError(f"sr_mode must be one of {SR_MODES}, got {mode!r}")
+    if not isinstance(generator, torch.Generator):
+        raise ValueError("stochastic rounding needs an explicit, seeded torch.Generator "
+                         "(pass generator=torch.Generator(device).manual_seed(seed))")
+
+
+def _draw_noise(shape, generator, mode: str, device) -> torch.Tensor:
+    """The random draws of one SR cast, from ``generator``: 8 random bits per element (uint8,
+    taken four at a time from uniform int32 draws, 3x faster than one draw each) for
+    ``hardware``; fp32 uniform in [0, 1) for ``ideal``."""
+    _check_sr(generator, mode)
+    shape = torch.Size(shape)
+    if mode == "ideal":
+        return torch.rand(shape, generator=generator, device=device)
+    words = torch.randint(-2 ** 31, 2 ** 31, ((shape.numel() + 3) // 4,), generator=generator,
+                          dtype=torch.int32, device=device)
+    return words.view(torch.uint8)[:shape.numel()].view(shape)
+
+
+def round_e2m1_rn(scaled: torch.Tensor) -> torch.Tensor:
+    """RN cast of fp32 values to E2M1 magnitudes, signed: clamp to [-6, 6], nearest, ties to even
+    (see ``_round_rn``). The sign is kept, so a tiny negative value becomes -0."""
+    return _round_rn(scaled.float())
 
 
 def round_e2m1_sr(scaled: torch.Tensor, generator: torch.Generator,
@@ -155,32 +258,200 @@ def round_e2m1_sr(scaled: torch.Tensor, generator: torch.Generator,
     element: up when ``r < floor(256 f)``, i.e. when ``(r + 1) / 256 <= f``); ``ideal`` rounds up
     with probability f (a continuous uniform). A value on the grid never moves.
     """
-    if mode not in SR_MODES:
-        raise ValueError(f"sr_mode must be one of {SR_MODES}, got {mode!r}")
-    if not isinstance(generator, torch.Generator):
-        raise ValueError("stochastic rounding needs an explicit, seeded torch.Generator "
-                         "(pass generator=torch.Generator(device).manual_seed(seed))")
-    magnitude = scaled.abs().clamp_(max=E2M1_MAX)
-    step = _grid_step(magnitude)
-    low = torch.floor(magnitude / step).mul_(step)
-    fraction = (magnitude - low).div_(step)  # exact: step is a power of two
-    if mode == "hardware":
-        bits = torch.randint(0, 256, magnitude.shape, generator=generator, dtype=torch.uint8,
-                             device=magnitude.device)
-        threshold = (bits.float() + 1.0).mul_(1.0 / 256.0)
+    noise = _draw_noise(scaled.shape, generator, mode, scaled.device)
+    return torch.copysign(_round_sr_abs(scaled.float().abs(), noise, mode), scaled)
+
+
+def _codes_of(values: torch.Tensor, sign_of: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8 0..15) of grid values; the sign bit comes from the sign of the input,
+    so a tiny negative value that rounds to 0 becomes code 8."""
+    lut = _CODE_OF_TWICE_MAGNITUDE.to(values.device)
+    codes = lut[(values.abs() * 2).to(torch.int64)]
+    return codes | (torch.signbit(sign_of).to(torch.uint8) << 3)
+
+
+# --------------------------------------------------------------------------------------------
+# The two passes over the tensor: block amax, then x -> x_hat
+# --------------------------------------------------------------------------------------------
+EAGER_CHUNK = 1 << 18  # elements per chunk of the eager CPU path: its temporaries stay in cache
+
+
+def _row_blocks(x: torch.Tensor) -> torch.Tensor:
+    """View (M, K) as (M, K / 16, 16): ``[i, j, :]`` is the j-th 1x16 block of row i."""
+    m, k = x.shape
+    return x.view(m, k // BLOCK, BLOCK)
+
+
+def _block_amax(x3: torch.Tensor) -> torch.Tensor:
+    """max |x| per 1x16 block: (rows, K/16, 16) -> (rows, K/16, 1)."""
+    return x3.abs().amax(dim=-1, keepdim=True)
+
+
+def _tile_amax(bamax: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """1x16 block amax (M, K/16, 1) -> the amax of each T x 16 tile, repeated on its T rows."""
+    if tile_rows == 1:
+        return bamax
+    m, kb, _ = bamax.shape
+    tiles = bamax.view(m // tile_rows, tile_rows, kb, 1).amax(dim=1, keepdim=True)
+    return tiles.expand(-1, tile_rows, -1, -1).reshape(m, kb, 1)
+
+
+def _e2m1_values(x3, encode, noise, mode: str) -> torch.Tensor:
+    """``e2m1(fl(x * enc_b))``, signed. SR works on magnitudes and restores x's sign at the end:
+    exact, as IEEE products and the rounding are symmetric in the sign."""
+    if noise is None:
+        return _round_rn(x3 * encode)
+    return torch.copysign(_round_sr_abs(x3.abs() * encode, noise, mode), x3)
+
+
+def _dequantized(x3, scale, encode, s_dec, noise, mode: str, out=None) -> torch.Tensor:
+    """``x_hat = fl(fl(e2m1(fl(x * enc_b)) * f32(s_b)) * S_dec)``.
+
+    ``x3`` is (a chunk of) x as (rows, K/16, 16); ``scale`` and ``encode`` (fp32 ``s_b`` and
+    ``enc_b``) are (rows, K/16, 1); ``s_dec`` is 0-d; ``noise`` is None for RN.
+    """
+    return torch.mul(_e2m1_values(x3, encode, noise, mode) * scale, s_dec, out=out)
+
+
+# Compiled kernels; one function per kernel and rounding (dynamo's recompilation limit counts per
+# function). The scale math gets its own kernel, vectorized over blocks: fused into the
+# elementwise loop it would run once per block in scalar code (three divisions each).
+def _block_amax_kernel(x3: torch.Tensor) -> torch.Tensor:
+    return _block_amax(x3)
+
+
+def _scales_kernel(bamax: torch.Tensor, amax: torch.Tensor):
+    return _block_scales_f32(bamax, amax, _e4m3_round)  # the FP8 rounding in fp32 arithmetic
+
+
+def _rn_kernel(x3, scale, encode, s_dec) -> torch.Tensor:
+    return _dequantized(x3, scale, encode, s_dec, None, "rn")
+
+
+def _sr_kernel(x3, scale, encode, s_dec, noise, mode: str) -> torch.Tensor:
+    return _dequantized(x3, scale, encode, s_dec, noise, mode)
+
+
+def _fake_quantize_compiled(x: torch.Tensor, tile_rows: int, amax, noise, mode: str):
+    """The compiled path: block amax, (small, eager) tile max and tensor amax, scales, x_hat.
+    The kernels see 1x16 blocks, (M, K/16, 16), whatever the tile; reshaping outside them keeps
+    every view a view (inside, dynamic shapes would make ``view(M, K)`` a copy)."""
+    x3 = _row_blocks(x)
+    bamax = _tile_amax(_compiled(_block_amax_kernel)(x3), tile_rows)
+    if amax is None:
+        amax = bamax.amax()
+    scales = _compiled(_scales_kernel)(bamax, amax)
+    if noise is None:
+        out = _compiled(_rn_kernel)(x3, *scales)
     else:
-        threshold = torch.rand(magnitude.shape, generator=generator, device=magnitude.device)
-    rounded = torch.where(threshold <= fraction if mode == "hardware" else threshold < fraction,
-                          low + step, low)
-    return torch.copysign(rounded, scaled)
+        out = _compiled(_sr_kernel)(x3, *scales, noise.view(x3.shape), mode)
+    return out.view(x.shape)
 
 
-def _codes_of(signed_values: torch.Tensor) -> torch.Tensor:
-    """E2M1 codes (uint8 0..15) of signed grid values; the sign bit comes from the sign of the
-    scaled input, so a tiny negative value that rounds to 0 becomes code 8."""
-    lut = _CODE_OF_TWICE_MAGNITUDE.to(signed_values.device)
-    codes = lut[(signed_values.abs() * 2).to(torch.int64)]
-    return codes | (torch.signbit(signed_values).to(torch.uint8) << 3)
+def _chunked_eager() -> bool:
+    """Chunk the eager CPU path only on one intra-op thread. Measured on 4096 x 4096 on a shared
+    2-core machine: one thread, 2**18-element chunks are 3.5x faster than whole tensors; two
+    threads, every op of every chunk is a parallel region whose wake-ups, when the machine is
+    oversubscribed, cost more than the cache saves (medians 0.5-2.3x slower, 10x outliers)."""
+    return torch.get_num_threads() == 1
+
+
+def _row_chunks(rows: int, row_numel: int, device) -> list:
+    """Slices of the rows of about ``EAGER_CHUNK`` elements each (one slice on a GPU, or when
+    ``_chunked_eager()`` says no)."""
+    if device.type != "cpu" or rows * row_numel <= EAGER_CHUNK or not _chunked_eager():
+        return [slice(0, rows)]
+    step = max(1, EAGER_CHUNK // row_numel)
+    return [slice(i, i + step) for i in range(0, rows, step)]
+
+
+def _fake_quantize_eager(x: torch.Tensor, tile_rows: int, amax, noise, mode: str):
+    """The eager path: the same functions, chunk by chunk on the CPU so that every temporary is
+    small and stays in cache; the output is the only full-size new tensor."""
+    x3 = _row_blocks(x)
+    chunks = _row_chunks(x.shape[0], x.shape[1], x.device)
+    bamax = x3.new_empty((x3.shape[0], x3.shape[1], 1))
+    for c in chunks:
+        torch.amax(x3[c].abs(), dim=-1, keepdim=True, out=bamax[c])
+    bamax = _tile_amax(bamax, tile_rows)
+    if amax is None:
+        amax = bamax.amax()
+    scale, encode, s_dec = _block_scales_f32(bamax, amax, _e4m3_cast)
+    noise = None if noise is None else noise.view(x3.shape)
+    out = torch.empty_like(x3)
+    for c in chunks:
+        _dequantized(x3[c], scale[c], encode[c], s_dec, None if noise is None else noise[c], mode,
+                     out=out[c])
+    return out.view(x.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+_state = {"backend": "eager", "compile_error": None}
+_compiled_kernels: dict = {}
+
+
+def set_backend(name: str) -> str:
+    """Run fake_quantize as ``"eager"`` PyTorch, ``"compiled"`` (torch.compile; errors raise) or
+    ``"auto"`` (compiled for CPU tensors of >= ``COMPILE_MIN_NUMEL`` elements, eager when
+    compiling fails, with one warning). Returns the previous backend. The results are the same
+    bits on the CPU (tested); ``"compiled"`` on CUDA is untested."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous, _state["backend"] = _state["backend"], name
+    return previous
+
+
+def get_backend() -> str:
+    """The backend that ``set_backend`` selected (``"eager"`` unless changed)."""
+    return _state["backend"]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("compiled"): ...`` selects a backend for a block of code."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _use_compiled(x: torch.Tensor) -> bool:
+    backend = _state["backend"]
+    if backend == "eager" or x.numel() == 0:
+        return False
+    if backend == "compiled":
+        return True
+    # auto: CPU only. On CUDA inductor emits Triton, whose fp32 division and reciprocal need not
+    # be IEEE-rounded (the scale math divides); untested there, and eager is fast on a GPU.
+    return (x.device.type == "cpu" and _state["compile_error"] is None
+            and x.numel() >= COMPILE_MIN_NUMEL)
+
+
+def _compiled(kernel):
+    """``torch.compile(kernel)``, made on first use, with dynamic shapes: one compilation serves
+    every shape (a new one only for a size-1 dimension, the other tile or rounding mode)."""
+    fn = _compiled_kernels.get(kernel.__name__)
+    if fn is None:
+        fn = _compiled_kernels[kernel.__name__] = torch.compile(kernel, dynamic=True,
+                                                                fullgraph=True)
+    return fn
+
+
+def _run_compiled(compiled, eager, *args):
+    """``compiled(*args)``; under ``"auto"`` a failed compilation warns once and falls back to
+    ``eager(*args)`` from then on; under ``"compiled"`` it raises."""
+    try:
+        return compiled(*args)
+    except Exception as err:  # noqa: BLE001 - any compiler failure: report once, then go eager
+        if _state["backend"] == "compiled":
+            raise
+        _state["compile_error"] = f"{type(err).__name__}: {err}"
+        warnings.warn(f"nvfp4: torch.compile failed, using eager kernels from now on "
+                      f"({_state['compile_error'][:300]})", RuntimeWarning, stacklevel=3)
+        return eager(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,34 +518,52 @@ def _prepare(x: torch.Tensor, tile, rht_on: bool, what: str) -> tuple[torch.Tens
     return x.contiguous(), tile
 
 
-def _scaled(x: torch.Tensor, tile: tuple[int, int]):
-    """``fl(x * enc_b)`` for every element, with the scales it used."""
-    bamax = _block_amax(x, tile)
-    amax = bamax.max() if bamax.numel() else torch.zeros((), device=x.device)
-    scale_e4m3, encode, s_dec = _block_scales(bamax, amax)
-    m, k = x.shape
-    encode = _expand_tiles(encode, tile)
-    scaled = (x.view(m, k // BLOCK, BLOCK) * encode.unsqueeze(-1)).view(m, k)
-    return scaled, _expand_tiles(scale_e4m3, tile), amax, s_dec
-
-
-def _round(scaled: torch.Tensor, sr: bool, generator, sr_mode: str) -> torch.Tensor:
-    return round_e2m1_sr(scaled, generator, sr_mode) if sr else round_e2m1_rn(scaled)
+def _fake_quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str,
+                      amax=None) -> torch.Tensor:
+    """fake_quantize of a prepared (fp32, contiguous, checked) 2-D tensor."""
+    if amax is not None:
+        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return x.clone()
+    noise = _draw_noise(x.shape, generator, sr_mode, x.device) if sr else None
+    args = (x, tile[0], amax, noise, sr_mode if sr else "rn")
+    if _use_compiled(x):
+        return _run_compiled(_fake_quantize_compiled, _fake_quantize_eager, *args)
+    return _fake_quantize_eager(*args)
 
 
 def quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bool = False,
-             generator: torch.Generator | None = None, sr_mode: str = "hardware") -> NVFP4Tensor:
+             generator: torch.Generator | None = None, sr_mode: str = "hardware",
+             amax: torch.Tensor | None = None) -> NVFP4Tensor:
     """Quantize a 2-D tensor to NVFP4, blocks along the last dimension.
 
     tile:      (1, 16) blocks, or (16, 16) tiles (2-D weight scaling; one scale per tile)
     rht:       rotate the last dimension by the RHT first (1x16 only; the caller passes the
                transposed operand, as TE's columnwise path does); amax is the rotated tensor's
     sr:        stochastic rounding of the final E2M1 cast, drawing from ``generator``
+    amax:      the tensor amax to derive S_enc from, when ``x`` is one slice of a larger tensor
+               that is quantized piece by piece (with ``rht``, the rotated tensor's amax);
+               default: max |x|. It must be >= max |x|, or the largest blocks saturate.
+
+    With 1x16 blocks the row count is free (as if the rows were zero-padded to 16).
     """
-    x, tile = _prepare(x, tile, rht, "quantize")
-    scaled, scales, amax, _ = _scaled(x, tile)
-    return NVFP4Tensor(codes=_codes_of(_round(scaled, sr, generator, sr_mode)), scales=scales,
-                       amax=amax, tile=tile)
+    if sr:
+        _check_sr(generator, sr_mode)
+    with torch.no_grad():
+        return _quantize_2d(*_prepare(x.detach(), tile, rht, "quantize"), sr, generator, sr_mode,
+                            amax)
+
+
+def _quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str, amax) -> NVFP4Tensor:
+    """quantize of a prepared 2-D tensor (always eager: not the hot path)."""
+    x3 = _row_blocks(x)
+    bamax = _tile_amax(_block_amax(x3), tile[0])
+    amax = _tensor_amax(bamax, amax, x.device)
+    scale, encode, _ = _block_scales_f32(bamax, amax)
+    noise = _draw_noise(x3.shape, generator, sr_mode, x.device) if sr else None
+    values = _e2m1_values(x3, encode, noise, sr_mode if sr else "rn")  # signed
+    return NVFP4Tensor(codes=_codes_of(values, x3).view(x.shape),
+                       scales=scale.squeeze(-1).to(torch.float8_e4m3fn), amax=amax, tile=tile)
 
 
 def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -288,14 +577,19 @@ def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
 
 def fake_quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bool = False,
                   generator: torch.Generator | None = None,
-                  sr_mode: str = "hardware") -> torch.Tensor:
-    """``dequantize(quantize(x, ...))`` in fp32, without materialising codes: the QAT hot path."""
-    x, tile = _prepare(x, tile, rht, "fake_quantize")
-    scaled, scales, amax, s_dec = _scaled(x, tile)
-    values = _round(scaled, sr, generator, sr_mode)
-    m, k = x.shape
-    blocks = values.view(m, k // BLOCK, BLOCK).mul_(scales.float().unsqueeze(-1))
-    return blocks.mul_(s_dec).view(m, k)
+                  sr_mode: str = "hardware",
+                  amax: torch.Tensor | None = None) -> torch.Tensor:
+    """``dequantize(quantize(x, ...))`` in fp32, without materialising codes: the QAT hot path.
+
+    Runs on the backend ``set_backend`` chose; SR draws its random bits from ``generator`` in
+    eager PyTorch either way, so both backends give the same bits for the same generator state.
+    The result carries no autograd history.
+    """
+    if sr:  # refuse a bad SR call before any work
+        _check_sr(generator, sr_mode)
+    with torch.no_grad():  # no autograd history: the QAT layers define their own backward
+        x, tile = _prepare(x.detach(), tile, rht, "fake_quantize")
+        return _fake_quantize_2d(x, tile, sr, generator, sr_mode, amax)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

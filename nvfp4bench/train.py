@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nvfp4bench import results
+from nvfp4bench import nvfp4, results
 from nvfp4bench.config import RunConfig
 from nvfp4bench.env import environment
 from nvfp4bench.losses import BCETverskyLoss
@@ -448,7 +448,7 @@ def run(config: RunConfig, *, on_epoch_end: Callable[[int, dict], None] | None =
     try:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), nvfp4.use_backend(config.quant_kernels):
             return _run(cell, on_epoch_end)
     finally:
         torch.set_num_threads(threads)

@@ -277,3 +277,193 @@ def test_bad_tile_and_integer_input_are_refused():
 def test_pack_puts_even_index_in_low_nibble():
     codes = torch.tensor([[1, 2, 15, 8]], dtype=torch.uint8)
     assert pack(codes).tolist() == [[0x21, 0x8F]]
+
+
+@pytest.mark.parametrize("rht_on", [False, True])
+def test_a_tensor_quantized_in_slices_with_its_amax_equals_the_whole(rht_on):
+    """Chunked quantization (the conv wgrad does it per kernel tap) gives the same bits when each
+    slice is given the whole tensor's amax (the rotated tensor's, with the RHT)."""
+    x = _adversarial(5)
+    whole = quantize(x, rht=rht_on)
+    pieces = [quantize(part, rht=rht_on, amax=whole.amax) for part in x.split(16)]
+    assert torch.equal(torch.cat([p.codes for p in pieces]), whole.codes)
+    assert torch.equal(torch.cat([p.scales.view(torch.uint8) for p in pieces]),
+                       whole.scales.view(torch.uint8))
+    assert torch.equal(torch.cat([fake_quantize(part, rht=rht_on, amax=whole.amax)
+                                  for part in x.split(16)]), dequantize(whole))
+
+
+def test_rowwise_blocks_allow_any_row_count():
+    x = _adversarial(6)[:21]
+    assert torch.equal(fake_quantize(x), fake_quantize(torch.cat([x, torch.zeros(11, 96)]))[:21])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: the compiled kernels and the chunked eager path give the same bits
+# ---------------------------------------------------------------------------------------------
+BACKENDS = ["eager", "compiled"]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)])
+@pytest.mark.parametrize("seed", range(2))
+def test_backends_match_independent_reference_bit_for_bit(backend, tile, seed):
+    x = _adversarial(seed)
+    with nvfp4.use_backend(backend):
+        ours = fake_quantize(x, tile=tile)
+    ref = torch.from_numpy(_reference_fake_quantize(x.numpy(), tile[0]))
+    assert torch.equal(_bits(ours), _bits(ref))
+
+
+def _amaxes_where_reciprocal_times_2688_is_wrong(n: int = 4096) -> torch.Tensor:
+    a = torch.rand(n, generator=torch.Generator().manual_seed(0)) * 100 + 1e-3
+    return a[(2688.0 / a) != torch.full_like(a, 2688.0) / a]  # PyTorch's 2688 / t rounds twice
+
+
+def test_global_encode_scale_is_one_true_division():
+    g = torch.Generator().manual_seed(0)
+    amax = torch.rand(20000, generator=g) * torch.exp2(torch.randint(-130, 128, (20000,),
+                                                                     generator=g).float())
+    amax = torch.cat([amax, _amaxes_where_reciprocal_times_2688_is_wrong(), torch.zeros(1),
+                      torch.tensor([float("inf"), 1e-45])])
+    a = amax.numpy()
+    with np.errstate(divide="ignore", over="ignore"):
+        ref = np.minimum(np.float32(2688.0) / a, np.finfo(np.float32).max).astype(np.float32)
+    ref[(a == 0) | (ref == 0)] = 1.0
+    assert torch.equal(_bits(nvfp4.global_encode_scale(amax)), _bits(torch.from_numpy(ref)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amax_where_a_reciprocal_would_round_twice_matches_reference(backend):
+    amax = _amaxes_where_reciprocal_times_2688_is_wrong()[:3]
+    x = torch.randn(48, 64, generator=torch.Generator().manual_seed(1)).clamp(-3, 3)
+    for value in amax.tolist():
+        y = x * (value / 3.0)
+        y[5, 7] = value  # the tensor's amax
+        with nvfp4.use_backend(backend):
+            ours = fake_quantize(y)
+        ref = torch.from_numpy(_reference_fake_quantize(y.numpy(), 1))
+        assert torch.equal(_bits(ours), _bits(ref))
+
+
+def _e4m3_boundaries() -> torch.Tensor:
+    """Every finite non-negative E4M3 value, every midpoint between neighbours, the fp32
+    neighbours of both, fp32 subnormals and random values, clamped to [0, 448]."""
+    values = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (values[:-1] + values[1:]) / 2  # exact: at most 5 significant bits
+    pts = torch.cat([values, mids])
+    up = torch.nextafter(pts, torch.full_like(pts, float("inf")))
+    down = torch.nextafter(pts, torch.zeros_like(pts))
+    rand = torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 448
+    tiny = torch.tensor([1e-45, 1e-40, 1e-38, 2.0 ** -10, 2.0 ** -9.5])
+    return torch.cat([pts, up, down, rand, tiny]).clamp(0, 448)
+
+
+def test_e4m3_arithmetic_rounding_equals_the_fp8_cast():
+    v = _e4m3_boundaries()
+    assert torch.equal(_bits(nvfp4._e4m3_round(v.clone())), _bits(nvfp4._e4m3_cast(v)))
+
+
+def test_compiled_block_scales_equal_eager_on_every_e4m3_boundary():
+    """amax 448 gives S_enc = 6 and fl(S_enc * fl(1/6)) = 1, so each block's scale is the E4M3
+    rounding of its bamax: the compiled kernel's arithmetic rounding meets every boundary."""
+    v = _e4m3_boundaries()
+    v = torch.cat([v, torch.zeros(-len(v) % 64)])
+    x = torch.zeros(len(v) // 64, 64 * 16)
+    x.view(-1, 16)[:, 0] = v  # one block per value
+    x[0, 1] = 448.0
+    with nvfp4.use_backend("compiled"):
+        ours = fake_quantize(x)
+    with nvfp4.use_backend("eager"):
+        ref = fake_quantize(x)
+    assert torch.equal(_bits(ours), _bits(ref))
+    assert torch.equal(_bits(ours), _bits(torch.from_numpy(_reference_fake_quantize(x.numpy(), 1))))
+
+
+@pytest.mark.parametrize("mode", ["hardware", "ideal"])
+def test_compiled_sr_equals_eager_sr_for_the_same_generator_state(mode):
+    x = _adversarial(2)
+    out = {}
+    for backend in BACKENDS:
+        with nvfp4.use_backend(backend):
+            g = torch.Generator().manual_seed(3)
+            out[backend] = [fake_quantize(x, sr=True, generator=g, sr_mode=mode) for _ in range(2)]
+    for a, b in zip(out["eager"], out["compiled"]):
+        assert torch.equal(_bits(a), _bits(b))
+    assert not torch.equal(out["eager"][0], out["eager"][1])  # the generator advanced
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_with_a_given_amax_and_rht(backend):
+    x = _adversarial(5)
+    whole = quantize(x, rht=True)
+    with nvfp4.use_backend(backend):
+        parts = [fake_quantize(p, rht=True, amax=whole.amax) for p in x.split(16)]
+    assert torch.equal(_bits(torch.cat(parts)), _bits(dequantize(whole)))
+
+
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)])
+@pytest.mark.parametrize("sr", [False, True])
+def test_chunked_eager_path_equals_one_chunk(monkeypatch, tile, sr):
+    """Large CPU tensors go through the eager path in row chunks; force many small chunks."""
+    x = _adversarial(3)
+    kw = dict(tile=tile)
+    whole = fake_quantize(x, **kw, sr=sr, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(nvfp4, "EAGER_CHUNK", 1000)
+    monkeypatch.setattr(nvfp4, "_chunked_eager", lambda: True)
+    assert len(nvfp4._row_chunks(*x.shape, x.device)) > 3
+    chunked = fake_quantize(x, **kw, sr=sr, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_bits(chunked), _bits(whole))
+    if not sr:
+        ref = torch.from_numpy(_reference_fake_quantize(x.numpy(), tile[0]))
+        assert torch.equal(_bits(chunked), _bits(ref))
+
+
+def test_auto_backend_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(nvfp4, "_fake_quantize_compiled", broken)
+    monkeypatch.setattr(nvfp4, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setitem(nvfp4._state, "compile_error", None)
+    x = _adversarial(0)
+    with nvfp4.use_backend("compiled"), pytest.raises(RuntimeError, match="no C"):
+        fake_quantize(x)
+    with nvfp4.use_backend("auto"):
+        with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+            first = fake_quantize(x)
+        second = fake_quantize(x)  # no second attempt, no second warning
+    assert "no C++ compiler" in nvfp4._state["compile_error"]
+    assert torch.equal(first, fake_quantize(x)) and torch.equal(second, first)
+    assert nvfp4.get_backend() == "eager"  # use_backend restored the default
+
+
+def test_auto_backend_leaves_small_tensors_eager(monkeypatch):
+    def must_not_run(*args):
+        raise AssertionError("compiled path used")
+
+    monkeypatch.setattr(nvfp4, "_fake_quantize_compiled", must_not_run)
+    x = _adversarial(0)
+    with nvfp4.use_backend("auto"):
+        assert x.numel() < nvfp4.COMPILE_MIN_NUMEL
+        fake_quantize(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_tracking_input_gives_the_same_bits_without_history(backend):
+    x = _adversarial(0)
+    with nvfp4.use_backend(backend):
+        out = fake_quantize(x.clone().requires_grad_())
+    assert not out.requires_grad
+    assert torch.equal(_bits(out), _bits(fake_quantize(x)))
+
+
+def test_set_backend_refuses_unknown_names_and_returns_the_previous():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nvfp4.set_backend("triton")
+    previous = nvfp4.set_backend("auto")
+    assert nvfp4.set_backend(previous) == "auto"

@@ -1,0 +1,45 @@
+"""The benchmark CLI: it runs, prints what it promises, and refuses bad arguments cleanly."""
+import json
+
+import pytest
+
+from nvfp4bench import bench, nvfp4
+
+
+def test_quant_prints_every_case_with_its_ratio_to_the_copy(capsys):
+    assert bench.main(["quant", "--size", "64", "--repeats", "2", "--backends", "eager",
+                       "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["case"] for r in rows] == list(bench.QUANT_CASES)
+    copy = rows[0]
+    assert copy["ratio_to_copy"] == 1.0
+    for r in rows:
+        assert r["median_ms"] > 0 and r["ratio_to_copy"] == pytest.approx(
+            r["median_ms"] / copy["median_ms"])
+    assert nvfp4.get_backend() == "eager"  # the benchmark left the default alone
+
+
+def test_train_times_each_recipe_against_the_baseline(capsys):
+    assert bench.main(["train", "--arch", "cnn", "--scale", "tiny", "--recipes", "nvfp4_full",
+                       "--image-size", "32", "--batch-size", "2", "--steps", "1",
+                       "--warmup", "0", "--quant-backend", "eager", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["recipe"] for r in rows] == [bench.BASELINE_RECIPE, "nvfp4_full"]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["quantized_layers"] == 0
+    assert rows[1]["quantized_layers"] > 0 and rows[1]["step_ms"] > 0
+    assert all(set(r) >= {"recipe", "step_ms", "ratio", "peak_mb"} for r in rows)
+    nvfp4.set_backend("eager")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quant", "--size", "40"], "multiple of 16"),
+    (["quant", "--backends", "eager,fast"], "--backends"),
+    (["quant", "--device", "tpu"], "cpu or cuda"),
+    (["train", "--recipes", "nvfp4_fast"], "unknown recipe"),
+    (["train", "--arch", "mlp"], "--arch"),
+    (["train", "--steps", "0"], "--steps"),
+])
+def test_bad_arguments_exit_2_without_a_traceback(argv, message, capsys):
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
