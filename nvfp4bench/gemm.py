@@ -19,6 +19,10 @@ run of C_in columns) and ``B_t`` the weight's columns of that tap. Wgrad operand
 tokens-last, ``(C, Mp)``, with the token count M zero-padded to ``Mp``, a multiple of 16 (zeros
 change neither an amax nor a product).
 
+The layers never materialise the zero-padded input: ``ConvGeometry.window`` (``axis_window`` per
+axis) gives, for tap t, the output pixels that read real input pixels and those input pixels;
+the others read padding zeros, which quantize to zeros and add nothing.
+
 fp32 means fp32: the products run at torch's float32 matmul precision, which must stay at its
 default ("highest"; no TF32) for the emulator to mean what nvfp4.md says. Nothing here changes it.
 """
@@ -31,13 +35,18 @@ import torch
 BLOCK = 16  # tokens per columnwise block / RHT tile
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b^T`` in fp32: a (..., M, K), b (..., N, K) -> (..., M, N).
 
     Both operands are made fp32 and contiguous first, so the BLAS call (and its summation order)
-    depends only on values and shapes, never on the strides of the views passed in.
+    depends only on values and shapes, never on the strides of the views passed in. ``out``
+    (contiguous fp32, the result's shape) is written instead of a new tensor: the same kernel
+    (a product with beta = 0), the same bits; it saves a large allocation per convolution tap.
     """
-    return torch.matmul(a.float().contiguous(), b.float().contiguous().transpose(-1, -2))
+    a, b = a.float().contiguous(), b.float().contiguous().transpose(-1, -2)
+    if out is None:
+        return torch.matmul(a, b)
+    return torch.matmul(a, b, out=out)
 
 
 def bias_grad(dy_tokens: torch.Tensor) -> torch.Tensor:
@@ -48,6 +57,18 @@ def bias_grad(dy_tokens: torch.Tensor) -> torch.Tensor:
 def padded_tokens(m: int) -> int:
     """M rounded up to a multiple of 16: the token count of a columnwise (wgrad) copy."""
     return -(-m // BLOCK) * BLOCK
+
+
+def axis_window(offset: int, stride: int, pad: int, n_out: int, n_in: int) -> tuple[slice, slice]:
+    """Along one axis, the outputs ``o`` in [0, n_out) that read input ``o * stride + offset -
+    pad`` inside [0, n_in), as a slice of outputs and the slice (step ``stride``) of inputs they
+    read; empty slices when there are none. Outputs outside the slice read zero padding."""
+    lo = max(0, -((offset - pad) // stride))  # ceil((pad - offset) / stride)
+    hi = min(n_out, (n_in - 1 + pad - offset) // stride + 1)
+    if hi <= lo:
+        return slice(0, 0), slice(0, 0)
+    start = lo * stride + offset - pad
+    return slice(lo, hi), slice(start, start + (hi - lo - 1) * stride + 1, stride)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -81,9 +102,15 @@ class ConvGeometry:
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
             (h, w), self.padding, self.dilation, self.kernel, self.stride))
 
-    def tap_window(self, t: int, out_h: int, out_w: int) -> tuple[slice, slice]:
-        """Rows and columns of the zero-padded input that tap ``t`` reads, one per output pixel."""
+    def offset(self, t: int) -> tuple[int, int]:
+        """(row, column) offset of tap t in the zero-padded input: ``(i * dil_h, j * dil_w)``."""
         i, j = divmod(t, self.kernel[1])
-        (sh, sw), (dh, dw) = self.stride, self.dilation
-        return (slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh),
-                slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw))
+        return i * self.dilation[0], j * self.dilation[1]
+
+    def window(self, t: int, out_h: int, out_w: int, in_h: int, in_w: int):
+        """Tap t without the padding: ``((out_rows, out_cols), (in_rows, in_cols))``, the output
+        pixels whose input pixel lies inside the (unpadded) input, and those input pixels."""
+        (oi, oj), (sh, sw), (ph, pw) = self.offset(t), self.stride, self.padding
+        rows = axis_window(oi, sh, ph, out_h, in_h)
+        cols = axis_window(oj, sw, pw, out_w, in_w)
+        return (rows[0], cols[0]), (rows[1], cols[1])

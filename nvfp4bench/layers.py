@@ -38,22 +38,31 @@ of a convolution must be multiples of 16 (``quantized`` raises ValueError naming
 
 Convolutions (nvfp4.md section 6): the GEMMs of an NHWC implicit-GEMM kernel, summed tap by tap
 (``gemm.py``), K = (kh, kw, C_in) with C_in fastest:
-- Conv2d fprop: X is quantized along C per pixel of the zero-padded input (a 1x16 block of
-  im2col(X) is 16 channels of one pixel; tensor amax; padding zeros stay zero), W viewed as
-  [C_out, kh*kw*C_in] (1x16 along C_in per tap, or 16x16 (C_out, C_in) tiles per tap);
-  ``Y = sum_t im2col_t(Q(X)) Q_w(W_t)^T``. Only one tap of im2col exists at a time.
-- Conv2d dgrad: ``dX = sum_t col2im_t(B(dY) D(W)_t)``, dY along C_out per pixel, D(W) along C_out.
+- Conv2d fprop: X is quantized along C per pixel (a 1x16 block of im2col(X) is 16 channels of
+  one pixel; tensor amax), W viewed as [C_out, kh*kw*C_in] (1x16 along C_in per tap, or 16x16
+  (C_out, C_in) tiles per tap); ``Y = sum_t im2col_t(Q(X)) Q_w(W_t)^T``. The zero padding is
+  never materialised: a padding pixel's block is all zeros, which quantize to zeros, so tap t's
+  (M, C_in) matrix is gathered from the unpadded Q(X) with zeros where it reads padding
+  (``ConvGeometry.window``). Only one tap of im2col exists at a time, in one reused buffer.
+- Conv2d dgrad: ``dX = sum_t col2im_t(B(dY) D(W)_t)``, dY along C_out per pixel, D(W) along
+  C_out; each tap's product is scatter-added, in tap order, into the unpadded dX (the parts
+  that fall on padding are dropped, as cropping a padded result would).
 - Conv2d wgrad: ``dW_t = B(dY^T) A(im2col_t(X)^T)^T`` per tap: the columnwise copies (and RHT
-  tiles) of im2col(X) run along its token axis, so X is unfolded into tokens-last (taps * C_in,
-  Mp) fp32 buffers, ``UNFOLD_CHUNK_BYTES`` (256 MiB) at a time but at least one tap, each chunk
-  quantized in one call; peak extra memory is about 3 chunks (buffer, rotated copy, quantized
-  copy). All taps are one tensor with one amax: amax(X) (also when some pixels are in no tap),
-  or with the RHT the amax of the rotated im2col(X)^T over all taps (from a first pass over the
-  chunks when there are several). The chunking changes no bit (tested).
+  tiles) of im2col(X) run along its token axis, so X is unfolded into tokens-last fp32 buffers,
+  ``UNFOLD_CHUNK_BYTES`` (256 MiB) at a time. All taps are one tensor with one amax: amax(X)
+  (also when some pixels are in no tap), or with the RHT the amax of the rotated im2col(X)^T
+  over all taps (from a first pass over the chunks when there are several). With RN, taps that
+  read the same input rows shifted by whole output rows (for k4 s2: rows i and i + 2) hold the
+  same 16-token blocks when the output width is a multiple of 16, so each such block is
+  quantized once, in a shared "plane" (``_planes``): half the work for the CNN's convolutions.
+  SR copies draw their bits tap by tap (only their RHT rotation is shared). Neither the
+  chunking nor the sharing changes a bit (tested).
 - ConvTranspose2d is the adjoint of Conv2d (same geometry, input and output swapped): its fprop
-  is a Conv2d dgrad (X rowwise along C_in, W along C_in per tap), its dgrad a Conv2d fprop on the
-  padded dY (gradient role, SR), its wgrad contracts over the input tokens with dY unfolded tap by
-  tap (gradient role, columnwise, RHT/SR) and X columnwise (activation role).
+  is a Conv2d dgrad (X rowwise along C_in, W along C_in per tap), its dgrad a Conv2d fprop on dY
+  (gradient role, SR), its wgrad contracts over the input tokens with dY unfolded tap by tap
+  (gradient role, columnwise, RHT/SR; shared planes with RN) and X columnwise (activation role).
+- Layout: the GEMMs run on NHWC copies; an NCHW input costs one permuting copy of X per forward
+  (and of dY, dX per backward), a channels_last one none.
 
 Choices made here
 -----------------
@@ -61,9 +70,21 @@ Choices made here
   the baseline's twin being the high-precision layer.
 - Stochastic rounding draws from the ``generator`` given to ``quantized`` / ``QuantizedMatmul``
   (on the layer's device); a recipe with SR and no generator raises ValueError (no hidden seed).
-- Compute dtype: under autocast the input, weight and bias are cast to the autocast dtype as
-  torch's own layers are; otherwise weight and bias are cast to the input's dtype. The forward
-  output, dX and dW come back in those dtypes.
+- Compute dtype: under autocast the input and the bias are cast to the autocast dtype, as
+  torch's own layers cast them (TE, too, receives bf16 activations and casts the bias to the
+  activation dtype); without autocast the bias is cast to the input's dtype. The forward output
+  and dX come back in that dtype, dW in the parameter's dtype.
+- Weights under autocast: the weight is never cast. Its NVFP4 copies (the fprop copy, and the
+  dgrad copy of a 1-D recipe) are quantized from the parameter in its own dtype (the fp32
+  master weight), because that is what Transformer Engine quantizes: its weight quantizer reads
+  the fp32 parameter directly. Rounding W to bf16 first would change about 0.5-0.8 % of the
+  E2M1 codes and 1.6-2.3 % of the block scales (measured against TE's source by the te helper).
+  The high-precision parts of the backward follow the same rule, as TE does:
+  fwd_only's dgrad multiplies the parameter itself (fp32; TE's high_precision dgrad reads the
+  saved parameter) and its wgrad the layer's input in the compute dtype (TE saves the original
+  bf16 input); chain_rule / fwd_rht multiply the forward's dequantized copies, kept in fp32 as
+  nvfp4.md section 2 says (TE dequantizes them to bf16: a documented difference, see the te
+  backend). dY is used in the dtype it arrives in (bf16 under autocast).
 - Convolution outputs and input gradients keep the input's memory format (channels_last or NCHW).
 - Tensor amax of the attention matmul operands: one amax over the whole batched tensor.
 """
@@ -78,12 +99,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nvfp4bench import nvfp4
-from nvfp4bench.gemm import BLOCK, ConvGeometry, bias_grad, gemm, padded_tokens
+from nvfp4bench.gemm import BLOCK, ConvGeometry, axis_window, bias_grad, gemm, padded_tokens
 from nvfp4bench.recipes import Recipe, get_recipe
 
 ROW_BLOCK = (1, BLOCK)
 TILE_2D = (BLOCK, BLOCK)
-# A conv wgrad unfolds its input this many bytes (fp32) at a time, at least one kernel tap.
+# A conv wgrad unfolds its input this many bytes (fp32) at a time, at least one plane (tap).
 UNFOLD_CHUNK_BYTES = 256 * 2**20
 
 
@@ -95,47 +116,75 @@ def _rowwise(x: torch.Tensor, **kw) -> torch.Tensor:
     return nvfp4.fake_quantize(x.reshape(-1, x.shape[-1]), **kw).view(x.shape)
 
 
-def tokens_last(t: torch.Tensor) -> torch.Tensor:
-    """The wgrad buffer of an (..., M, C) operand: fp32 zeros (prod(...) * C + 1, Mp) holding t^T.
+def _token_buffer(rows: int, m: int, device) -> torch.Tensor:
+    """fp32 (rows, Mp) whose padding columns are zero; the caller fills ``[:, :m]``."""
+    buf = torch.empty(rows, padded_tokens(m), device=device)
+    buf[:, m:].zero_()
+    return buf
 
-    Tokens run along the last dim, zero-padded to Mp (a multiple of 16). The extra last row is
-    scratch for ``_quantize_tokens_last`` (it carries the tensor amax of a chunked operand).
+
+def tokens_last(t: torch.Tensor) -> torch.Tensor:
+    """The wgrad buffer of an (..., M, C) operand: fp32 (prod(...) * C, Mp) holding t^T.
+
+    Tokens run along the last dim, zero-padded to Mp (a multiple of 16).
     """
     *batch, m, c = t.shape
-    buf = _scratch_buffer(c * math.prod(batch), m, t.device)
-    buf[:-1].view(*batch, c, -1)[..., :m].copy_(t.mT)
+    buf = _token_buffer(c * math.prod(batch), m, t.device)
+    if batch:
+        buf.view(*batch, c, -1)[..., :m].copy_(t.mT)
+    elif buf.shape[1] == m:
+        buf.copy_(t.mT)  # a 2-D transpose into a contiguous tensor: torch's blocked copy
+    else:
+        buf[:, :m].copy_(t.mT.contiguous())  # the same, then a plain copy of the rows
     return buf
 
 
-def _scratch_buffer(rows: int, m: int, device) -> torch.Tensor:
-    """fp32 (rows + 1, Mp) whose padding columns and last row are zero; the rest is for the caller
-    to fill (every element of [:rows, :m])."""
-    buf = torch.empty(rows + 1, padded_tokens(m), device=device)
-    buf[:, m:].zero_()
-    buf[-1].zero_()
+def _tokens_last_cnhw(src_cnhw: torch.Tensor) -> torch.Tensor:
+    """tokens_last of a (C, N, H, W) view (an NCHW tensor permuted): fp32 (C, Mp), one copy."""
+    c, n, h, w = src_cnhw.shape
+    buf = _token_buffer(c, n * h * w, src_cnhw.device)
+    buf[:, :n * h * w].view(c, n, h, w).copy_(src_cnhw)
     return buf
-
-
-def _quantize_tokens_last(buf: torch.Tensor, amax, *, rht: bool, sr: bool = False,
-                          generator=None) -> torch.Tensor:
-    """fake_quantize rows ``buf[:-1]`` (1x16 along tokens), rotated first when ``rht``.
-
-    ``amax`` (or None: the rows' own) is the amax of the whole tensor (of the rotated tensor
-    with the RHT) when ``buf`` is one chunk of it. It is imposed by writing it into the scratch
-    row: S_enc depends on the tensor amax only and each row's blocks on that row only, so the
-    real rows quantize exactly as with that amax.
-    """
-    x = nvfp4.rht(buf) if rht else buf
-    x[-1].zero_()
-    if amax is not None:
-        x[-1, 0] = amax
-    return nvfp4.fake_quantize(x, sr=sr, generator=generator)[:-1]
 
 
 def rotate_fp32(rows: torch.Tensor) -> torch.Tensor:
     """``v @ R`` per 16-element tile of the last dim, fp32, no bf16 rounding: fwd_rht's dY."""
     r, k = rows.shape
     return torch.matmul(rows.view(r, k // BLOCK, BLOCK), nvfp4.rht_matrix(rows.device)).view(r, k)
+
+
+@dataclass(frozen=True)
+class Columnwise:
+    """How a wgrad operand is made from its high-precision tokens-last copy (C, Mp).
+
+    quantize: NVFP4, 1x16 blocks along the tokens (rotated first by the RHT when ``rht``; SR
+    when ``sr``); rotate_fp32: rotated by R in fp32 and not quantized (fwd_rht's dY^T); neither:
+    the high-precision values.
+    """
+
+    quantize: bool = False
+    rht: bool = False
+    sr: bool = False
+    rotate_fp32: bool = False
+
+    @property
+    def deterministic_blocks(self) -> bool:
+        """A quantized block is a function of its 16 values and the tensor amax alone (RN):
+        a block that appears in several taps of an unfolded tensor may be quantized once."""
+        return self.quantize and not self.sr
+
+    def apply(self, buf: torch.Tensor, generator=None, amax=None) -> torch.Tensor:
+        """The operand from the tokens-last fp32 ``buf`` (one chunk of it: ``amax`` is then the
+        whole tensor's, of the rotated tensor with the RHT; None: the chunk's own)."""
+        if self.rotate_fp32:
+            return rotate_fp32(buf)
+        if not self.quantize:
+            return buf
+        return nvfp4.fake_quantize(buf, rht=self.rht, sr=self.sr,
+                                   generator=generator if self.sr else None, amax=amax)
+
+
+HIGH_PRECISION = Columnwise()
 
 
 @dataclass(frozen=True)
@@ -175,12 +224,13 @@ class Roles:
         return _rowwise(w.mT)  # a fresh 1x16 copy along N
 
     # wgrad: tokens-last copies along M, RHT when on; the gradient with SR
-    def gradient_t(self, buf: torch.Tensor, amax=None) -> torch.Tensor:
-        return _quantize_tokens_last(buf, amax, rht=self.rht, sr=self.sr,
-                                     generator=self.generator)
+    @property
+    def gradient_columns(self) -> Columnwise:
+        return Columnwise(quantize=True, rht=self.rht, sr=self.sr)
 
-    def activation_t(self, buf: torch.Tensor, amax=None) -> torch.Tensor:
-        return _quantize_tokens_last(buf, amax, rht=self.rht)
+    @property
+    def activation_columns(self) -> Columnwise:
+        return Columnwise(quantize=True, rht=self.rht)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,18 +245,12 @@ class QuantizedGradients:
     def reads_forward_w(self, roles: Roles) -> bool:
         return roles.weight_tile == TILE_2D
 
-    def quantizes_wgrad(self, roles: Roles) -> tuple[bool, bool]:
-        """(gradient, activation): which tokens-last operands are NVFP4 (and need one amax)."""
-        return True, True
-
     def dgrad_operands(self, roles, dy, w, wq):
         return roles.gradient(dy), roles.weight_t(w, wq)
 
-    def wgrad_gradient(self, roles, buf, amax=None):
-        return roles.gradient_t(buf, amax)
-
-    def wgrad_activation(self, roles, buf, amax=None):
-        return roles.activation_t(buf, amax)
+    def wgrad_columns(self, roles) -> tuple[Columnwise, Columnwise]:
+        """(gradient, activation): how the wgrad's dY^T and X^T are made."""
+        return roles.gradient_columns, roles.activation_columns
 
 
 class ChainRule:
@@ -222,17 +266,13 @@ class ChainRule:
     def reads_forward_w(self, roles):
         return True
 
-    def quantizes_wgrad(self, roles):
-        return False, roles.rht
-
     def dgrad_operands(self, roles, dy, w, wq):
         return dy.float(), wq.mT
 
-    def wgrad_gradient(self, roles, buf, amax=None):
-        return rotate_fp32(buf[:-1]) if roles.rht else buf[:-1]
-
-    def wgrad_activation(self, roles, buf, amax=None):
-        return roles.activation_t(buf, amax) if roles.rht else buf[:-1]
+    def wgrad_columns(self, roles):
+        if roles.rht:
+            return Columnwise(rotate_fp32=True), roles.activation_columns
+        return HIGH_PRECISION, HIGH_PRECISION  # X^T: the forward's Q(X), read from ctx
 
 
 class StraightThrough:
@@ -244,17 +284,11 @@ class StraightThrough:
     def reads_forward_w(self, roles):
         return False
 
-    def quantizes_wgrad(self, roles):
-        return False, False
-
     def dgrad_operands(self, roles, dy, w, wq):
         return dy.float(), w.mT.float()
 
-    def wgrad_gradient(self, roles, buf, amax=None):
-        return buf[:-1]
-
-    def wgrad_activation(self, roles, buf, amax=None):
-        return buf[:-1]
+    def wgrad_columns(self, roles):
+        return HIGH_PRECISION, HIGH_PRECISION
 
 
 BACKWARDS = {None: QuantizedGradients(), "dequantized": ChainRule(),
@@ -292,43 +326,6 @@ def _check_generator(op: Op, device: torch.device) -> None:
                          f"that device, got one on {g.device}")
 
 
-def _tap_rows(src_cnhw: torch.Tensor, g: ConvGeometry, taps: range, oh: int, ow: int):
-    """Taps ``taps`` of im2col(src)^T, tokens last: fp32 (len(taps) * C + 1, Mp), zero-padded,
-    the last row scratch (see ``tokens_last``). src is the zero-padded (C, N, Hp, Wp) input."""
-    c, n = src_cnhw.shape[:2]
-    m = n * oh * ow
-    buf = _scratch_buffer(len(taps) * c, m, src_cnhw.device)
-    for i, t in enumerate(taps):
-        rows, cols = g.tap_window(t, oh, ow)
-        buf[i * c:(i + 1) * c, :m].view(c, n, oh, ow).copy_(src_cnhw[:, :, rows, cols])
-    return buf
-
-
-def _unfolded_operand(src_cnhw, g: ConvGeometry, oh: int, ow: int, convert, *,
-                      quantized: bool, rht: bool, whole: torch.Tensor):
-    """Yield, tap by tap, the wgrad operand (C, Mp) made of im2col(src)^T by ``convert``.
-
-    The unfolded tensor is built ``UNFOLD_CHUNK_BYTES`` at a time (at least one tap), each
-    chunk converted (quantized) in one call. A quantized operand has one amax over all taps:
-    amax(whole) without the RHT (the activation tensor's, also when some pixels are in no tap);
-    with the RHT the amax of the rotated im2col(src)^T, the chunk's own when one chunk holds
-    every tap, else from a first pass over the chunks.
-    """
-    c = src_cnhw.shape[0]
-    per_tap = 4 * c * padded_tokens(src_cnhw.shape[1] * oh * ow)
-    step = max(1, UNFOLD_CHUNK_BYTES // per_tap)
-    chunks = [range(t, min(t + step, g.taps)) for t in range(0, g.taps, step)]
-    amax = None
-    if quantized and not rht:
-        amax = whole.detach().abs().amax().float()
-    elif quantized and len(chunks) > 1:
-        amax = torch.stack([nvfp4.rht(_tap_rows(src_cnhw, g, ch, oh, ow)[:-1]).abs().amax()
-                            for ch in chunks]).amax()
-    for ch in chunks:
-        operand = convert(_tap_rows(src_cnhw, g, ch, oh, ow), amax)
-        yield from operand.split(c, 0)
-
-
 def _save(ctx, op: Op, x, xq, w, wq) -> None:
     policy = op.policy
     ctx.save_for_backward(xq if policy.reads_forward_x(op.roles) else x,
@@ -339,32 +336,207 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def _nchw(t_nhwc: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """(N, H, W, C) -> (N, C, H, W), channels_last or contiguous (as the input was)."""
-    out = t_nhwc.permute(0, 3, 1, 2)
-    return out.contiguous(memory_format=torch.channels_last if channels_last
-                          else torch.contiguous_format)
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> contiguous fp32 (N, H, W, C): a view of a channels_last fp32 tensor, else
+    one copy (layout and dtype at once)."""
+    v = x.permute(0, 2, 3, 1)
+    if x.dtype == torch.float32 and v.is_contiguous():
+        return v
+    return torch.empty(v.shape, device=x.device).copy_(v)
 
 
-def _pad_nhwc(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """(N, C, H, W) -> zero-padded (N, H + 2 ph, W + 2 pw, C), contiguous."""
-    n, c, h, w = x.shape
-    ph, pw = padding
-    if ph == 0 and pw == 0:
-        return x.permute(0, 2, 3, 1).contiguous()
-    out = x.new_zeros(n, h + 2 * ph, w + 2 * pw, c)
-    out[:, ph:ph + h, pw:pw + w].copy_(x.permute(0, 2, 3, 1))
-    return out
+def _nchw(t_nhwc: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """(N, H, W, C) -> (N, C, H, W) in ``dtype``, channels_last or contiguous (as the input was):
+    no copy when it already is, else one (layout and dtype at once)."""
+    v = t_nhwc.permute(0, 3, 1, 2)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if v.dtype == dtype and v.is_contiguous(memory_format=fmt):
+        return v
+    out = torch.empty(v.shape, dtype=dtype, device=v.device, memory_format=fmt)
+    n, c, h, w = v.shape
+    if v.dtype == dtype and not channels_last and t_nhwc.is_contiguous() and v.is_cpu:
+        # image by image as 2-D transposes: torch's blocked transpose copy, ~2x faster on CPU
+        for i in range(n):
+            out[i].view(c, h * w).copy_(t_nhwc[i].view(h * w, c).t())
+        return out
+    return out.copy_(v)
 
 
-def _pad_cnhw(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """(N, C, H, W) -> zero-padded (C, N, H + 2 ph, W + 2 pw), contiguous: a tap window of it
-    copies straight into tokens-last rows."""
-    n, c, h, w = x.shape
-    ph, pw = padding
-    out = x.new_zeros(c, n, h + 2 * ph, w + 2 * pw)
-    out[:, :, ph:ph + h, pw:pw + w].copy_(x.permute(1, 0, 2, 3))
-    return out
+def _at(ndim: int, hw: tuple[int, int], rows: slice, cols: slice) -> tuple:
+    """An index tuple selecting ``rows`` and ``cols`` along the spatial dims ``hw``."""
+    idx = [slice(None)] * ndim
+    idx[hw[0]], idx[hw[1]] = rows, cols
+    return tuple(idx)
+
+
+def _gather(dst: torch.Tensor, src: torch.Tensor, window, hw: tuple[int, int]) -> None:
+    """One tap of im2col: ``dst[out] = src[in]`` for ``window = ((out_rows, out_cols), (in_rows,
+    in_cols))`` along the spatial dims ``hw`` of both; the rest of ``dst`` (the pixels that read
+    zero padding) is zeroed. Reads the unpadded ``src`` directly: no padded copy is made."""
+    (orow, ocol), (irow, icol) = window
+    nd, (hd, wd) = dst.dim(), hw
+    h, w = dst.shape[hd], dst.shape[wd]
+    every = slice(None)
+    for strip in (slice(0, orow.start), slice(orow.stop, h)):
+        if strip.stop > strip.start:
+            dst[_at(nd, hw, strip, every)].zero_()
+    for strip in (slice(0, ocol.start), slice(ocol.stop, w)):
+        if strip.stop > strip.start:
+            dst[_at(nd, hw, orow, strip)].zero_()
+    if orow.stop > orow.start and ocol.stop > ocol.start:
+        dst[_at(nd, hw, orow, ocol)].copy_(src[_at(src.dim(), hw, irow, icol)])
+
+
+def _is_identity(window, src: torch.Tensor, dst: torch.Tensor, hw: tuple[int, int]) -> bool:
+    """True when tap ``window`` reads every pixel of ``src`` once, in place: dst[out] = src
+    with out and in the full ranges (a 1x1 convolution, the centre tap of a stride-1 3x3)."""
+    (orow, ocol), (irow, icol) = window
+    full = [(o, i, dst.shape[d], src.shape[d]) for o, i, d in ((orow, irow, hw[0]),
+                                                                 (ocol, icol, hw[1]))]
+    return all(o == slice(0, n) and i == slice(0, m, 1) and n == m for o, i, n, m in full)
+
+
+def _tap(buf: torch.Tensor, src: torch.Tensor, window, hw: tuple[int, int]) -> torch.Tensor:
+    """Tap ``window`` of im2col(src) in ``buf``'s shape: ``src`` itself when the tap reads it
+    whole (the same values in the same contiguous layout: the same GEMM), else gathered."""
+    if src.is_contiguous() and _is_identity(window, src, buf, hw):
+        return src
+    _gather(buf, src, window, hw)
+    return buf
+
+
+def _scatter_add(dst: torch.Tensor, part: torch.Tensor, window, hw: tuple[int, int]) -> None:
+    """col2im of one tap: ``dst[in] += part[out]`` (the pixels of ``part`` that fall on the
+    zero padding are dropped, as cropping a padded result would)."""
+    (orow, ocol), (irow, icol) = window
+    if orow.stop > orow.start and ocol.stop > ocol.start:
+        dst[_at(dst.dim(), hw, irow, icol)] += part[_at(part.dim(), hw, orow, ocol)]
+
+
+def _amax(t: torch.Tensor) -> torch.Tensor:
+    """max |t| as fp32, in one pass without an |t| temporary."""
+    lo, hi = torch.aminmax(t.detach())
+    return torch.maximum(-lo, hi).float()
+
+
+# --------------------------------------------------------------------------------------------
+# The unfolded wgrad operand of a convolution
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plane:
+    """Rows ``k = 0 .. rows-1`` of the strided input plane starting at padded input offset
+    ``(row0, col0)``: padded pixel ``(row0 + k * stride_h, col0 + o * stride_w)``, o < out_w.
+    Tap ``t`` of ``taps = ((t, d), ...)`` is the plane's rows ``d .. d + out_h - 1``."""
+
+    taps: tuple[tuple[int, int], ...]
+    row0: int
+    col0: int
+    rows: int
+
+
+def _planes(g: ConvGeometry, oh: int, ow: int, share: bool) -> list[Plane]:
+    """The planes that hold every tap of im2col. One plane per tap, unless ``share``: taps with
+    the same column offset whose row offsets differ by whole strides read the same input rows
+    shifted by whole output rows, and with ``ow % 16 == 0`` every 16-token block (16 pixels of
+    one output row) of one is a block of the other, so one plane serves them all. A plane is
+    split where its taps leave a gap of more than ``oh`` rows, so that every plane row belongs
+    to some tap (an RHT amax over the planes is then the amax over the taps)."""
+    if not (share and ow % BLOCK == 0):
+        return [Plane(((t, 0),), *g.offset(t), oh) for t in range(g.taps)]
+    sh = g.stride[0]
+    classes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for t in range(g.taps):
+        r, c = g.offset(t)
+        classes.setdefault((c, r % sh), []).append((r, t))
+    planes = []
+    for (col0, _), members in classes.items():
+        members.sort()
+        group, row0 = [], members[0][0]
+        for r, t in members:
+            d = (r - row0) // sh
+            if group and d - group[-1][1] > oh:  # a gap: rows between would be in no tap
+                planes.append(Plane(tuple(group), row0, col0, oh + group[-1][1]))
+                group, row0, d = [], r, 0
+            group.append((t, d))
+        planes.append(Plane(tuple(group), row0, col0, oh + group[-1][1]))
+    return planes
+
+
+def _fill_planes(planes: list[Plane], src: torch.Tensor, g: ConvGeometry, oh: int, ow: int):
+    """The tokens-last buffer of ``planes``: fp32 (len(planes) * C, Lp), plane p's rows
+    ``[p * C, (p + 1) * C)`` holding its pixels in (N, rows, ow) order (zero rows after a shorter
+    plane's own, zero token padding up to Lp, a multiple of 16). src is (C, N, H, W), unpadded."""
+    c, n, h, w = src.shape
+    rows = max(p.rows for p in planes)
+    length = n * rows * ow
+    buf = _token_buffer(len(planes) * c, length, src.device)
+    body = buf[:, :length].view(len(planes), c, n, rows, ow)
+    for k, p in enumerate(planes):
+        r_win = axis_window(p.row0, g.stride[0], g.padding[0], p.rows, h)
+        c_win = axis_window(p.col0, g.stride[1], g.padding[1], ow, w)
+        _gather(body[k, :, :, :p.rows], src, ((r_win[0], c_win[0]), (r_win[1], c_win[1])), (2, 3))
+        if p.rows < rows:
+            body[k, :, :, p.rows:].zero_()
+    return buf, rows
+
+
+def _unfolded(src: torch.Tensor, g: ConvGeometry, oh: int, ow: int, spec: Columnwise,
+              generator, whole_amax=None):
+    """Yield ``(t, operand)`` for every tap t: the wgrad operand (C, Mp), made by ``spec`` from
+    tap t of im2col(src)^T (tokens last, zero-padded), src (C, N, H, W) unpadded.
+
+    The unfolded tensor is one tensor with one amax: ``whole_amax`` (the amax of the activation
+    tensor, also when some pixels are in no tap) without the RHT; with the RHT the amax of the
+    rotated im2col(src)^T over all taps, from a first pass over the chunks when there are
+    several. It is built ``UNFOLD_CHUNK_BYTES`` at a time (at least one plane), each chunk
+    converted in one call. Taps that share their 16-token blocks (``_planes``) share the
+    deterministic work: with RN the whole quantization (each block is quantized once: half the
+    work for a k4 s2 convolution), with SR the RHT rotation (every tap's copy then draws its own
+    random bits). Neither the chunking nor the sharing changes a bit (tested).
+    """
+    c, n = src.shape[:2]
+    m = n * oh * ow
+    planes = _planes(g, oh, ow, spec.quantize and (spec.deterministic_blocks or spec.rht))
+    per_row = 4 * c * n * ow
+    chunks, size = [[]], 0
+    for p in planes:
+        if chunks[-1] and size + per_row * p.rows > UNFOLD_CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(p)
+        size += per_row * p.rows
+    amax = None
+    if spec.quantize and not spec.rht:
+        amax = whole_amax
+    elif spec.quantize and len(chunks) > 1:
+        amax = torch.stack([nvfp4.rht(_fill_planes(ch, src, g, oh, ow)[0]).abs().amax()
+                            for ch in chunks]).amax()
+    for ch in chunks:
+        buf, rows = _fill_planes(ch, src, g, oh, ow)
+        if rows == oh:  # every plane is one tap, stored as (C, Mp): no copy
+            out = spec.apply(buf, generator, amax)
+            for k, p in enumerate(ch):
+                yield p.taps[0][0], out[k * c:(k + 1) * c]
+            continue
+        # shared planes: ow % 16 == 0, so m is a multiple of 16 and Mp == m
+        taps = [(t, k, d) for k, p in enumerate(ch) for t, d in p.taps]
+        if spec.deterministic_blocks:
+            body = spec.apply(buf, generator, amax)[:, :n * rows * ow]
+            body = body.view(len(ch), c, n, rows, ow)
+            for t, k, d in taps:
+                yield t, body[k, :, :, d:d + oh].reshape(c, m)
+            continue
+        # SR with the RHT: rotate each plane once, then quantize every tap's own copy
+        rotated = nvfp4.rht(buf)
+        chunk_amax = rotated.abs().amax() if amax is None else amax  # one chunk: all taps
+        body = rotated[:, :n * rows * ow].view(len(ch), c, n, rows, ow)
+        stacked = torch.empty(len(taps) * c, m, device=src.device)
+        for i, (t, k, d) in enumerate(taps):
+            stacked[i * c:(i + 1) * c].view(c, n, oh, ow).copy_(body[k, :, :, d:d + oh])
+        del rotated, body
+        out = nvfp4.fake_quantize(stacked, sr=True, generator=generator, amax=chunk_amax)
+        for i, (t, _, _) in enumerate(taps):
+            yield t, out[i * c:(i + 1) * c]
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +554,7 @@ class NVFP4Linear(torch.autograd.Function):
             wq = op.roles.weight(w)
             y = gemm(xq, wq)
             if bias is not None:
-                y = y + bias.float()
+                y += bias.float()
         _save(ctx, op, x, xq, w, wq)
         ctx.op, ctx.has_bias, ctx.dtypes = op, bias is not None, (x.dtype, w.dtype)
         return y.to(x.dtype)
@@ -403,13 +575,20 @@ class NVFP4Linear(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 # wgrad: dW (..., N, K) = B(dY^T) (..., N, Mp) @ A(X^T) (..., K, Mp)^T
                 n, k = dy.shape[-1], x_saved.shape[-1]
-                gt = policy.wgrad_gradient(roles, tokens_last(dy))
-                xt = policy.wgrad_activation(roles, tokens_last(x_saved))
+                g_spec, a_spec = policy.wgrad_columns(roles)
+                gt = g_spec.apply(tokens_last(dy), roles.generator)
+                xt = a_spec.apply(tokens_last(x_saved), roles.generator)
                 batch = dy.shape[:-2]
                 dw = gemm(gt.view(*batch, n, -1), xt.view(*batch, k, -1)).to(ctx.dtypes[1])
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = bias_grad(dy.reshape(-1, dy.shape[-1]))
         return dx, dw, db, None
+
+
+def _per_tap(w2d: torch.Tensor, taps: int) -> torch.Tensor:
+    """(R, taps * C) -> contiguous (taps, R, C): tap t's columns as one matrix."""
+    r, k = w2d.shape
+    return w2d.reshape(r, taps, k // taps).transpose(0, 1).contiguous()
 
 
 class NVFP4Conv2d(torch.autograd.Function):
@@ -423,22 +602,28 @@ class NVFP4Conv2d(torch.autograd.Function):
         oh, ow = g.out_size(h, wd)
         m = n * oh * ow
         with _fp32_region(x.device):
-            # X quantized along C per pixel of the zero-padded input: (N, Hp, Wp, C_in)
-            xq = op.roles.activation(_pad_nhwc(x, g.padding))
+            # X quantized along C per pixel: (N, H, W, C_in); padding pixels are zeros
+            xq = op.roles.activation(_nhwc(x))
             # W viewed (C_out, K), K = (kh, kw, C_in): 1x16 along C_in or 16x16 tiles per tap
             wq = op.roles.weight(w.permute(0, 2, 3, 1).reshape(cout, taps * c))
+            w_taps = _per_tap(wq, taps)  # (T, C_out, C_in)
             # fprop: Y (M, C_out) = sum_t im2col_t(Q(X)) (M, C_in) @ Q_w(W)_t (C_out, C_in)^T
-            y = None
+            a = torch.empty(n, oh, ow, c, device=x.device)  # one tap of im2col at a time
+            y, p = None, None
             for t in range(taps):
-                rows, cols = g.tap_window(t, oh, ow)
-                p = gemm(xq[:, rows, cols].reshape(m, c), wq[:, t * c:(t + 1) * c])
-                y = p if y is None else y.add_(p)
+                at = _tap(a, xq, g.window(t, oh, ow, h, wd), (1, 2))
+                if y is None:
+                    y = gemm(at.view(m, c), w_taps[t])
+                else:  # one reused product buffer; the sum runs in tap order
+                    p = gemm(at.view(m, c), w_taps[t], out=p if p is not None else
+                             torch.empty_like(y))
+                    y.add_(p)
             if bias is not None:
-                y = y + bias.float()
+                y += bias.float()
         _save(ctx, op, x, xq, w, wq)
         ctx.op, ctx.has_bias, ctx.shape = op, bias is not None, (n, c, h, wd, oh, ow)
         ctx.channels_last, ctx.dtypes = _is_channels_last(x), (x.dtype, w.dtype)
-        return _nchw(y.view(n, oh, ow, cout), ctx.channels_last).to(x.dtype)
+        return _nchw(y.view(n, oh, ow, cout), x.dtype, ctx.channels_last)
 
     @staticmethod
     def backward(ctx, dy):
@@ -446,38 +631,40 @@ class NVFP4Conv2d(torch.autograd.Function):
         x_saved, w_saved = ctx.saved_tensors
         n, c, h, wd, oh, ow = ctx.shape
         cout, taps, m = dy.shape[1], g.taps, n * oh * ow
-        ph, pw = g.padding
         _check_generator(op, dy.device)
         dx = dw = db = None
         with _fp32_region(dy.device):
-            dy_tokens = dy.permute(0, 2, 3, 1).reshape(m, cout)  # (M, C_out)
+            dy_tokens = None
+            if ctx.needs_input_grad[0] or (ctx.has_bias and ctx.needs_input_grad[2]):
+                dy_tokens = _nhwc(dy).view(m, cout)  # (M, C_out)
             if ctx.needs_input_grad[0]:
-                w2d = None if policy.reads_forward_w(roles) else \
-                    w_saved.permute(0, 2, 3, 1).reshape(cout, taps * c)
-                wq = w_saved if policy.reads_forward_w(roles) else None
+                from_fwd = policy.reads_forward_w(roles)
+                w2d = None if from_fwd else w_saved.permute(0, 2, 3, 1).reshape(cout, taps * c)
                 # dgrad: dX = sum_t col2im_t(B(dY) (M, C_out) @ D(W)_t (C_in, C_out)^T)
-                gq, wdq = policy.dgrad_operands(roles, dy_tokens, w2d, wq)  # D(W): (K, C_out)
-                dx_pad = torch.zeros(n, h + 2 * ph, wd + 2 * pw, c, device=dy.device)
+                gq, wdq = policy.dgrad_operands(roles, dy_tokens, w2d,
+                                                w_saved if from_fwd else None)  # D(W): (K, C_out)
+                wdq = wdq.contiguous().view(taps, c, cout)
+                dx_nhwc = torch.zeros(n, h, wd, c, device=dy.device)
+                p = torch.empty(m, c, device=dy.device)  # one reused product buffer
                 for t in range(taps):
-                    rows, cols = g.tap_window(t, oh, ow)
-                    dx_pad[:, rows, cols] += gemm(gq, wdq[t * c:(t + 1) * c]).view(n, oh, ow, c)
-                dx = _nchw(dx_pad[:, ph:ph + h, pw:pw + wd], ctx.channels_last)
-                dx = dx.to(ctx.dtypes[0])
+                    _scatter_add(dx_nhwc, gemm(gq, wdq[t], out=p).view(n, oh, ow, c),
+                                 g.window(t, oh, ow, h, wd), (1, 2))
+                dx = _nchw(dx_nhwc, ctx.dtypes[0], ctx.channels_last)
             if ctx.needs_input_grad[1]:
                 # wgrad: dW_t (C_out, C_in) = B(dY^T) (C_out, Mp) @ A(im2col_t(X)^T) (C_in, Mp)^T
-                q_grad, q_act = policy.quantizes_wgrad(roles)
-                gt = policy.wgrad_gradient(roles, tokens_last(dy_tokens))
-                if policy.reads_forward_x(roles):  # the forward's Q(X), (N, Hp, Wp, C_in)
+                g_spec, a_spec = policy.wgrad_columns(roles)
+                gt = g_spec.apply(_tokens_last_cnhw(dy.permute(1, 0, 2, 3)), roles.generator)
+                if policy.reads_forward_x(roles):  # the forward's Q(X), (N, H, W, C_in)
                     src = x_saved.permute(3, 0, 1, 2)
                 else:
-                    src = _pad_cnhw(x_saved, g.padding)
-                xts = _unfolded_operand(src, g, oh, ow,
-                                        lambda buf, amax: policy.wgrad_activation(roles, buf, amax),
-                                        quantized=q_act, rht=roles.rht, whole=x_saved)
-                dw_taps = [gemm(gt, xt) for xt in xts]  # each (C_out, C_in)
+                    src = x_saved.permute(1, 0, 2, 3)
+                whole = _amax(x_saved) if a_spec.quantize and not a_spec.rht else None
+                dw_taps = torch.empty(taps, cout, c, device=dy.device)
+                for t, xt in _unfolded(src, g, oh, ow, a_spec, roles.generator, whole):
+                    dw_taps[t] = gemm(gt, xt)
                 kh, kw = g.kernel
-                dw = torch.stack(dw_taps, 1).view(cout, kh, kw, c).permute(0, 3, 1, 2)
-                dw = dw.contiguous().to(ctx.dtypes[1])
+                dw = dw_taps.view(kh, kw, cout, c).permute(2, 3, 0, 1)
+                dw = torch.empty(dw.shape, dtype=ctx.dtypes[1], device=dy.device).copy_(dw)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = bias_grad(dy_tokens)
         return dx, dw, db, None
@@ -492,24 +679,23 @@ class NVFP4ConvTranspose2d(torch.autograd.Function):
         n, cin, h, wd = x.shape
         cout, taps = w.shape[1], g.taps
         oh, ow = out_size  # the adjoint Conv2d maps (oh, ow) -> (h, wd)
-        ph, pw = g.padding
         m = n * h * wd
         with _fp32_region(x.device):
-            xq = op.roles.activation(x.permute(0, 2, 3, 1).reshape(m, cin))  # (M, C_in)
+            xq = op.roles.activation(_nhwc(x)).view(m, cin)  # (M, C_in)
             # W viewed (K', C_in), K' = (kh, kw, C_out): the fprop contracts over C_in
             wq = op.roles.weight(w.permute(2, 3, 1, 0).reshape(taps * cout, cin))
             # fprop (a Conv2d dgrad): Y = sum_t col2im_t(Q(X) (M, C_in) @ Q_w(W)_t (C_out, C_in)^T)
-            y_pad = torch.zeros(n, oh + 2 * ph, ow + 2 * pw, cout, device=x.device)
+            y = torch.zeros(n, oh, ow, cout, device=x.device)
+            p = torch.empty(m, cout, device=x.device)  # one reused product buffer
             for t in range(taps):
-                rows, cols = g.tap_window(t, h, wd)
-                y_pad[:, rows, cols] += gemm(xq, wq[t * cout:(t + 1) * cout]).view(n, h, wd, cout)
-            y = y_pad[:, ph:ph + oh, pw:pw + ow]
+                _scatter_add(y, gemm(xq, wq[t * cout:(t + 1) * cout], out=p).view(n, h, wd, cout),
+                             g.window(t, h, wd, oh, ow), (1, 2))
             if bias is not None:
-                y = y + bias.float()
+                y += bias.float()
         _save(ctx, op, x, xq, w, wq)
         ctx.op, ctx.has_bias, ctx.shape = op, bias is not None, (n, cin, h, wd, oh, ow)
         ctx.channels_last, ctx.dtypes = _is_channels_last(x), (x.dtype, w.dtype)
-        return _nchw(y, ctx.channels_last).to(x.dtype)
+        return _nchw(y, x.dtype, ctx.channels_last)
 
     @staticmethod
     def backward(ctx, dy):
@@ -520,50 +706,67 @@ class NVFP4ConvTranspose2d(torch.autograd.Function):
         _check_generator(op, dy.device)
         dx = dw = db = None
         with _fp32_region(dy.device):
+            dy_nhwc = None
+            if ctx.needs_input_grad[0] or (ctx.has_bias and ctx.needs_input_grad[2]):
+                dy_nhwc = _nhwc(dy)  # (N, OH, OW, C_out)
             if ctx.needs_input_grad[0]:
-                w2d = None if policy.reads_forward_w(roles) else \
-                    w_saved.permute(2, 3, 1, 0).reshape(taps * cout, cin)
-                wq = w_saved if policy.reads_forward_w(roles) else None
+                from_fwd = policy.reads_forward_w(roles)
+                w2d = None if from_fwd else w_saved.permute(2, 3, 1, 0).reshape(taps * cout, cin)
                 # dgrad (a Conv2d fprop on dY): dX (M, C_in) = sum_t im2col_t(B(dY)) (M, C_out)
                 #                                              @ D(W)_t (C_in, C_out)^T
-                dy_pad = _pad_nhwc(dy, g.padding)  # (N, Hp, Wp, C_out); padding quantizes to 0
-                gq, wdq = policy.dgrad_operands(roles, dy_pad, w2d, wq)  # D(W): (C_in, K')
-                acc = None
+                gq, wdq = policy.dgrad_operands(roles, dy_nhwc, w2d,
+                                                w_saved if from_fwd else None)  # D(W): (C_in, K')
+                wd_taps = _per_tap(wdq, taps)  # (T, C_in, C_out)
+                a = torch.empty(n, h, wd, cout, device=dy.device)
+                acc, p = None, None
                 for t in range(taps):
-                    rows, cols = g.tap_window(t, h, wd)
-                    p = gemm(gq[:, rows, cols].reshape(m, cout), wdq[:, t * cout:(t + 1) * cout])
-                    acc = p if acc is None else acc.add_(p)
-                dx = _nchw(acc.view(n, h, wd, cin), ctx.channels_last).to(ctx.dtypes[0])
+                    at = _tap(a, gq, g.window(t, h, wd, oh, ow), (1, 2))
+                    if acc is None:
+                        acc = gemm(at.view(m, cout), wd_taps[t])
+                    else:  # one reused product buffer; the sum runs in tap order
+                        p = gemm(at.view(m, cout), wd_taps[t], out=p if p is not None else
+                                 torch.empty_like(acc))
+                        acc.add_(p)
+                dx = _nchw(acc.view(n, h, wd, cin), ctx.dtypes[0], ctx.channels_last)
             if ctx.needs_input_grad[1]:
                 # wgrad: dW_t (C_out, C_in) = B(im2col_t(dY)^T) (C_out, Mp) @ A(X^T) (C_in, Mp)^T
-                q_grad, q_act = policy.quantizes_wgrad(roles)
-                x_tokens = x_saved if policy.reads_forward_x(roles) else \
-                    x_saved.permute(0, 2, 3, 1).reshape(m, cin)
-                xt = policy.wgrad_activation(roles, tokens_last(x_tokens))
-                src = _pad_cnhw(dy, g.padding)  # (C_out, N, Hp, Wp)
-                gts = _unfolded_operand(src, g, h, wd,
-                                        lambda buf, amax: policy.wgrad_gradient(roles, buf, amax),
-                                        quantized=q_grad, rht=roles.rht, whole=dy)
-                dw_taps = [gemm(gt, xt) for gt in gts]  # each (C_out, C_in)
+                g_spec, a_spec = policy.wgrad_columns(roles)
+                if policy.reads_forward_x(roles):  # the forward's Q(X), (M, C_in)
+                    x_cnhw = x_saved.view(n, h, wd, cin).permute(3, 0, 1, 2)
+                else:
+                    x_cnhw = x_saved.permute(1, 0, 2, 3)
+                xt = a_spec.apply(_tokens_last_cnhw(x_cnhw), roles.generator)
+                whole = _amax(dy) if g_spec.quantize and not g_spec.rht else None
+                dw_taps = torch.empty(taps, cout, cin, device=dy.device)
+                for t, gt in _unfolded(dy.permute(1, 0, 2, 3), g, h, wd, g_spec,
+                                       roles.generator, whole):
+                    dw_taps[t] = gemm(gt, xt)
                 kh, kw = g.kernel
-                dw = torch.stack(dw_taps).view(kh, kw, cout, cin).permute(3, 2, 0, 1)
-                dw = dw.contiguous().to(ctx.dtypes[1])
+                dw = dw_taps.view(kh, kw, cout, cin).permute(3, 2, 0, 1)
+                dw = torch.empty(dw.shape, dtype=ctx.dtypes[1], device=dy.device).copy_(dw)
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                db = bias_grad(dy.permute(0, 2, 3, 1).reshape(-1, cout))
+                db = bias_grad(dy_nhwc.view(-1, cout))
         return dx, dw, db, None, None
 
 
 # --------------------------------------------------------------------------------------------
 # Thin modules
 # --------------------------------------------------------------------------------------------
-def _compute_dtype_inputs(x: torch.Tensor, *params):
-    """Cast to the autocast dtype as torch's layers do; else weight and bias to x's dtype."""
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype activations are computed in: the autocast dtype of x's device when autocast is
+    on (as torch's own layers cast), else x's own (floating) dtype."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-    else:
-        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-    return tuple(None if t is None else t.to(dtype) for t in (x, *params))
+        return torch.get_autocast_dtype(dev)
+    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
+
+
+def _in_compute_dtype(x: torch.Tensor, *others):
+    """x and ``others`` (activations, a bias; None passes) cast to ``compute_dtype(x)``. A
+    layer's weight is not among them: its NVFP4 copies are quantized from the parameter itself
+    (module docstring, "Weights under autocast")."""
+    dtype = compute_dtype(x)
+    return tuple(None if t is None else t.to(dtype) for t in (x, *others))
 
 
 class _Quantized(nn.Module):
@@ -586,7 +789,7 @@ class _Quantized(nn.Module):
 
 class QuantizedLinear(_Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, w, b = _compute_dtype_inputs(x, self.weight, self.bias)
+        (x, b), w = _in_compute_dtype(x, self.bias), self.weight
         y = NVFP4Linear.apply(x.reshape(-1, x.shape[-1]), w, b, self.op)
         return y.view(*x.shape[:-1], w.shape[0])
 
@@ -600,7 +803,7 @@ def _check_4d(x: torch.Tensor, name: str) -> None:
 class QuantizedConv2d(_Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_4d(x, self.op.name)
-        x, w, b = _compute_dtype_inputs(x, self.weight, self.bias)
+        (x, b), w = _in_compute_dtype(x, self.bias), self.weight
         return NVFP4Conv2d.apply(x, w, b, self.op)
 
 
@@ -625,7 +828,7 @@ class QuantizedConvTranspose2d(_Quantized):
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         _check_4d(x, self.op.name)
-        x, w, b = _compute_dtype_inputs(x, self.weight, self.bias)
+        (x, b), w = _in_compute_dtype(x, self.bias), self.weight
         out = self.output_shape(x.shape[-2], x.shape[-1], output_size)
         return NVFP4ConvTranspose2d.apply(x, w, b, self.op, out)
 
@@ -748,7 +951,7 @@ class QuantizedMatmul(nn.Module):
         if a.dim() < 2 or b.dim() < 2:
             raise ValueError(f"QuantizedMatmul: expected (..., M, K) @ (..., K, N), got "
                              f"{tuple(a.shape)} @ {tuple(b.shape)}")
-        a, b = _compute_dtype_inputs(a, b)
+        a, b = _in_compute_dtype(a, b)
         (m, k), n = a.shape[-2:], b.shape[-1]
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a3 = _pad_last(a.expand(*batch, m, k).reshape(-1, m, k), (False, True))

@@ -7,13 +7,15 @@ The reference is written here from nvfp4.md sections 3 and 6 with ``nvfp4.quanti
 ``nvfp4bench/gemm.py``): fp32 products are reproducible only for identical BLAS calls, so the
 bit-exact comparison checks the quantization roles (blocks, amax, tiles, RHT, padding).
 """
+import itertools
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nvfp4bench import layers, nvfp4
-from nvfp4bench.gemm import bias_grad, gemm
+from nvfp4bench.gemm import axis_window, bias_grad, gemm
 from nvfp4bench.layers import Matmul, QuantizedMatmul, quantized
 from nvfp4bench.recipes import RECIPES, get_recipe
 
@@ -211,6 +213,21 @@ CASES = [
      reference_conv_transpose2d),
     ("convT_dil2", lambda: nn.ConvTranspose2d(16, 16, 3, padding=1, dilation=2), (2, 16, 5, 7),
      reference_conv_transpose2d),
+    # Output rows of 16 pixels: taps whose rows differ by whole strides share their 16-token
+    # blocks, and the wgrad quantizes each block once (layers._planes). The CNN's k4 s2 p1
+    # geometry; dilation with stride 2; and taps 4 rows apart with 2 output rows (gaps).
+    ("conv_k4s2_shared", lambda: nn.Conv2d(16, 16, 4, stride=2, padding=1), (2, 16, 6, 32),
+     reference_conv2d),
+    ("conv_s2dil2_shared", lambda: nn.Conv2d(16, 16, 3, stride=2, padding=2, dilation=2),
+     (1, 16, 5, 32), reference_conv2d),
+    ("conv_gaps_shared", lambda: nn.Conv2d(16, 16, (3, 1), dilation=(4, 1)), (1, 16, 10, 16),
+     reference_conv2d),
+    ("convT_k4s2_shared", lambda: nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1),
+     (2, 16, 3, 16), reference_conv_transpose2d),
+    # Taps that read their input whole (used without a gather): 1x1, and a centre tap
+    ("conv_1x1", lambda: nn.Conv2d(16, 32, 1), (2, 16, 3, 5), reference_conv2d),
+    ("convT_s1p1", lambda: nn.ConvTranspose2d(16, 16, 3, padding=1), (1, 16, 4, 5),
+     reference_conv_transpose2d),
 ]
 
 
@@ -281,7 +298,8 @@ def test_sr_recipes_forward_equals_reference_and_backward_is_seeded(recipe, case
 
 
 @pytest.mark.parametrize("case", [CASE["linear"], CASE["conv_s2p1_batch1"],
-                                  CASE["convT_s2_outpad"]], ids=["linear", "conv", "convT"])
+                                  CASE["convT_s2_outpad"], CASE["convT_k4s2_shared"]],
+                         ids=["linear", "conv", "convT", "convT_shared"])
 @pytest.mark.parametrize("recipe", SR)
 def test_sr_gradients_are_unbiased(recipe, case):
     """The mean of n SR draws of dX and dW approaches the gradient computed from E[Q_sr(dY)]
@@ -416,8 +434,9 @@ def test_quantized_matmul_equals_reference_with_padded_257_like_dims(recipe):
 
 
 @pytest.mark.parametrize("recipe", ["nvfp4_full", "2d_rht", "fwd_rht"])
-@pytest.mark.parametrize("case", [CASE["conv_dil2_pad2"], CASE["convT_dil2"]],
-                         ids=["conv", "convT"])
+@pytest.mark.parametrize("case", [CASE["conv_dil2_pad2"], CASE["convT_dil2"],
+                                  CASE["conv_gaps_shared"], CASE["convT_k4s2_shared"]],
+                         ids=["conv", "convT", "conv_shared", "convT_shared"])
 def test_wgrad_unfolded_one_tap_at_a_time_gives_the_same_bits(recipe, case, monkeypatch):
     """A memory bound of one tap per chunk (the RHT amax then takes a first pass) changes no bit."""
     layer, x = make_case(case)
@@ -427,6 +446,35 @@ def test_wgrad_unfolded_one_tap_at_a_time_gives_the_same_bits(recipe, case, monk
     chunked = run_layer(quantized(layer, recipe), x, dy)
     for a, e in zip(chunked, whole):
         assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("case, recipe, shared, rotated", [
+    ("conv_k4s2_shared", "nvfp4_full", True, False), ("conv_k4s2_shared", "sr_only", True, False),
+    ("convT_k4s2_shared", "2d_rht", True, True), ("convT_k4s2_shared", "sr_only", False, False),
+    ("convT_k4s2_shared", "2d_rht_sr", False, True)])
+def test_k4s2_wgrad_quantizes_each_shared_block_once(case, recipe, shared, rotated,
+                                                     monkeypatch):
+    """With RN, the unfolded operand of a k4 s2 conv (4 x 4 taps, rows 2 apart; X of a Conv2d,
+    dY of a ConvTranspose2d) is quantized as 8 planes of rows + 1 rows, not 16 taps of rows
+    rows. With SR (a ConvTranspose2d's dY) every tap's copy draws its own bits, and only the
+    RHT rotation is done once per plane."""
+    layer, x = make_case(CASE[case])
+    twin = quantized(layer, recipe, generator=torch.Generator().manual_seed(0))
+    y = twin(x.clone().requires_grad_())
+    sizes = {"fake_quantize": [0], "rht": [0]}
+    for fn in sizes:
+        real = getattr(nvfp4, fn)
+        monkeypatch.setattr(nvfp4, fn, lambda t, _real=real, _fn=fn, **kw:
+                            sizes[_fn].append(t.numel()) or _real(t, **kw))
+    y.backward(torch.ones_like(y))
+    if case.startswith("convT"):  # im2col(dY) over the adjoint conv's output, x's pixels
+        n, c, rows, cols = x.shape[0], y.shape[1], *x.shape[2:]
+    else:
+        n, c, rows, cols = x.shape[0], x.shape[1], *y.shape[2:]
+    planes, taps = 8 * c * n * (rows + 1) * cols, 16 * c * n * rows * cols
+    assert max(sizes["fake_quantize"]) == (planes if shared else taps)
+    if rotated and not shared:  # layers.py rotates the planes itself, then quantizes the taps
+        assert max(sizes["rht"]) == planes
 
 
 def test_quantized_matmul_broadcasts_and_plain_matmul_is_torch_matmul():
@@ -457,6 +505,16 @@ def test_every_parameter_gets_a_finite_gradient_and_is_shared(recipe):
             assert p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0, name
 
 
+def test_axis_window_is_the_set_of_outputs_that_read_real_input():
+    """gemm.axis_window against brute force: outputs o with 0 <= o*s + offset - pad < n_in."""
+    for off, s, pad, n_out, n_in in itertools.product(range(6), range(1, 4), range(4),
+                                                       range(1, 7), range(1, 7)):
+        out, inp = axis_window(off, s, pad, n_out, n_in)
+        want = [o for o in range(n_out) if 0 <= o * s + off - pad < n_in]
+        assert list(range(n_out))[out] == want
+        assert list(range(n_in))[inp] == [o * s + off - pad for o in want]
+
+
 def test_baseline_recipes_return_the_module_itself():
     layer = nn.Linear(32, 16)
     for name in ("bf16", "fp16", "fp32"):
@@ -485,19 +543,48 @@ def test_sr_without_generator_and_unknown_layers_raise():
         quantized(nn.Conv1d(16, 16, 3), "nvfp4_full")
 
 
-def test_autocast_casts_like_torch_and_keeps_param_dtype():
-    """Under (CPU) autocast the layer sees bf16 X, W, b: the same bits as running it on bf16
-    tensors; the output is bf16 and the fp32 parameters get fp32 gradients."""
-    layer, x = make_case(CASE["conv_s2p1_batch1"])
-    twin = quantized(layer, "2d_rht")
+def bf16_rounded(t):
+    return t.detach().bfloat16().float()
+
+
+@pytest.mark.parametrize("case", [CASE["linear"], CASE["conv_s2p1_batch1"],
+                                  CASE["convT_s2_outpad"]], ids=["linear", "conv", "convT"])
+@pytest.mark.parametrize("recipe", RN)
+def test_autocast_quantizes_the_fp32_weight_and_bf16_activations(recipe, case):
+    """Under (CPU) bf16 autocast, as Transformer Engine does: X, the bias and dY in bf16, but
+    both NVFP4 copies of W (and fwd_only's high-precision W) from the fp32 parameter itself.
+    Bit for bit against the reference run on bf16-rounded X, b, dY and the fp32 W; the output
+    and dX come back in bf16, dW and db in the parameters' fp32."""
+    layer, x = make_case(case)
+    dy = bf16_rounded(output_grad(layer, x))
+    twin = quantized(layer, recipe)
+    xr = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = twin(x)
+        y = twin(xr)
     assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert layer.weight.grad.dtype == torch.float32
+    y.backward(dy.bfloat16())
+    assert layer.weight.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+    ref_layer = case[1]()
+    ref_layer.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        ref_layer.bias.copy_(bf16_rounded(layer.bias))
+    ry, rdx, rdw, rdb = case[3](ref_layer, bf16_rounded(x), dy, Reference(recipe))
+    for what, a, e in (("output", y, bf16_rounded(ry)), ("input grad", xr.grad, bf16_rounded(rdx)),
+                       ("weight grad", layer.weight.grad, rdw),
+                       ("bias grad", layer.bias.grad, bf16_rounded(rdb))):
+        assert_bits(a, e, f"autocast {recipe} {case[0]} {what}")
+
+
+def test_autocast_weight_copy_is_not_the_bf16_rounded_weight():
+    """The check above can fail: quantizing bf16(W) instead of W changes the output."""
+    layer, x = make_case(CASE["conv_s2p1_batch1"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = quantized(layer, "nvfp4_full")(x)
     bf = nn.Conv2d(16, 32, 3, stride=2, padding=1).to(torch.bfloat16)
     bf.load_state_dict(layer.state_dict())
-    assert torch.equal(y, quantized(bf, "2d_rht")(x.bfloat16()))
+    y_bf16_weight = quantized(bf, "nvfp4_full")(x.bfloat16())
+    assert torch.equal(y, quantized(layer, "nvfp4_full")(x.bfloat16()))  # no autocast, fp32 W
+    assert not torch.equal(y, y_bf16_weight)
 
 
 def test_conv_transpose_output_size_like_torch():
@@ -520,15 +607,31 @@ def test_conv_keeps_channels_last_and_same_padding_works():
     assert torch.equal(y.detach(), ref)
 
 
+@pytest.mark.parametrize("case", [CASE["conv_k4s2_shared"], CASE["convT_k4s2_shared"]],
+                         ids=["conv", "convT"])
+@pytest.mark.parametrize("recipe", ["nvfp4_full", "2d_rht"])
+def test_channels_last_gives_the_same_bits_and_keeps_its_format(recipe, case):
+    """The layers read and write NHWC without copies when X (and dY) are channels_last; the
+    values are those of the NCHW run, bit for bit, and Y and dX keep the input's format."""
+    layer, x = make_case(case)
+    dy = output_grad(layer, x)
+    twin = quantized(layer, recipe)
+    expected = run_layer(twin, x, dy)
+    cl = torch.channels_last
+    got = run_layer(twin, x.contiguous(memory_format=cl), dy.contiguous(memory_format=cl))
+    for what, a, e in zip(("output", "input grad", "weight grad", "bias grad"), got, expected):
+        assert_bits(a, e, f"channels_last {recipe} {case[0]} {what}")
+    assert got[0].is_contiguous(memory_format=cl) and got[1].is_contiguous(memory_format=cl)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("recipe", ["2d_rht_sr", "nvfp4_full"])
 def test_cuda_autocast_matches_the_cpu_layer(recipe):
     """On CUDA under bf16 autocast: a bf16 output, fp32 parameter gradients, and the forward of
-    the same bf16 operands as on CPU (bf16 output rounding and GEMM order: a tolerance)."""
+    the same operands as on CPU (bf16 X, fp32 W; bf16 output rounding and GEMM order: a
+    tolerance)."""
     layer, x = make_case(CASE["conv_s2p1_batch1"])
-    bf = nn.Conv2d(16, 32, 3, stride=2, padding=1).to(torch.bfloat16)
-    bf.load_state_dict(layer.state_dict())
-    ref = quantized(bf, recipe, generator=torch.Generator().manual_seed(0))(x.bfloat16())
+    ref = quantized(layer, recipe, generator=torch.Generator().manual_seed(0))(x.bfloat16())
     layer.cuda()
     twin = quantized(layer, recipe, generator=torch.Generator("cuda").manual_seed(0))
     with torch.autocast("cuda", dtype=torch.bfloat16):
