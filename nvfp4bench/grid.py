@@ -1002,11 +1002,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _raise_interrupt)
         return slurm_task(ns.slurm_task, index, stale_after=ns.stale_after)
 
-    probe = probe_config(ns, forward)
-    out = Path(probe.out)
-    if not ns.dry_run:
-        ensure_default_store(probe)
-    targets = plan(ns, forward)
+    from nvfp4bench.data import DataError
+    try:
+        probe = probe_config(ns, forward)
+        out = Path(probe.out)
+        if not ns.dry_run:
+            ensure_default_store(probe)
+        targets = plan(ns, forward)
+    except (DataError, OSError, ValueError) as e:  # e.g. --data that is not a slice store
+        print(f"nvfp4bench.grid: error: {e}", file=sys.stderr)
+        return 2
     if ns.dry_run:
         states = [cell_state(t, ns.stale_after) for t in targets]
         for t, st in zip(targets, states):

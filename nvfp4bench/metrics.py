@@ -27,7 +27,9 @@ Beyond the study: per patient, on the re-stacked volume
 The hard (p >= 0.5) slices of one patient are stacked by slice position into a (Z, H, W) volume:
 * hard Dice = 2 |A n B| / (|A| + |B|);
 * HD95 = max(q95 of d(surface A -> surface B), q95 of d(surface B -> surface A)), the symmetric
-  95th-percentile Hausdorff distance (MedPy's definition). A surface voxel is a mask voxel with a
+  95th-percentile Hausdorff distance as MONAI computes it (the larger of the two directed 95th
+  percentiles; MedPy's hd95 takes the 95th percentile of both directions pooled, never more).
+  A surface voxel is a mask voxel with a
   face neighbour outside the mask (the volume border counts as outside). Distances are Euclidean
   (scipy.ndimage.distance_transform_edt), in mm when a voxel spacing is given, else in voxels;
 * lesion-wise detection: lesions are the connected components of the target (full connectivity:

@@ -15,7 +15,7 @@ and the whole tensor shares one fp32 decode scale ``S_dec`` derived from its ama
     x_hat = fl(fl(e2m1(code) * f32(s_b)) * S_dec)
 
 ``fl`` is one IEEE fp32 rounding (nearest, ties to even). Each formula is evaluated in exactly that
-order, because other algebraically equal orders round differently (see ``_block_scales``).
+order, because other algebraically equal orders round differently (see ``_block_scales_f32``).
 
 Rounding of the final E2M1 cast: round to nearest with ties to the even code (RN), or stochastic
 rounding (SR) between the two neighbouring magnitudes, for gradients only. Before quantization an
@@ -27,7 +27,8 @@ Functions
 ``quantize`` returns an :class:`NVFP4Tensor` (codes, block scales, amax), ``dequantize`` turns it
 back into fp32, ``fake_quantize`` fuses both without materialising codes (the training hot path),
 ``pack`` packs codes two per byte, ``rht`` rotates a tensor. Every function takes a 2-D tensor
-whose dimensions are multiples of 16 and blocks along the last dimension; callers transpose for a
+and blocks along its last dimension, whose length must be a multiple of 16 (the row count too
+with 16x16 tiles; with 1x16 blocks any row count, as if zero-padded); callers transpose for a
 columnwise copy, as TE's columnwise path does.
 
 Backends (speed only; the bits are the same)
@@ -154,12 +155,6 @@ def _block_scales_f32(bamax: torch.Tensor, amax: torch.Tensor, to_e4m3=_e4m3_cas
     # product first, then the reciprocal; a zero scale gives 1/0 = inf -> FLT_MAX
     encode = torch.clamp(torch.reciprocal(scale * s_dec), max=FLT_MAX)
     return scale, encode, s_dec
-
-
-def _block_scales(bamax: torch.Tensor, amax: torch.Tensor):
-    """Block decode scales ``s_b`` (E4M3), their encode scales ``enc_b`` (fp32) and ``S_dec``."""
-    scale, encode, s_dec = _block_scales_f32(bamax, amax)
-    return scale.to(torch.float8_e4m3fn), encode, s_dec
 
 
 def _tensor_amax(bamax: torch.Tensor, amax, device) -> torch.Tensor:

@@ -12,7 +12,8 @@ Every linear layer runs three GEMMs (nvfp4.md section 3)::
 ``backward_override`` picks what the backward GEMMs multiply:
 
 - ``None``: quantized gradients. dY is quantized (SR when ``disable_stochastic_rounding`` is
-  False), W^T and X^T are fresh NVFP4 copies of the high-precision tensors.
+  False); W^T is the forward's 16x16 copy transposed (2-D) or a fresh 1x16 copy along N (1-D);
+  X^T is a fresh columnwise copy of the high-precision X.
 - ``"dequantized"``: the chain rule through the fake-quantized forward. dY stays in high
   precision; dgrad uses the forward's dequantized W, wgrad the forward's dequantized X.
 - ``"high_precision"``: the original high-precision W and X (a straight-through estimator).
@@ -21,7 +22,11 @@ Every linear layer runs three GEMMs (nvfp4.md section 3)::
 wgrad takes X from an RHT-rotated columnwise RN copy (X^T rotated along the token axis in 16-token
 tiles, quantized 1x16, dequantized), and dY^T is rotated in high precision by the same R, so R
 cancels inside the GEMM (R R^T = I) and only X's quantization differs. That is
-``backward_override="dequantized"`` with ``disable_rht=False``.
+``backward_override="dequantized"`` with ``disable_rht=False`` (and 2-D weights,
+``disable_2d_quantization=False``, as the study's table has it).
+
+Switch combinations that would be silently ignored are refused: SR with a backward that does not
+quantize gradients, the RHT with the high-precision backward, and any switch on a baseline.
 """
 from __future__ import annotations
 
@@ -53,6 +58,18 @@ class Recipe:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"recipe {self.name!r}: compute_dtype must be one of "
                              f"{COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        switches = (self.backward_override is not None or not self.disable_2d_quantization
+                    or not self.disable_rht or not self.disable_stochastic_rounding)
+        if not self.quantized and switches:
+            raise ValueError(f"recipe {self.name!r}: a baseline (quantized=False) takes no NVFP4 "
+                             f"switches")
+        if self.backward_override is not None and not self.disable_stochastic_rounding:
+            raise ValueError(f"recipe {self.name!r}: stochastic rounding applies to quantized "
+                             f"gradients only; backward_override={self.backward_override!r} "
+                             f"keeps them in high precision")
+        if self.backward_override == "high_precision" and not self.disable_rht:
+            raise ValueError(f"recipe {self.name!r}: the RHT applies to quantized wgrad operands; "
+                             f"the high-precision backward has none")
 
     @property
     def quantizes_gradients(self) -> bool:

@@ -34,6 +34,7 @@ from itertools import product
 from pathlib import Path
 
 from nvfp4bench import stats
+from nvfp4bench.config import NON_RESULT_FIELDS
 from nvfp4bench.recipes import RECIPES
 
 ARCH_ORDER = ("cnn", "vit", "swin")
@@ -51,8 +52,7 @@ MAX_PANELS = 9
 # Options that may differ between the cells of one arch x scale without making them incomparable:
 # the cell's identity, where and how it ran, and the precision each baseline recipe resolves to.
 IDENTITY_OPTIONS = frozenset({"arch", "scale", "recipe", "fold", "seed"})
-FREE_OPTIONS = frozenset({"out", "resume", "workers", "threads", "progress", "device", "data",
-                          "precision"})
+FREE_OPTIONS = NON_RESULT_FIELDS | {"device", "data", "precision", "diagnostics"}
 
 
 class ReportError(Exception):

@@ -32,14 +32,27 @@ def config_hash(config) -> str:
     """sha256 (16 hex digits) of the resolved options that change the result.
 
     ``config`` is a RunConfig; per-architecture defaults are filled in first, so ``--lr 5e-4``
-    and the CNN's default hash alike. The data directory enters as an absolute path.
+    and the CNN's default hash alike. The data enters as the store's content fingerprint (see
+    ``data_identity``), so a store rebuilt in place makes its cells pending again and a store
+    that moved keeps them complete.
     """
     from nvfp4bench.config import NON_RESULT_FIELDS
     d = {k: v for k, v in config.resolved().to_dict().items() if k not in NON_RESULT_FIELDS}
-    if d.get("data") is not None:
-        d["data"] = str(Path(d["data"]).expanduser().resolve())
+    d["data"] = data_identity(config.data)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def data_identity(data) -> str | None:
+    """What identifies the data of a cell: ``fingerprint:<hex>`` of the store at ``data`` (None:
+    the embedded store) when it exists; otherwise its absolute path (None for the embedded store
+    not built yet: it is deterministic, and the grid builds it before it hashes any cell)."""
+    from nvfp4bench.data import DEFAULT_DATA_DIR, SliceStore
+    from nvfp4bench.data.store import is_store
+    path = Path(data).expanduser() if data is not None else Path(DEFAULT_DATA_DIR)
+    if is_store(path):
+        return "fingerprint:" + SliceStore(path).fingerprint
+    return None if data is None else str(path.resolve())
 
 
 def result_path(out_dir, dataset: str, arch: str, scale: str, recipe: str, fold: int,
@@ -102,6 +115,7 @@ def write_json_atomic(path, obj) -> Path:
     text = json.dumps(to_jsonable(obj), indent=1, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; results are read by other users too
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

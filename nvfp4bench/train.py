@@ -166,6 +166,7 @@ def _save_atomic(obj, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -361,13 +362,7 @@ def evaluate(model, loader, cell: Cell, part: str) -> dict:
 
 def measure_diagnostics(model, loader, loss_fn, cell: Cell) -> dict | None:
     """diagnostics.measure on the first validation batch with tumour; None if not available."""
-    try:
-        from nvfp4bench.diagnostics import measure
-    except ImportError:
-        try:
-            from nvfp4bench.models.diagnostics import measure
-        except ImportError:
-            return None
+    from nvfp4bench.diagnostics import measure
     images, masks = None, None
     for x, y, _ in loader:
         if images is None or y.any():
@@ -549,7 +544,7 @@ def _run(cell: Cell, on_epoch_end) -> dict:
         eval_s = time.perf_counter() - t_eval
         result.update(
             status="complete", best_epoch=stopper.best_epoch, best_val_loss=stopper.best_loss,
-            epochs_run=len(history), stopped_early=stopper.stopped,
+            epochs_run=len(history), stopped_early=stopper.stopped and len(history) < c.epochs,
             timing={"total_seconds": sum(h["seconds"] for h in history) + eval_s,
                     "train_seconds": sum(h["seconds"] for h in history),
                     "eval_seconds": eval_s,

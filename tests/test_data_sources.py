@@ -145,6 +145,11 @@ def test_lgg_slice_order_channels_and_masks(tmp_path, capsys):
     # slice order by file number (1, 2, 10 - not "1, 10, 2"): mask column offset n % 5
     assert [int(np.nonzero(store.mask(i))[1].min()) for i in range(3)] == [7, 8, 6]
     assert store.mask(0).max() == 1
+    # the study's 8-bit pixels are kept as they are (u = x / 255), channels in t1, flair, t1ce
+    # order = the .tif's pre-contrast, FLAIR, post-contrast; no per-case z-score
+    assert [store.images[i, :, 8, 8].tolist() for i in range(3)] == [
+        [41, 120, 200], [42, 120, 200], [50, 120, 200]]
+    assert "x / 255" in store.index["normalisation"]
 
 
 # ---------------------------------------------------------------- bad inputs

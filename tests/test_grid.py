@@ -590,3 +590,10 @@ def test_real_tiny_grid_killed_and_restarted(tmp_path, tiny_store):
     assert last_run.splitlines()[0].endswith("--resume") and "==== exit code 0" in last_run
     assert read_result(lost)["status"] == "complete"
     assert read_result(lost)["timing"]["resumed_from_epoch"] == 1
+
+
+def test_a_data_directory_that_is_not_a_store_is_a_clear_error(tmp_path, capsys):
+    from nvfp4bench.grid import main
+    assert main(["--dry-run", "--data", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err

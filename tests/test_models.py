@@ -397,3 +397,13 @@ def test_output_starts_at_the_tumour_prior(arch):
     with torch.no_grad():
         probs = torch.sigmoid(model(torch.randn(2, 3, 32, 32)))
     assert TUMOUR_PRIOR / 4 < probs.mean().item() < TUMOUR_PRIOR * 4
+
+
+def test_a_refused_layer_leaves_the_model_untouched():
+    """The last quantized layer is refused (200 input features): no layer is swapped."""
+    model = build_model("vit", "tiny", image_size=32)
+    model.blocks[-1].mlp.fc2 = nn.Linear(200, 64)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="200"):
+        quantize_model(model, "nvfp4_full")
+    assert {n: type(m) for n, m in model.named_modules()} == before

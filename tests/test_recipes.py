@@ -35,3 +35,13 @@ def test_recipes_are_frozen():
 def test_bad_backward_override_is_refused():
     with pytest.raises(ValueError, match="backward_override"):
         dataclasses.replace(RECIPES["nvfp4_full"], backward_override="straight_through")
+
+
+@pytest.mark.parametrize("base, change", [
+    ("chain_rule", {"disable_stochastic_rounding": False}),
+    ("fwd_only", {"disable_rht": False}),
+    ("bf16", {"disable_2d_quantization": False}),
+])
+def test_switches_that_would_be_silently_ignored_are_refused(base, change):
+    with pytest.raises(ValueError, match=base):
+        dataclasses.replace(RECIPES[base], **change)

@@ -184,3 +184,24 @@ def test_early_stopping_waits_for_min_epochs_and_keeps_the_lowest_loss():
     s3 = EarlyStopping(patience=2, min_delta=0.0, min_epochs=0)
     s3.load_state_dict(dataclasses.asdict(s))
     assert s3 == s
+
+
+def test_config_hash_follows_the_store_content_not_its_path(store, tmp_path):
+    """A moved store keeps its cells complete; a store rebuilt in place makes them pending."""
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(store, moved)
+    here, there = (results.config_hash(_config(s, tmp_path)) for s in (store, moved))
+    assert here == there
+    index = json.loads((moved / "index.json").read_text())
+    index["fingerprint"] = "0" * 32  # as if rebuilt from other data
+    (moved / "index.json").write_text(json.dumps(index))
+    assert results.config_hash(_config(moved, tmp_path)) != here
+
+
+def test_results_and_checkpoints_are_readable_by_others(store, tmp_path):
+    result = run(_config(store, tmp_path))
+    path = results.result_path(tmp_path, result["data"]["name"], "cnn", "tiny", "nvfp4_full", 0,
+                               result["config"]["seed"])
+    for p in (path, *results.checkpoint_paths(path)):
+        assert p.stat().st_mode & 0o777 == 0o644, p

@@ -31,9 +31,10 @@ What TE cannot express (refused, never approximated)
 
 Known differences from the emulator (documented, not refused)
 -------------------------------------------------------------
-- ``chain_rule`` / ``fwd_only`` backward: TE dequantizes the saved operands to the activation
-  dtype (bf16) before the backward GEMMs; the emulator keeps them in fp32 (nvfp4.md section 2).
-  One extra bf16 rounding of W and X in dgrad/wgrad; measured by ``verify_te``'s layer check.
+- ``chain_rule`` backward: TE dequantizes the saved operands to the activation dtype (bf16)
+  before the backward GEMMs; the emulator keeps them in fp32 (nvfp4.md section 2): one extra
+  bf16 rounding of W and X in dgrad / wgrad, measured by ``verify_te``'s layer check.
+  ``fwd_only`` dequantizes nothing: both use the saved high-precision input and parameter.
 - SR randomness comes from TE's own CUDA RNG (seed it with ``torch.cuda.manual_seed``), not
   from the ``generator`` argument, which only feeds the emulator layers. SR agrees in
   distribution only (nvfp4.md section 4), and ``verify_te`` checks that.

@@ -64,7 +64,8 @@ def make_folds(burden: dict[str, float], n_folds: int = N_FOLDS, seed: int = SPL
 
 
 def check_folds(split: dict, patients) -> None:
-    """Raise AssertionError on a leak (a patient in two partitions) or a patient mismatch."""
+    """Raise AssertionError on a leak (a patient in two partitions), a patient mismatch, or a
+    patient not held out exactly once over the folds."""
     patients = set(patients)
     held_count: dict[str, int] = {}
     for f, fold in enumerate(split["folds"]):
@@ -82,6 +83,8 @@ def check_folds(split: dict, patients) -> None:
             held_count[p] = held_count.get(p, 0) + 1
     twice = [p for p, c in held_count.items() if c > 1]
     assert not twice, f"patients held out in more than one fold: {twice[:5]}"
+    never = sorted(patients - set(held_count))
+    assert not never, f"patients never held out (no fold tests them): {never[:5]}"
 
 
 def folds_path(store_dir: str | Path, n_folds: int = N_FOLDS, seed: int = SPLIT_SEED) -> Path:

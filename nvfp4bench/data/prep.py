@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from nvfp4bench.data import synthetic
 from nvfp4bench.data.errors import DataError
-from nvfp4bench.data.preprocess import SLICE_MODES, SliceRule, process_volume
+from nvfp4bench.data.preprocess import INTENSITY_RULES, SLICE_MODES, SliceRule, process_volume
 from nvfp4bench.data.sources import DEFAULT_MODALITIES, MODALITIES, SOURCES, get_source
 from nvfp4bench.data.store import SliceStore, StoreWriter, is_store
 
@@ -72,8 +72,9 @@ def _process(job):
     """Worker: load and process one case -> ("ok", CaseSlices) or ("error", DataError)."""
     source_name, case, modalities, size, rule = job
     try:
-        vol = get_source(source_name).load(case, modalities)
-        return "ok", process_volume(vol, size=size, rule=rule)
+        source = get_source(source_name)
+        vol = source.load(case, modalities)
+        return "ok", process_volume(vol, size=size, rule=rule, intensity=source.intensity)
     except DataError as e:
         if e.case is None:
             e.case = case.case_id
@@ -151,8 +152,7 @@ def convert(config: PrepConfig) -> dict:
         meta = {"name": config.name or config.source, "source": config.source,
                 "synthetic": config.source == "synthetic" or bool(config.extra_meta.get("synthetic")),
                 "input": str(config.input), "slice_rule": asdict(rule),
-                "normalisation": "per case and modality: z-score over nonzero voxels, "
-                                 "u = clip((z + 3) / 6, 0, 1), 0 outside; uint8 = round(255 u)",
+                "normalisation": INTENSITY_RULES[source.intensity][1],
                 "resize": "bilinear+antialias (images), nearest-exact (masks)",
                 "skipped": skipped, **config.extra_meta}
         path = writer.finalize(meta)
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     try:
         config = parse_config(argv)
         summary = convert(config)
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, OSError) as e:
         print(f"data_prep: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -80,7 +80,8 @@ class CaseSlices:
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
-    """float32 (C, ...) raw -> float32 (C, ...) in [0, 1], per modality over its nonzero voxels."""
+    """float32 (C, ...) raw -> float32 (C, ...) in [0, 1], per modality over its nonzero voxels:
+    z = (x - mean) / std, u = clip((z + 3) / 6, 0, 1), 0 outside the brain (MRI volumes)."""
     out = np.zeros_like(image, dtype=np.float32)
     for c in range(image.shape[0]):
         x = image[c]
@@ -90,6 +91,20 @@ def normalise(image: np.ndarray) -> np.ndarray:
         z = (x[brain] - mean) / (std if std > 0 else 1.0)
         out[c][brain] = np.clip((z - Z_LO) / (Z_HI - Z_LO), 0.0, 1.0)
     return out
+
+
+def rgb_unit(image: np.ndarray) -> np.ndarray:
+    """8-bit RGB slices (the study's LGG .tif) -> u = x / 255, as the study feeds them (its only
+    normalisation is ImageNet's mean / std, which the Dataset applies)."""
+    return image.astype(np.float32) / 255.0
+
+
+# How raw intensities become u in [0, 1], by each source's ``intensity`` attribute.
+INTENSITY_RULES = {
+    "zscore": (normalise, "per case and modality: z-score over nonzero voxels, "
+                          "u = clip((z + 3) / 6, 0, 1), 0 outside; uint8 = round(255 u)"),
+    "rgb": (rgb_unit, "u = x / 255 (8-bit RGB slices, as the study); uint8 = round(255 u)"),
+}
 
 
 def _evenly(idx: np.ndarray, k: int) -> np.ndarray:
@@ -129,8 +144,9 @@ def resize(images: np.ndarray, masks: np.ndarray, size: int) -> tuple[np.ndarray
     return img, m[:, 0].to(torch.uint8).numpy()
 
 
-def process_volume(vol: Volume, *, size: int, rule: SliceRule) -> CaseSlices:
-    """Normalise, select and resize one loaded case."""
+def process_volume(vol: Volume, *, size: int, rule: SliceRule,
+                   intensity: str = "zscore") -> CaseSlices:
+    """Normalise (``INTENSITY_RULES[intensity]``), select and resize one loaded case."""
     if vol.image.shape[1:] != vol.labels.shape:
         raise DataError(f"image {vol.image.shape[1:]} and mask {vol.labels.shape} shapes differ",
                         case=vol.case_id)
@@ -139,7 +155,7 @@ def process_volume(vol: Volume, *, size: int, rule: SliceRule) -> CaseSlices:
     keep = select_slices(brain.sum(axis=(1, 2)), tumour.sum(axis=(1, 2)), rule)
     if len(keep) == 0:
         raise DataError("no slice passes the slice rule (empty brain?)", case=vol.case_id)
-    unit = normalise(vol.image)[:, keep]  # statistics over the whole volume, then select
+    unit = INTENSITY_RULES[intensity][0](vol.image)[:, keep]  # whole-volume statistics, then select
     images, masks = resize(unit.transpose(1, 0, 2, 3), tumour[keep], size)
     depth, h, w = vol.labels.shape
     n_tumour = int(tumour.sum())

@@ -101,6 +101,7 @@ class BratsSource:
 
     name = "brats"
     default_slice_mode = "brain"
+    intensity = "zscore"  # preprocess.INTENSITY_RULES
 
     def discover(self, root: Path) -> list[Case]:
         found: dict[str, tuple[Path, dict, tuple]] = {}
@@ -156,6 +157,7 @@ class MsdSource:
 
     name = "msd"
     default_slice_mode = "brain"
+    intensity = "zscore"
     labels = (0, 1, 2, 3)
 
     @staticmethod
@@ -249,6 +251,7 @@ class LggSource:
 
     name = "lgg"
     default_slice_mode = "all"  # the study trains on every slice of the set
+    intensity = "rgb"  # the study's 8-bit slices, as they are
     labels = (0, 255)
 
     def discover(self, root: Path) -> list[Case]:

@@ -96,16 +96,20 @@ Backend = Callable[..., None]  # backend(model, recipe, names, *, generator) -> 
 def emulator_backend(model: nn.Module, recipe: Recipe, names: list[str], *,
                      generator: torch.Generator | None = None) -> None:
     """The NVFP4 emulator (``nvfp4bench.layers``): linears and convolutions through
-    ``layers.quantized``, attention matmuls through ``layers.QuantizedMatmul``."""
+    ``layers.quantized``, attention matmuls through ``layers.QuantizedMatmul``. Every twin is
+    built (and checked) before the first swap, so a refused layer leaves the model untouched."""
     from nvfp4bench import layers
 
+    twins = {}
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, layers.Matmul):
             twin = layers.QuantizedMatmul(recipe, generator=generator)
         else:
             twin = layers.quantized(module, recipe, generator=generator, name=name)
-        set_submodule(model, name, twin.train(module.training))
+        twins[name] = twin.train(module.training)
+    for name, twin in twins.items():
+        set_submodule(model, name, twin)
 
 
 def te_backend(model: nn.Module, recipe: Recipe, names: list[str], *,
