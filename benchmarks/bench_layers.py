@@ -3,7 +3,7 @@
     python benchmarks/bench_layers.py steps   [--archs cnn vit swin] [--scale small]
                                               [--size 128] [--batch 8] [--reps 5]
                                               [--channels-last] [--threads N]
-                                              [--quant-backend eager|compiled|auto]
+                                              [--quant-kernels eager|compiled|auto]
                                               [--recipes fp32 nvfp4_full 2d_rht_sr]
     python benchmarks/bench_layers.py layers  [--reps 5] [--recipes ...]
     python benchmarks/bench_layers.py profile [--arch cnn] [--recipe 2d_rht_sr] [--top 25]
@@ -157,15 +157,15 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", default="2d_rht_sr")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quant-backend", default=None, choices=nvfp4.BACKENDS,
+    parser.add_argument("--quant-kernels", default=None, choices=nvfp4.BACKENDS,
                         help="nvfp4.set_backend(...) before timing (default: as is)")
     parser.add_argument("--channels-last", action="store_true",
                         help="model and batch in torch.channels_last (steps, profile)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quant_backend:
-        nvfp4.set_backend(args.quant_backend)
+    if args.quant_kernels:
+        nvfp4.set_backend(args.quant_kernels)
     print(f"# nvfp4 backend: {nvfp4.get_backend()}")
     {"steps": bench_steps, "layers": bench_layers, "profile": profile}[args.what](args)
     return 0

@@ -211,7 +211,7 @@ def run_train(args) -> list[dict]:
     recipes = [r for r in args.recipes.split(",") if r]
     if BASELINE_RECIPE not in recipes:
         recipes.insert(0, BASELINE_RECIPE)
-    nvfp4.set_backend(args.quant_backend)
+    nvfp4.set_backend(args.quant_kernels)
     cases, rows = [], []
     for name in recipes:
         case = TrainingCase(args.arch, args.scale, name, image_size=args.image_size,
@@ -223,7 +223,7 @@ def run_train(args) -> list[dict]:
         rows.append({"arch": args.arch, "scale": args.scale, "recipe": name,
                      "precision": case.precision, "image_size": args.image_size,
                      "batch_size": args.batch_size, "device": str(case.device),
-                     "quant_backend": args.quant_backend, "threads": torch.get_num_threads(),
+                     "quant_kernels": args.quant_kernels, "threads": torch.get_num_threads(),
                      "steps": args.steps, "warmup_ms": warmup_ms, "peak_mb": mem.peak_mb,
                      "quantized_layers": len(case.model.quantized_layers)})
     times = [[] for _ in cases]
@@ -241,7 +241,7 @@ def _print_train(rows: list[dict]) -> None:
     r0 = rows[0]
     print(f"training steps: {r0['arch']} {r0['scale']}, {r0['image_size']} px, batch "
           f"{r0['batch_size']}, {r0['device']} ({r0['precision']} baseline), quantizer "
-          f"{r0['quant_backend']}, torch {torch.__version__}, {r0['threads']} threads, median of "
+          f"{r0['quant_kernels']}, torch {torch.__version__}, {r0['threads']} threads, median of "
           f"{r0['steps']} steps")
     print(f"{'recipe':<12}{'step ms':>9}{'min ms':>9}{'x base':>8}{'peak MB':>9}"
           f"{'warm-up ms':>14}")
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--steps", type=int, default=5, help="timed steps per recipe (median)")
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
-    t.add_argument("--quant-backend", default="auto", choices=nvfp4.BACKENDS,
+    t.add_argument("--quant-kernels", default="auto", choices=nvfp4.BACKENDS,
                    help="the quantizer's kernels (nvfp4.set_backend)")
     for p in (q, t):
         p.add_argument("--device", default="cpu", help="cpu or cuda")

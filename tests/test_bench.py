@@ -22,7 +22,7 @@ def test_quant_prints_every_case_with_its_ratio_to_the_copy(capsys):
 def test_train_times_each_recipe_against_the_baseline(capsys):
     assert bench.main(["train", "--arch", "cnn", "--scale", "tiny", "--recipes", "nvfp4_full",
                        "--image-size", "32", "--batch-size", "2", "--steps", "1",
-                       "--warmup", "0", "--quant-backend", "eager", "--json"]) == 0
+                       "--warmup", "0", "--quant-kernels", "eager", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["recipe"] for r in rows] == [bench.BASELINE_RECIPE, "nvfp4_full"]
     assert rows[0]["ratio"] == 1.0 and rows[0]["quantized_layers"] == 0
