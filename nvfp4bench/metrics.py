@@ -449,14 +449,18 @@ class SegmentationMeter:
                  **patient_metrics(pred, target, self.spacing)}
                 for patient, pred, target in self.volumes()]
 
-    def compute(self) -> dict:
-        """Every metric as plain Python floats / ints (None where undefined)."""
+    def compute(self, patients: list[dict] | None = None) -> dict:
+        """Every metric as plain Python floats / ints (None where undefined).
+
+        ``patients``: the rows of ``per_patient()`` when the caller already has them (they cost a
+        distance transform and a labelling per patient); computed here otherwise."""
         n_pixels = sum(self._conf.values())
         out = {"auprc": self._ap.compute(), **scores_from_soft_counts(self._tp, self._fp, self._fn),
                "dice": self._dice_sum / self._n_images if self._n_images else None,
                **self._conf, "n_pixels": n_pixels, "n_images": self._n_images,
                "prevalence": (self._conf["tp"] + self._conf["fn"]) / n_pixels if n_pixels else None}
-        patients = self.per_patient() if self._slices else []
+        if patients is None:
+            patients = self.per_patient() if self._slices else []
         n_lesions = sum(p["n_lesions"] for p in patients)
         n_detected = sum(p["n_detected"] for p in patients)
         out.update({

@@ -356,8 +356,9 @@ def evaluate(model, loader, cell: Cell, part: str) -> dict:
     spacing = voxel_spacing(cell, cell.split[part])
     meter = SegmentationMeter(store=cell.store, spacing=spacing)
     _predict(model, loader, meter, cell)
-    return {**meter.compute(), "hd95_unit": "voxel" if spacing is None else "mm",
-            "spacing": spacing, "per_patient": meter.per_patient()}
+    rows = meter.per_patient()
+    return {**meter.compute(rows), "hd95_unit": "voxel" if spacing is None else "mm",
+            "spacing": spacing, "per_patient": rows}
 
 
 def measure_diagnostics(model, loader, loss_fn, cell: Cell) -> dict | None:

@@ -40,6 +40,11 @@ PATCH = 16            # patch size: a 256 px image is a 16 x 16 token grid
 DECODER_STAGES = 4    # log2(PATCH) upsampling stages of the token decoder
 DECODER_GROUPS = 8    # GroupNorm groups in the decoder (fewer when the channels need it)
 INIT_STD = 0.02       # truncated-normal std of linears, position embeddings and CLS
+# Module-name patterns (fnmatch) of the layers every NVFP4 recipe quantizes in ViT and Swin
+# (protocol.md), and of the attention matmuls, quantized only with quantize_attention=True.
+TRANSFORMER_QUANTIZED = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1",
+                         "blocks.*.mlp.fc2")
+TRANSFORMER_ATTENTION_MATMULS = ("blocks.*.attn.qk", "blocks.*.attn.av")
 TUMOUR_PRIOR = 0.01   # the output logit starts at this probability (see init_logit_prior)
 
 

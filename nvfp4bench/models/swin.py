@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvfp4bench.models.blocks import (INIT_STD, Attention, Block, PatchEmbed, TokenDecoder,
+from nvfp4bench.models.blocks import (INIT_STD, TRANSFORMER_ATTENTION_MATMULS, TRANSFORMER_QUANTIZED,
+                                      Attention, Block, PatchEmbed, TokenDecoder,
                                       check_input, drop_path_rates, init_transformer_weights,
                                       token_grid)
 
@@ -153,8 +154,8 @@ class WindowAttention(Attention):
 class Swin(nn.Module):
     """Isotropic Swin encoder with the shared token decoder; ``forward(x) -> (B, 1, H, W)``."""
 
-    QUANTIZED = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
-    ATTENTION_MATMULS = ("blocks.*.attn.qk", "blocks.*.attn.av")
+    QUANTIZED = TRANSFORMER_QUANTIZED
+    ATTENTION_MATMULS = TRANSFORMER_ATTENTION_MATMULS
 
     def __init__(self, config: SwinConfig, *, image_size: int = 256, in_channels: int = 3):
         super().__init__()

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvfp4bench.models.blocks import (INIT_STD, Attention, Block, PatchEmbed, TokenDecoder,
+from nvfp4bench.models.blocks import (INIT_STD, TRANSFORMER_ATTENTION_MATMULS, TRANSFORMER_QUANTIZED,
+                                      Attention, Block, PatchEmbed, TokenDecoder,
                                       check_input, drop_path_rates, init_transformer_weights,
                                       token_grid)
 
@@ -42,10 +43,8 @@ SCALES: dict[str, ViTConfig] = {
 class ViT(nn.Module):
     """Plain ViT encoder with the shared token decoder; ``forward(x) -> (B, 1, H, W)`` logits."""
 
-    # Module-name patterns (fnmatch) of the layers every NVFP4 recipe quantizes (protocol.md).
-    QUANTIZED = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
-    # The attention matmuls, quantized only with quantize_attention=True.
-    ATTENTION_MATMULS = ("blocks.*.attn.qk", "blocks.*.attn.av")
+    QUANTIZED = TRANSFORMER_QUANTIZED
+    ATTENTION_MATMULS = TRANSFORMER_ATTENTION_MATMULS
 
     def __init__(self, config: ViTConfig, *, image_size: int = 256, in_channels: int = 3):
         super().__init__()
