@@ -29,12 +29,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nvfp4bench import layers, nvfp4  # noqa: E402
-from nvfp4bench.models import build_model, quantize_model  # noqa: E402
+from nvfp4bench.bench import TrainingCase  # noqa: E402
 from nvfp4bench.recipes import get_recipe  # noqa: E402
 
 DEFAULT_RECIPES = ("fp32", "nvfp4_full", "2d_rht_sr")
@@ -46,25 +45,14 @@ def _generator(recipe: str):
 
 def model_step(arch: str, scale: str, recipe: str, size: int, batch: int,
                channels_last: bool = False):
-    """A closure running one QAT step of ``arch`` under ``recipe`` on a fixed random batch
-    (model and batch in the channels_last memory format when asked)."""
-    torch.manual_seed(0)
-    model = build_model(arch, scale, image_size=size, in_channels=3)
-    quantize_model(model, recipe, generator=_generator(recipe))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, size, size)
-    target = (torch.rand(batch, 1, size, size) > 0.9).float()
+    """A closure running one QAT step of ``arch`` under ``recipe`` on a fixed random batch: the
+    training case of ``python -m nvfp4bench.bench train`` (model and batch in the channels_last
+    memory format when asked)."""
+    case = TrainingCase(arch, scale, recipe, image_size=size, batch_size=batch, device="cpu")
     if channels_last:
-        model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.binary_cross_entropy_with_logits(model(x), target)
-        loss.backward()
-        opt.step()
-    return step
+        case.model.to(memory_format=torch.channels_last)
+        case.images = case.images.contiguous(memory_format=torch.channels_last)
+    return case.step
 
 
 def interleaved_medians(fns: dict, reps: int) -> tuple[dict, dict]:

@@ -10,7 +10,9 @@
     times training steps (forward, BCE loss on random data, backward, AdamW step) for each recipe,
     after warm-up steps, the recipes taking turns step by step, and prints the median step, its
     ratio to the unquantized baseline of the same compute dtype (recipe ``bf16``: fp32 on the CPU,
-    bf16 autocast on CUDA) and the peak memory of one step.
+    bf16 autocast on CUDA), the peak memory of one step, and the seconds of training steps in one
+    epoch of ``--epoch-slices`` slices (default 3,929, the study's LGG set, the number the issue on
+    performance uses): median step x ceil(slices / batch), evaluation not included.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before the
 steps; on the CPU the growth of the process's resident peak (``VmHWM`` in ``/proc/self/status``,
@@ -27,6 +29,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -36,6 +39,7 @@ import torch
 
 from nvfp4bench import nvfp4
 
+EPOCH_SLICES = 3929  # slices per epoch for the epoch-time column (the LGG set's slice count)
 BASELINE_RECIPE = "bf16"  # no NVFP4, the device's high precision (fp32 on CPU, bf16 on CUDA)
 QUANT_CASES = ("copy", "rn_1x16", "rn_16x16", "sr_1x16", "rht_sr_1x16")
 
@@ -231,9 +235,11 @@ def run_train(args) -> list[dict]:
         for case, t in zip(cases, times):
             t.append(_timed(case.step, case.device))
     base = statistics.median(times[0])
+    steps_per_epoch = math.ceil(args.epoch_slices / args.batch_size)
     for row, t in zip(rows, times):
         row.update(step_ms=statistics.median(t), min_step_ms=min(t),
-                   ratio=statistics.median(t) / base)
+                   ratio=statistics.median(t) / base, epoch_slices=args.epoch_slices,
+                   epoch_s=statistics.median(t) * steps_per_epoch / 1000)
     return rows
 
 
@@ -242,14 +248,14 @@ def _print_train(rows: list[dict]) -> None:
     print(f"training steps: {r0['arch']} {r0['scale']}, {r0['image_size']} px, batch "
           f"{r0['batch_size']}, {r0['device']} ({r0['precision']} baseline), quantizer "
           f"{r0['quant_kernels']}, torch {torch.__version__}, {r0['threads']} threads, median of "
-          f"{r0['steps']} steps")
-    print(f"{'recipe':<12}{'step ms':>9}{'min ms':>9}{'x base':>8}{'peak MB':>9}"
+          f"{r0['steps']} steps; epoch s = training steps of one {r0['epoch_slices']}-slice epoch")
+    print(f"{'recipe':<12}{'step ms':>9}{'min ms':>9}{'x base':>8}{'epoch s':>9}{'peak MB':>9}"
           f"{'warm-up ms':>14}")
     for r in rows:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         warm = "/".join(f"{t:.0f}" for t in r["warmup_ms"])
         print(f"{r['recipe']:<12}{r['step_ms']:>9.0f}{r['min_step_ms']:>9.0f}{r['ratio']:>8.2f}"
-              f"{peak:>9}{warm:>14}")
+              f"{r['epoch_s']:>9.1f}{peak:>9}{warm:>14}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--steps", type=int, default=5, help="timed steps per recipe (median)")
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    t.add_argument("--epoch-slices", type=int, default=EPOCH_SLICES,
+                   help="slices per epoch for the 'epoch s' column (default: %(default)s)")
     t.add_argument("--quant-kernels", default="auto", choices=nvfp4.BACKENDS,
                    help="the quantizer's kernels (nvfp4.set_backend)")
     for p in (q, t):
@@ -308,7 +316,7 @@ def _check_args(args) -> None:
                              f"got {args.scale!r}")
         for name in args.recipes.split(","):
             get_recipe(name)  # a ValueError listing the valid names
-        for opt in ("image_size", "batch_size", "steps"):
+        for opt in ("image_size", "batch_size", "steps", "epoch_slices"):
             if getattr(args, opt) < 1:
                 raise ValueError(f"--{opt.replace('_', '-')} must be >= 1")
         if args.warmup < 0:

@@ -36,8 +36,8 @@ Backends (speed only; the bits are the same)
 ``fake_quantize`` makes two passes over the tensor: the block amax, then the elementwise
 ``x -> x_hat`` (scale, E2M1 cast, dequantize), with the scale math on the small (M, K/16) block
 tensors in between. They run as eager PyTorch (``"eager"``, the default; on a one-thread CPU in
-row chunks of ``EAGER_CHUNK`` elements so that the temporaries stay in cache) or as kernels
-made by ``torch.compile`` (``"compiled"``; ``"auto"`` compiles CPU tensors of at least
+row chunks of ``EAGER_CHUNK`` elements so that the temporaries stay in cache) or as one graph
+made by ``torch.compile`` per call (``"compiled"``; ``"auto"`` compiles CPU tensors of at least
 ``COMPILE_MIN_NUMEL`` elements and falls back to eager, with one warning, when compiling fails).
 Pick one with ``set_backend(name)`` or ``with use_backend(name):``. Both run the same
 functions in the same order (``_dequantized``, ``_block_scales_f32``); the only difference is
@@ -83,7 +83,10 @@ _F32_E4M3_MIN_STEP = 0x3B000000  # bits of 2**-9, the E4M3 subnormal step
 _F32_EXPONENT_NEGATE = 0x7F000000  # minus the bits of 2**s: the bits of 2**-s
 
 BACKENDS = ("eager", "compiled", "auto")
-COMPILE_MIN_NUMEL = 1 << 15  # "auto" compiles tensors with at least this many elements (crossover)
+# "auto" compiles tensors with at least this many elements. One compiled call costs ~40 us of
+# dynamo overhead; it still beat eager from 192 elements up (1 thread: 60 vs 100 us), so the bound
+# only keeps tiny tensors (and their size-1 recompilations) eager.
+COMPILE_MIN_NUMEL = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -308,38 +311,37 @@ def _dequantized(x3, scale, encode, s_dec, noise, mode: str, out=None) -> torch.
     return torch.mul(_e2m1_values(x3, encode, noise, mode) * scale, s_dec, out=out)
 
 
-# Compiled kernels; one function per kernel and rounding (dynamo's recompilation limit counts per
-# function). The scale math gets its own kernel, vectorized over blocks: fused into the
-# elementwise loop it would run once per block in scalar code (three divisions each).
-def _block_amax_kernel(x3: torch.Tensor) -> torch.Tensor:
-    return _block_amax(x3)
+# Compiled kernels: each is one torch.compile graph (one call, one set of guards: the per-call
+# overhead, not the arithmetic, dominates the small tensors of a transformer's layers), one
+# function per rounding (dynamo's recompilation limit counts per function). The block scales are
+# returned as well: an output is stored once per block, where an intermediate would be inlined
+# into the elementwise loop and recomputed, three scalar divisions, for every element.
+def _fake_quantize_graph(x3, tile_rows: int, amax, noise, mode: str):
+    """Block amax, tile max, tensor amax (unless given), scales and x_hat of (M, K/16, 16) x3."""
+    bamax = _tile_amax(_block_amax(x3), tile_rows)
+    if amax is None:
+        amax = bamax.amax()
+    scale, encode, s_dec = _block_scales_f32(bamax, amax, _e4m3_round)  # FP8 rounding in fp32
+    return _dequantized(x3, scale, encode, s_dec, noise, mode), scale, encode
 
 
-def _scales_kernel(bamax: torch.Tensor, amax: torch.Tensor):
-    return _block_scales_f32(bamax, amax, _e4m3_round)  # the FP8 rounding in fp32 arithmetic
+def _rn_kernel(x3, tile_rows: int, amax):
+    return _fake_quantize_graph(x3, tile_rows, amax, None, "rn")
 
 
-def _rn_kernel(x3, scale, encode, s_dec) -> torch.Tensor:
-    return _dequantized(x3, scale, encode, s_dec, None, "rn")
-
-
-def _sr_kernel(x3, scale, encode, s_dec, noise, mode: str) -> torch.Tensor:
-    return _dequantized(x3, scale, encode, s_dec, noise, mode)
+def _sr_kernel(x3, tile_rows: int, amax, noise, mode: str):
+    return _fake_quantize_graph(x3, tile_rows, amax, noise, mode)
 
 
 def _fake_quantize_compiled(x: torch.Tensor, tile_rows: int, amax, noise, mode: str):
-    """The compiled path: block amax, (small, eager) tile max and tensor amax, scales, x_hat.
-    The kernels see 1x16 blocks, (M, K/16, 16), whatever the tile; reshaping outside them keeps
-    every view a view (inside, dynamic shapes would make ``view(M, K)`` a copy)."""
+    """The compiled path: one kernel call on 1x16 blocks (M, K/16, 16), whatever the tile;
+    reshaping outside it keeps every view a view (inside, dynamic shapes would make
+    ``view(M, K)`` a copy)."""
     x3 = _row_blocks(x)
-    bamax = _tile_amax(_compiled(_block_amax_kernel)(x3), tile_rows)
-    if amax is None:
-        amax = bamax.amax()
-    scales = _compiled(_scales_kernel)(bamax, amax)
     if noise is None:
-        out = _compiled(_rn_kernel)(x3, *scales)
+        out, _, _ = _compiled(_rn_kernel)(x3, tile_rows, amax)
     else:
-        out = _compiled(_sr_kernel)(x3, *scales, noise.view(x3.shape), mode)
+        out, _, _ = _compiled(_sr_kernel)(x3, tile_rows, amax, noise.view(x3.shape), mode)
     return out.view(x.shape)
 
 
@@ -427,7 +429,8 @@ def _use_compiled(x: torch.Tensor) -> bool:
 
 def _compiled(kernel):
     """``torch.compile(kernel)``, made on first use, with dynamic shapes: one compilation serves
-    every shape (a new one only for a size-1 dimension, the other tile or rounding mode)."""
+    every shape (a new one for a size-1 dimension, the other tile, SR mode, a given amax, or an
+    input that is a view of a differently laid-out tensor: ~5 per function in a training run)."""
     fn = _compiled_kernels.get(kernel.__name__)
     if fn is None:
         fn = _compiled_kernels[kernel.__name__] = torch.compile(kernel, dynamic=True,

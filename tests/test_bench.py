@@ -22,12 +22,15 @@ def test_quant_prints_every_case_with_its_ratio_to_the_copy(capsys):
 def test_train_times_each_recipe_against_the_baseline(capsys):
     assert bench.main(["train", "--arch", "cnn", "--scale", "tiny", "--recipes", "nvfp4_full",
                        "--image-size", "32", "--batch-size", "2", "--steps", "1",
-                       "--warmup", "0", "--quant-kernels", "eager", "--json"]) == 0
+                       "--warmup", "0", "--quant-kernels", "eager", "--epoch-slices", "5",
+                       "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["recipe"] for r in rows] == [bench.BASELINE_RECIPE, "nvfp4_full"]
     assert rows[0]["ratio"] == 1.0 and rows[0]["quantized_layers"] == 0
     assert rows[1]["quantized_layers"] > 0 and rows[1]["step_ms"] > 0
-    assert all(set(r) >= {"recipe", "step_ms", "ratio", "peak_mb"} for r in rows)
+    assert all(set(r) >= {"recipe", "step_ms", "ratio", "peak_mb", "epoch_s"} for r in rows)
+    for r in rows:  # 5 slices in batches of 2: three steps per epoch
+        assert r["epoch_s"] == pytest.approx(3 * r["step_ms"] / 1000)
     nvfp4.set_backend("eager")
 
 
@@ -38,8 +41,34 @@ def test_train_times_each_recipe_against_the_baseline(capsys):
     (["train", "--recipes", "nvfp4_fast"], "unknown recipe"),
     (["train", "--arch", "mlp"], "--arch"),
     (["train", "--steps", "0"], "--steps"),
+    (["train", "--epoch-slices", "0"], "--epoch-slices"),
 ])
 def test_bad_arguments_exit_2_without_a_traceback(argv, message, capsys):
     assert bench.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def _bench_layers_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layers.py"
+    spec = importlib.util.spec_from_file_location("bench_layers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layer_benchmark_prints_a_step_ratio_per_recipe(capsys):
+    bench_layers = _bench_layers_module()
+    previous = nvfp4.get_backend()
+    try:
+        assert bench_layers.main(["steps", "--archs", "cnn", "--scale", "tiny", "--size", "32",
+                                  "--batch", "2", "--reps", "1", "--quant-kernels", "eager",
+                                  "--recipes", "fp32", "nvfp4_full"]) == 0
+    finally:
+        nvfp4.set_backend(previous)
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cnn |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[1].endswith(" ms") and cells[2].endswith("x)")  # fp32 ms; nvfp4_full ms (ratio)
