@@ -183,6 +183,14 @@ class Columnwise:
         return nvfp4.fake_quantize(buf, rht=self.rht, sr=self.sr,
                                    generator=generator if self.sr else None, amax=amax)
 
+    def of_tokens(self, t: torch.Tensor, generator=None) -> torch.Tensor:
+        """``apply(tokens_last(t))`` for an (..., M, C) tensor; quantized straight from t's
+        layout (``nvfp4.fake_quantize_columnwise``, the same bits) when no RHT comes first."""
+        if self.quantize and not self.rht:
+            return nvfp4.fake_quantize_columnwise(t, sr=self.sr,
+                                                  generator=generator if self.sr else None)
+        return self.apply(tokens_last(t), generator)
+
 
 HIGH_PRECISION = Columnwise()
 
@@ -576,8 +584,8 @@ class NVFP4Linear(torch.autograd.Function):
                 # wgrad: dW (..., N, K) = B(dY^T) (..., N, Mp) @ A(X^T) (..., K, Mp)^T
                 n, k = dy.shape[-1], x_saved.shape[-1]
                 g_spec, a_spec = policy.wgrad_columns(roles)
-                gt = g_spec.apply(tokens_last(dy), roles.generator)
-                xt = a_spec.apply(tokens_last(x_saved), roles.generator)
+                gt = g_spec.of_tokens(dy, roles.generator)
+                xt = a_spec.of_tokens(x_saved, roles.generator)
                 batch = dy.shape[:-2]
                 dw = gemm(gt.view(*batch, n, -1), xt.view(*batch, k, -1)).to(ctx.dtypes[1])
             if ctx.has_bias and ctx.needs_input_grad[2]:

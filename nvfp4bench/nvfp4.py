@@ -29,7 +29,9 @@ back into fp32, ``fake_quantize`` fuses both without materialising codes (the tr
 ``pack`` packs codes two per byte, ``rht`` rotates a tensor. Every function takes a 2-D tensor
 and blocks along its last dimension, whose length must be a multiple of 16 (the row count too
 with 16x16 tiles; with 1x16 blocks any row count, as if zero-padded); callers transpose for a
-columnwise copy, as TE's columnwise path does.
+columnwise copy, as TE's columnwise path does, or call ``fake_quantize_columnwise``, which
+makes the (RN or SR, not rotated) columnwise copy of an (..., M, C) tensor without transposing
+it first.
 
 Backends (speed only; the bits are the same)
 --------------------------------------------
@@ -337,12 +339,54 @@ def _fake_quantize_compiled(x: torch.Tensor, tile_rows: int, amax, noise, mode: 
     """The compiled path: one kernel call on 1x16 blocks (M, K/16, 16), whatever the tile;
     reshaping outside it keeps every view a view (inside, dynamic shapes would make
     ``view(M, K)`` a copy)."""
-    x3 = _row_blocks(x)
+    x3 = _plain(_row_blocks(x))
     if noise is None:
         out, _, _ = _compiled(_rn_kernel)(x3, tile_rows, amax)
     else:
-        out, _, _ = _compiled(_sr_kernel)(x3, tile_rows, amax, noise.view(x3.shape), mode)
+        out, _, _ = _compiled(_sr_kernel)(x3, tile_rows, amax, _plain(noise.view(x3.shape)), mode)
     return out.view(x.shape)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor that is not a view (``detach`` drops ``_base``; same data): dynamo
+    guards a view's base layout too, and each new base layout would cost a recompilation."""
+    return t.detach()
+
+
+def _columns_graph(x3, mp: int, amax, noise, mode: str, to_e4m3=_e4m3_round):
+    """fake_quantize of each ``x3[b]^T`` (C, Mp) computed in x's own (B, M, C) layout, where a
+    block is 16 consecutive rows of one column (read along the contiguous C, no transposed copy
+    first); returns (B, C, Mp / 16, 16), the transposed layout, written once."""
+    b, m, c = x3.shape
+    blocks = torch.constant_pad_nd(x3, (0, 0, 0, mp - m)).view(b, mp // BLOCK, BLOCK, c)
+    bamax = blocks.abs().amax(dim=2, keepdim=True)  # (B, Mp/16, 1, C)
+    if amax is None:
+        amax = bamax.amax()
+    scale, encode, s_dec = _block_scales_f32(bamax, amax, to_e4m3)
+    if noise is not None:  # drawn for the (B * C, Mp) result: element [b, c, t] for token t
+        noise = noise.view(b, c, mp // BLOCK, BLOCK).permute(0, 2, 3, 1)
+    out = _dequantized(blocks, scale, encode, s_dec, noise, mode)
+    return out.permute(0, 3, 1, 2).contiguous(), scale, encode
+
+
+def _columns_rn_kernel(x3, mp: int, amax):
+    return _columns_graph(x3, mp, amax, None, "rn")
+
+
+def _columns_sr_kernel(x3, mp: int, amax, noise, mode: str):
+    return _columns_graph(x3, mp, amax, noise, mode)
+
+
+def _fake_quantize_columns_compiled(x3, mp: int, amax, noise, mode: str):
+    if noise is None:
+        out, _, _ = _compiled(_columns_rn_kernel)(_plain(x3), mp, amax)
+    else:
+        out, _, _ = _compiled(_columns_sr_kernel)(_plain(x3), mp, amax, _plain(noise), mode)
+    return out
+
+
+def _fake_quantize_columns_eager(x3, mp: int, amax, noise, mode: str):
+    return _columns_graph(x3, mp, amax, noise, mode, _e4m3_cast)[0]
 
 
 def _chunked_eager() -> bool:
@@ -385,7 +429,7 @@ def _fake_quantize_eager(x: torch.Tensor, tile_rows: int, amax, noise, mode: str
 # --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
-_state = {"backend": "eager", "compile_error": None}
+_state = {"backend": "eager", "compile_error": None, "recompile_limit_warned": False}
 _compiled_kernels: dict = {}
 
 
@@ -438,12 +482,27 @@ def _compiled(kernel):
     return fn
 
 
+def _is_recompile_limit(err: Exception) -> bool:
+    """dynamo's ``FailOnRecompileLimitHit`` (by name: ``torch._dynamo.exc`` is private)."""
+    return any(c.__name__ == "FailOnRecompileLimitHit" for c in type(err).__mro__)
+
+
 def _run_compiled(compiled, eager, *args):
     """``compiled(*args)``; under ``"auto"`` a failed compilation warns once and falls back to
-    ``eager(*args)`` from then on; under ``"compiled"`` it raises."""
+    ``eager(*args)`` from then on; under ``"compiled"`` it raises. A kernel that has reached
+    dynamo's recompilation limit (``torch._dynamo.config.recompile_limit`` variants: shapes
+    with a size-1 dimension, tiles, SR modes, ...) runs its further variants eager, either
+    way, with one warning: the same bits, and the compiled variants stay in use."""
     try:
         return compiled(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure: report once, then go eager
+        if _is_recompile_limit(err):
+            if not _state["recompile_limit_warned"]:
+                _state["recompile_limit_warned"] = True
+                warnings.warn("nvfp4: a compiled kernel reached dynamo's recompilation limit; "
+                              "its new shape variants run eager (same bits)", RuntimeWarning,
+                              stacklevel=3)
+            return eager(*args)
         if _state["backend"] == "compiled":
             raise
         _state["compile_error"] = f"{type(err).__name__}: {err}"
@@ -588,6 +647,39 @@ def fake_quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bo
     with torch.no_grad():  # no autograd history: the QAT layers define their own backward
         x, tile = _prepare(x.detach(), tile, rht, "fake_quantize")
         return _fake_quantize_2d(x, tile, sr, generator, sr_mode, amax)
+
+
+def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,
+                             generator: torch.Generator | None = None, sr_mode: str = "hardware",
+                             amax: torch.Tensor | None = None) -> torch.Tensor:
+    """The columnwise (wgrad) copy of an (..., M, C) operand: ``fake_quantize`` of each matrix
+    transposed, (C, M), its tokens zero-padded to Mp (a multiple of 16), stacked as
+    (prod(...) * C, Mp) fp32. The same bits, random draws and amax (one over all matrices) as
+    ``fake_quantize(t)`` of that transposed, padded copy ``t``, without making the copy: the
+    blocks (16 consecutive rows of one column) are read in x's layout and the result is
+    written transposed. No RHT (rotate and transpose first, then ``fake_quantize(rht=True)``).
+    """
+    if sr:
+        _check_sr(generator, sr_mode)
+    if x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"fake_quantize_columnwise: expected a floating-point (..., M, C) "
+                         f"tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    *batch, m, c = x.shape  # C, the copy's row count, is free (1x16 blocks)
+    mp = -(-m // BLOCK) * BLOCK
+    with torch.no_grad():
+        x3 = x.detach().float().reshape(-1, m, c).contiguous()
+        if amax is not None:
+            amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        if x3.numel() == 0:
+            return x3.new_zeros(x3.shape[0] * c, mp)
+        noise = _draw_noise((x3.shape[0] * c, mp), generator, sr_mode, x.device) if sr else None
+        args = (x3, mp, amax, noise, sr_mode if sr else "rn")
+        if _use_compiled(x3):
+            out = _run_compiled(_fake_quantize_columns_compiled, _fake_quantize_columns_eager,
+                                *args)
+        else:
+            out = _fake_quantize_columns_eager(*args)
+        return out.view(x3.shape[0] * c, mp)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """NVFP4 quantizer: known answers (nvfp4.md section 8), an independent NumPy reference, and
 properties (error bound, idempotence, SR neighbours and unbiasedness, determinism, RHT)."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -423,6 +425,40 @@ def test_chunked_eager_path_equals_one_chunk(monkeypatch, tile, sr):
         assert torch.equal(_bits(chunked), _bits(ref))
 
 
+def _transposed_padded(x: torch.Tensor) -> torch.Tensor:
+    """(..., M, C) -> each matrix transposed, tokens zero-padded to a multiple of 16, stacked."""
+    t = x.reshape(-1, *x.shape[-2:]).mT
+    return torch.nn.functional.pad(t, (0, -t.shape[-1] % 16)).reshape(-1, t.shape[-1] + (
+        -t.shape[-1] % 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_columnwise_copy_is_fake_quantize_of_the_transposed_padded_copy(backend, batch):
+    """Quantized in x's own layout and written transposed: the same bits as transposing first
+    (RN against the NumPy reference), the same random draws with SR, the same given amax.
+    x^T holds the adversarial rows; 90 or 28 tokens, so the copy is zero-padded."""
+    x = _adversarial(7).mT[:84].reshape(3, 28, 64) if batch == 3 else _adversarial(7).mT[:90]
+    t = _transposed_padded(x)
+    ref = torch.from_numpy(_reference_fake_quantize(t.numpy(), 1))
+    with nvfp4.use_backend(backend):
+        assert torch.equal(_bits(nvfp4.fake_quantize_columnwise(x)), _bits(ref))
+        for mode in ("hardware", "ideal"):
+            ours = nvfp4.fake_quantize_columnwise(x, sr=True, sr_mode=mode,
+                                                  generator=torch.Generator().manual_seed(2))
+            theirs = fake_quantize(t, sr=True, sr_mode=mode,
+                                   generator=torch.Generator().manual_seed(2))
+            assert torch.equal(_bits(ours), _bits(theirs))
+        amax = torch.tensor(3e4)
+        assert torch.equal(_bits(nvfp4.fake_quantize_columnwise(x, amax=amax)),
+                           _bits(fake_quantize(t, amax=amax)))
+
+
+def test_columnwise_copy_refuses_a_vector():
+    with pytest.raises(ValueError, match=r"\(\.\.\., M, C\)"):
+        nvfp4.fake_quantize_columnwise(torch.ones(32))
+
+
 def test_auto_backend_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
@@ -440,6 +476,30 @@ def test_auto_backend_falls_back_to_eager_with_one_warning(monkeypatch):
     assert "no C++ compiler" in nvfp4._state["compile_error"]
     assert torch.equal(first, fake_quantize(x)) and torch.equal(second, first)
     assert nvfp4.get_backend() == "eager"  # use_backend restored the default
+
+
+@pytest.mark.parametrize("backend", ["compiled", "auto"])
+def test_a_kernel_at_the_recompile_limit_runs_that_call_eager(monkeypatch, backend):
+    class FailOnRecompileLimitHit(RuntimeError):  # dynamo's exception, matched by name
+        pass
+
+    def at_limit(*args):
+        raise FailOnRecompileLimitHit("recompile_limit reached")
+
+    monkeypatch.setattr(nvfp4, "_fake_quantize_compiled", at_limit)
+    monkeypatch.setitem(nvfp4._state, "recompile_limit_warned", False)
+    monkeypatch.setitem(nvfp4._state, "compile_error", None)
+    x = _adversarial(1)
+    with nvfp4.use_backend(backend):
+        with pytest.warns(RuntimeWarning, match="recompilation limit"):
+            first = fake_quantize(x)
+        with warnings.catch_warnings(record=True) as later:
+            warnings.simplefilter("always")
+            second = fake_quantize(x)
+    assert not later  # one warning per process
+    assert nvfp4._state["recompile_limit_warned"] and nvfp4._state["compile_error"] is None
+    ref = torch.from_numpy(_reference_fake_quantize(x.numpy(), 1))
+    assert torch.equal(_bits(first), _bits(ref)) and torch.equal(_bits(second), _bits(ref))
 
 
 def test_auto_backend_leaves_small_tensors_eager(monkeypatch):
