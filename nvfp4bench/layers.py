@@ -91,7 +91,6 @@ Choices made here
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -123,24 +122,9 @@ def _token_buffer(rows: int, m: int, device) -> torch.Tensor:
     return buf
 
 
-def tokens_last(t: torch.Tensor) -> torch.Tensor:
-    """The wgrad buffer of an (..., M, C) operand: fp32 (prod(...) * C, Mp) holding t^T.
-
-    Tokens run along the last dim, zero-padded to Mp (a multiple of 16).
-    """
-    *batch, m, c = t.shape
-    buf = _token_buffer(c * math.prod(batch), m, t.device)
-    if batch:
-        buf.view(*batch, c, -1)[..., :m].copy_(t.mT)
-    elif buf.shape[1] == m:
-        buf.copy_(t.mT)  # a 2-D transpose into a contiguous tensor: torch's blocked copy
-    else:
-        buf[:, :m].copy_(t.mT.contiguous())  # the same, then a plain copy of the rows
-    return buf
-
-
 def _tokens_last_cnhw(src_cnhw: torch.Tensor) -> torch.Tensor:
-    """tokens_last of a (C, N, H, W) view (an NCHW tensor permuted): fp32 (C, Mp), one copy."""
+    """The columnwise copy of a (C, N, H, W) view (an NCHW tensor permuted), tokens (N, H, W):
+    fp32 (C, Mp), one copy."""
     c, n, h, w = src_cnhw.shape
     buf = _token_buffer(c, n * h * w, src_cnhw.device)
     buf[:, :n * h * w].view(c, n, h, w).copy_(src_cnhw)
@@ -184,12 +168,13 @@ class Columnwise:
                                    generator=generator if self.sr else None, amax=amax)
 
     def of_tokens(self, t: torch.Tensor, generator=None) -> torch.Tensor:
-        """``apply(tokens_last(t))`` for an (..., M, C) tensor; quantized straight from t's
-        layout (``nvfp4.fake_quantize_columnwise``, the same bits) when no RHT comes first."""
+        """``apply(nvfp4.columnwise_copy(t))`` for an (..., M, C) tensor; with
+        ``nvfp4.fake_quantize_columnwise`` (no copy first on the compiled backend) when no RHT
+        comes first."""
         if self.quantize and not self.rht:
             return nvfp4.fake_quantize_columnwise(t, sr=self.sr,
                                                   generator=generator if self.sr else None)
-        return self.apply(tokens_last(t), generator)
+        return self.apply(nvfp4.columnwise_copy(t), generator)
 
 
 HIGH_PRECISION = Columnwise()

@@ -440,6 +440,7 @@ def test_columnwise_copy_is_fake_quantize_of_the_transposed_padded_copy(backend,
     x^T holds the adversarial rows; 90 or 28 tokens, so the copy is zero-padded."""
     x = _adversarial(7).mT[:84].reshape(3, 28, 64) if batch == 3 else _adversarial(7).mT[:90]
     t = _transposed_padded(x)
+    assert torch.equal(nvfp4.columnwise_copy(x), t)
     ref = torch.from_numpy(_reference_fake_quantize(t.numpy(), 1))
     with nvfp4.use_backend(backend):
         assert torch.equal(_bits(nvfp4.fake_quantize_columnwise(x)), _bits(ref))
