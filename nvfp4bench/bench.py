@@ -11,8 +11,8 @@
     after warm-up steps, the recipes taking turns step by step, and prints the median step, its
     ratio to the unquantized baseline of the same compute dtype (recipe ``bf16``: fp32 on the CPU,
     bf16 autocast on CUDA), the peak memory of one step, and the seconds of training steps in one
-    epoch of ``--epoch-slices`` slices (default 3,929, the study's LGG set, the number the issue on
-    performance uses): median step x ceil(slices / batch), evaluation not included.
+    epoch of ``--epoch-slices`` slices (default 3,929, the slice count of the study's LGG set):
+    median step x ceil(slices / batch), evaluation not included.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before the
 steps; on the CPU the growth of the process's resident peak (``VmHWM`` in ``/proc/self/status``,
