@@ -32,8 +32,6 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 16  # tokens per columnwise block / RHT tile
-
 
 def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b^T`` in fp32: a (..., M, K), b (..., N, K) -> (..., M, N).
@@ -52,11 +50,6 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> t
 def bias_grad(dy_tokens: torch.Tensor) -> torch.Tensor:
     """``db = sum over tokens of dY``: dy_tokens (M, N) -> (N,), fp32, high-precision dY."""
     return dy_tokens.float().contiguous().sum(0)
-
-
-def padded_tokens(m: int) -> int:
-    """M rounded up to a multiple of 16: the token count of a columnwise (wgrad) copy."""
-    return -(-m // BLOCK) * BLOCK
 
 
 def axis_window(offset: int, stride: int, pad: int, n_out: int, n_in: int) -> tuple[slice, slice]:

@@ -98,7 +98,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nvfp4bench import nvfp4
-from nvfp4bench.gemm import BLOCK, ConvGeometry, axis_window, bias_grad, gemm, padded_tokens
+from nvfp4bench.gemm import ConvGeometry, axis_window, bias_grad, gemm
+from nvfp4bench.nvfp4 import BLOCK, padded_tokens
 from nvfp4bench.recipes import Recipe, get_recipe
 
 ROW_BLOCK = (1, BLOCK)

@@ -382,7 +382,7 @@ def _columns_sr_kernel(x3, mp: int, amax, noise, mode: str):
 def _fake_quantize_columns_compiled(x: torch.Tensor, amax, noise, mode: str):
     """(..., M, C) x -> (prod(...) * C, Mp), as one (B, M, C) kernel call."""
     m, c = x.shape[-2:]
-    x3, mp = _plain(x.reshape(-1, m, c)), _padded_tokens(m)
+    x3, mp = _plain(x.reshape(-1, m, c)), padded_tokens(m)
     if noise is None:
         out, _, _ = _compiled(_columns_rn_kernel)(x3, mp, amax)
     else:
@@ -662,7 +662,8 @@ def _check_tokens_first(x: torch.Tensor, what: str) -> None:
                          f"of shape {tuple(x.shape)}")
 
 
-def _padded_tokens(m: int) -> int:
+def padded_tokens(m: int) -> int:
+    """M rounded up to a multiple of 16: the token count of a columnwise (wgrad) copy."""
     return -(-m // BLOCK) * BLOCK
 
 
@@ -672,7 +673,7 @@ def columnwise_copy(x: torch.Tensor) -> torch.Tensor:
     fp32 (prod(...) * C, Mp). The copy (C rows) may have any row count."""
     _check_tokens_first(x, "columnwise_copy")
     *batch, m, c = x.shape
-    mp = _padded_tokens(m)
+    mp = padded_tokens(m)
     copy = torch.empty(c * math.prod(batch), mp, device=x.device)
     copy[:, m:].zero_()
     if batch:
@@ -699,7 +700,7 @@ def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,
         x = x.detach().float().contiguous()
         if amax is not None:
             amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
-        shape = (math.prod(x.shape[:-2]) * x.shape[-1], _padded_tokens(x.shape[-2]))
+        shape = (math.prod(x.shape[:-2]) * x.shape[-1], padded_tokens(x.shape[-2]))
         if x.numel() == 0:
             return x.new_zeros(shape)
         noise = _draw_noise(shape, generator, sr_mode, x.device) if sr else None
