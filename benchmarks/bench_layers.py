@@ -32,9 +32,9 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nvfp4bench import layers, nvfp4  # noqa: E402
+from nvfp4bench.quant import kernels, linear, twins  # noqa: E402
 from nvfp4bench.bench import TrainingCase  # noqa: E402
-from nvfp4bench.recipes import get_recipe  # noqa: E402
+from nvfp4bench.quant.recipes import get_recipe  # noqa: E402
 
 DEFAULT_RECIPES = ("fp32", "nvfp4_full", "2d_rht_sr")
 
@@ -114,7 +114,7 @@ def bench_layers(args) -> None:
                 x.grad = None
                 layer(x).square().mean().backward()
             return run
-        fns = {r: closure(layers.quantized(module, r, generator=_generator(r)))
+        fns = {r: closure(twins.quantized(module, r, generator=_generator(r)))
                for r in args.recipes}
         t, ratio = interleaved_medians(fns, args.reps)
         cells = [f"{t[r] * 1e3:.1f} ms" + ("" if r == args.recipes[0] else
@@ -145,16 +145,16 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", default="2d_rht_sr")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quant-kernels", default=None, choices=nvfp4.BACKENDS,
-                        help="nvfp4.set_backend(...) before timing (default: as is)")
+    parser.add_argument("--quant-kernels", default=None, choices=kernels.BACKENDS,
+                        help="kernels.set_backend(...) before timing (default: as is)")
     parser.add_argument("--channels-last", action="store_true",
                         help="model and batch in torch.channels_last (steps, profile)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quant_kernels:
-        nvfp4.set_backend(args.quant_kernels)
-    print(f"# nvfp4 backend: {nvfp4.get_backend()}")
+        kernels.set_backend(args.quant_kernels)
+    print(f"# nvfp4 backend: {kernels.get_backend()}")
     {"steps": bench_steps, "layers": bench_layers, "profile": profile}[args.what](args)
     return 0
 

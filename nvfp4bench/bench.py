@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from nvfp4bench import nvfp4
+from nvfp4bench.quant import kernels, nvfp4
 
 EPOCH_SLICES = 3929  # slices per epoch for the epoch-time column (the LGG set's slice count)
 BASELINE_RECIPE = "bf16"  # no NVFP4, the device's high precision (fp32 on CPU, bf16 on CUDA)
@@ -71,8 +71,8 @@ def _quant_calls(x: torch.Tensor, backend: str, seed: int = 0) -> dict:
 
     def on_backend(kw):
         def call():
-            with nvfp4.use_backend(backend):
-                return nvfp4.fake_quantize(x, **kw)
+            with kernels.use_backend(backend):
+                return kernels.fake_quantize(x, **kw)
         return call
 
     return {"copy": lambda: dst.copy_(x), **{case: on_backend(kw) for case, kw in kwargs.items()}}
@@ -180,8 +180,9 @@ class TrainingCase:
 
     def __init__(self, arch: str, scale: str, recipe_name: str, *, image_size: int,
                  batch_size: int, device: str, seed: int = 0):
-        from nvfp4bench.models import build_model, quantize_model
-        from nvfp4bench.recipes import get_recipe
+        from nvfp4bench.models import build_model
+        from nvfp4bench.quant.swap import quantize_model
+        from nvfp4bench.quant.recipes import get_recipe
         from nvfp4bench.train import AUTOCAST_DTYPES, resolve_precision
 
         self.device = torch.device(device)
@@ -215,7 +216,7 @@ def run_train(args) -> list[dict]:
     recipes = [r for r in args.recipes.split(",") if r]
     if BASELINE_RECIPE not in recipes:
         recipes.insert(0, BASELINE_RECIPE)
-    nvfp4.set_backend(args.quant_kernels)
+    kernels.set_backend(args.quant_kernels)
     cases, rows = [], []
     for name in recipes:
         case = TrainingCase(args.arch, args.scale, name, image_size=args.image_size,
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=4096, help="square tensor side (multiple of 16)")
     q.add_argument("--repeats", type=int, default=10, help="timed calls per case (median)")
     q.add_argument("--backends", default="eager,compiled",
-                   help=f"comma-separated quantizer backends, of {', '.join(nvfp4.BACKENDS)}")
+                   help=f"comma-separated quantizer backends, of {', '.join(kernels.BACKENDS)}")
     t = sub.add_parser("train", help="time training steps per recipe")
     t.add_argument("--arch", default="cnn")
     t.add_argument("--scale", default="small")
@@ -281,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     t.add_argument("--epoch-slices", type=int, default=EPOCH_SLICES,
                    help="slices per epoch for the 'epoch s' column (default: %(default)s)")
-    t.add_argument("--quant-kernels", default="auto", choices=nvfp4.BACKENDS,
-                   help="the quantizer's kernels (nvfp4.set_backend)")
+    t.add_argument("--quant-kernels", default="auto", choices=kernels.BACKENDS,
+                   help="the quantizer's kernels (kernels.set_backend)")
     for p in (q, t):
         p.add_argument("--device", default="cpu", help="cpu or cuda")
         p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -303,12 +304,12 @@ def _check_args(args) -> None:
                              f"got {args.size}")
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-        bad = [b for b in args.backends.split(",") if b not in nvfp4.BACKENDS]
+        bad = [b for b in args.backends.split(",") if b not in kernels.BACKENDS]
         if bad or not args.backends:
-            raise ValueError(f"--backends: unknown {bad}; choose from {nvfp4.BACKENDS}")
+            raise ValueError(f"--backends: unknown {bad}; choose from {kernels.BACKENDS}")
     else:
         from nvfp4bench.models import ARCHS
-        from nvfp4bench.recipes import get_recipe
+        from nvfp4bench.quant.recipes import get_recipe
         if args.arch not in ARCHS:
             raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {args.arch!r}")
         if args.scale not in ARCHS[args.arch]:

@@ -13,8 +13,8 @@ import sys
 
 from nvfp4bench.config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_SEED, OPTIMIZER_NAMES,
                                OPTIMIZERS, PRECISIONS, SYNTHETIC_EPOCHS, RunConfig)
-from nvfp4bench import nvfp4
-from nvfp4bench.recipes import RECIPES
+from nvfp4bench.quant import kernels
+from nvfp4bench.quant.recipes import RECIPES
 
 
 def _registry():
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CUDA, optional) (default: %(default)s)")
     g.add_argument("--quantize-attention", action="store_true",
                    help="also quantize the two attention matmuls (an extension; off in the study)")
-    g.add_argument("--quant-kernels", choices=nvfp4.BACKENDS, default="auto",
+    g.add_argument("--quant-kernels", choices=kernels.BACKENDS, default="auto",
                    help="the emulator's kernels: eager PyTorch, torch.compile'd, or auto "
                         "(compile large CPU tensors); the bits are the same (default: "
                         "%(default)s)")

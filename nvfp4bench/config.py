@@ -68,7 +68,7 @@ class RunConfig:
     recipe: str = "nvfp4_full"
     backend: str = "emulator"
     quantize_attention: bool = False
-    quant_kernels: str = "auto"  # nvfp4.set_backend: eager, compiled, or auto (compile big tensors)
+    quant_kernels: str = "auto"  # kernels.set_backend: eager, compiled, or auto (compile big tensors)
     # data
     data: str | None = None  # None: the embedded synthetic dataset (built on first use)
     fold: int = 0

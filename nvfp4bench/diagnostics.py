@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvfp4bench import nvfp4
-from nvfp4bench.models import ORIGINALS_ATTR, high_precision, quantizable_layers
+from nvfp4bench.quant import kernels, nvfp4
+from nvfp4bench.quant.swap import ORIGINALS_ATTR, high_precision, quantizable_layers
 from nvfp4bench.models.blocks import Attention
-from nvfp4bench.recipes import Recipe, get_recipe
+from nvfp4bench.quant.recipes import Recipe, get_recipe
 
 COLLAPSE_THRESHOLD = 0.9     # a row whose largest weight reaches this has collapsed onto one key
 DISTINCT_RESOLUTION = 1e-3   # attention values closer than this count as one value
@@ -210,7 +210,7 @@ def operand_sqnr(x: torch.Tensor, tile: tuple[int, int]) -> float | None:
     """SQNR of a 2-D operand under NVFP4 round-to-nearest with ``tile`` blocks (zero-padded)."""
     m, k = x.shape
     padded = F.pad(x.float(), (0, -k % nvfp4.BLOCK, 0, -m % nvfp4.BLOCK))
-    return sqnr_db(padded, nvfp4.fake_quantize(padded, tile=tile))
+    return sqnr_db(padded, kernels.fake_quantize(padded, tile=tile))
 
 
 def quantization_error(model: nn.Module, images: torch.Tensor, recipe: Recipe | str

@@ -880,7 +880,7 @@ def _csv(kind: str, choices: Sequence | None = None, convert=str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nvfp4bench.recipes import RECIPES, STUDY_RECIPES
+    from nvfp4bench.quant.recipes import RECIPES, STUDY_RECIPES
     archs, scales = _registry()
     p = argparse.ArgumentParser(
         prog="bash run_all.sh", allow_abbrev=False,

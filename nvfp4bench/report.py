@@ -35,7 +35,7 @@ from pathlib import Path
 
 from nvfp4bench import stats
 from nvfp4bench.config import NON_RESULT_FIELDS
-from nvfp4bench.recipes import RECIPES
+from nvfp4bench.quant.recipes import RECIPES
 
 ARCH_ORDER = ("cnn", "vit", "swin")
 SCALE_ORDER = ("tiny", "small", "base")

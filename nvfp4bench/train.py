@@ -49,11 +49,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nvfp4bench import nvfp4, results
+from nvfp4bench import results
+from nvfp4bench.quant import kernels
 from nvfp4bench.config import RunConfig
 from nvfp4bench.env import environment
 from nvfp4bench.losses import BCETverskyLoss
-from nvfp4bench.recipes import Recipe, get_recipe
+from nvfp4bench.quant.recipes import Recipe, get_recipe
 
 OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
     "adamax": torch.optim.Adamax,
@@ -228,7 +229,8 @@ def setup(config: RunConfig) -> Cell:
 
 def build_quantized_model(cell: Cell, sr_generator: torch.Generator) -> nn.Module:
     """The model of (arch, scale) initialised from (arch, scale, seed), then quantized."""
-    from nvfp4bench.models import build_model, quantize_model
+    from nvfp4bench.models import build_model
+    from nvfp4bench.quant.swap import quantize_model
     c = cell.config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed(c.arch, c.scale, c.seed))
@@ -444,7 +446,7 @@ def run(config: RunConfig, *, on_epoch_end: Callable[[int, dict], None] | None =
     try:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        with torch.random.fork_rng(devices=devices), nvfp4.use_backend(config.quant_kernels):
+        with torch.random.fork_rng(devices=devices), kernels.use_backend(config.quant_kernels):
             return _run(cell, on_epoch_end)
     finally:
         torch.set_num_threads(threads)

@@ -3,7 +3,7 @@
 For a user with a Blackwell GPU and TE >= 2.14. Three kinds of checks, each a row of the table:
 
 1. Bit-exact quantization (nvfp4.md sections 1-3, 5). TE's ``NVFP4Quantizer`` and
-   ``nvfp4bench.nvfp4.quantize`` quantize the same tensors, and the E2M1 codes, the E4M3 block
+   ``nvfp4bench.quant.nvfp4.quantize`` quantize the same tensors, and the E2M1 codes, the E4M3 block
    scales (as bytes) and the fp32 amax (as bits) must be equal, for every copy TE makes:
    rowwise 1x16, rowwise 16x16 (2-D weights), columnwise 1x16, columnwise 16x16 (the weight's
    dgrad copy, the transpose of the tiles) and columnwise with the RHT (the wgrad copies).
@@ -17,7 +17,7 @@ For a user with a Blackwell GPU and TE >= 2.14. Three kinds of checks, each a ro
    standard errors plus step/256, the bias allowance of 8-bit hardware SR); the per-element
    round-up frequencies agree (a chi-square-like ratio, ~1 when both draw from the same law).
 3. One forward and backward of a linear layer (``te.Linear`` through the te backend's
-   ``TELinear`` vs the emulator's ``layers.quantized(nn.Linear)``), SR off, for every recipe TE
+   ``TELinear`` vs the emulator's ``twins.quantized(nn.Linear)``), SR off, for every recipe TE
    can express without SR: output, dX, dW and db agree to a relative RMS error of
    ``LAYER_REL_TOL``. Not bit-exact: the quantized operands are, but the GEMMs accumulate in a
    different order, and TE's dequantized backward rounds operands to bf16.
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvfp4bench import nvfp4
-from nvfp4bench.recipes import get_recipe
+from nvfp4bench.quant import nvfp4
+from nvfp4bench.quant.recipes import get_recipe
 
 BLOCK = nvfp4.BLOCK
 FLT_MAX = torch.finfo(torch.float32).max
@@ -198,7 +198,7 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def emulator_quantizer(seed: int = 0) -> Quantizer:
-    """``nvfp4bench.nvfp4.quantize`` as a quantizer; SR draws from one generator seeded ``seed``."""
+    """``nvfp4bench.quant.nvfp4.quantize`` as a quantizer; SR draws from one generator seeded ``seed``."""
     generators: dict[str, torch.Generator] = {}
 
     def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantOut:
@@ -219,7 +219,7 @@ def emulator_quantizer(seed: int = 0) -> Quantizer:
 
 def te_quantizer() -> Quantizer:
     """TE's ``NVFP4Quantizer`` as a quantizer (needs TE and a Blackwell GPU)."""
-    from nvfp4bench.backends.te import _import_te_pytorch
+    from nvfp4bench.quant.te import _import_te_pytorch
     te = _import_te_pytorch()
     import transformer_engine_torch as tex
     NVFP4Quantizer = getattr(te, "NVFP4Quantizer", None)
@@ -505,17 +505,17 @@ def _step(layer: nn.Module, linear: nn.Linear, case: LayerCase, context) -> dict
 
 
 def emulator_layer_runner(case: LayerCase) -> dict[str, torch.Tensor]:
-    """One step of ``layers.quantized(nn.Linear)`` (SR off, so the generator is never drawn)."""
-    from nvfp4bench import layers
+    """One step of ``twins.quantized(nn.Linear)`` (SR off, so the generator is never drawn)."""
+    from nvfp4bench.quant import twins
     linear = _linear_for(case)
     generator = torch.Generator(device=case.x.device).manual_seed(0)
-    layer = layers.quantized(linear, get_recipe(case.recipe), generator=generator)
+    layer = twins.quantized(linear, get_recipe(case.recipe), generator=generator)
     return _step(layer, linear, case, _compute_context(case.x.device))
 
 
 def te_layer_runner(case: LayerCase) -> dict[str, torch.Tensor]:
     """One step of the te backend's ``TELinear`` under its ``autocast(recipe)``."""
-    from nvfp4bench.backends import te as te_backend
+    from nvfp4bench.quant import te as te_backend
     linear = _linear_for(case)
     layer = te_backend.TELinear(linear, f"verify[{case.name}]")
     return _step(layer, linear, case, te_backend.autocast(get_recipe(case.recipe)))
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sr_draws < 8:
         print("verify_te: --sr-draws must be at least 8", file=sys.stderr)
         return 2
-    from nvfp4bench.backends.te import TEUnavailable, check_te_available
+    from nvfp4bench.quant.te import TEUnavailable, check_te_available
     try:
         info = check_te_available()
     except TEUnavailable as exc:

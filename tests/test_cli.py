@@ -9,7 +9,7 @@ from nvfp4bench import results
 from nvfp4bench.cli import main, parse_config
 from nvfp4bench.config import OPTIMIZERS, RunConfig
 from nvfp4bench.models import ARCHS, SCALES
-from nvfp4bench.recipes import RECIPES
+from nvfp4bench.quant.recipes import RECIPES
 
 CELL = ["--arch", "swin", "--scale", "tiny", "--recipe", "nvfp4_full", "--fold", "0"]
 
@@ -111,7 +111,7 @@ def test_non_finite_values_are_never_written(tmp_path):
 def test_precision_comes_from_the_option_the_recipe_or_the_device():
     import torch
 
-    from nvfp4bench.recipes import get_recipe
+    from nvfp4bench.quant.recipes import get_recipe
     from nvfp4bench.train import resolve_device, resolve_precision
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", get_recipe("nvfp4_full"), cpu) == "fp32"

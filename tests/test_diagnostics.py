@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from nvfp4bench import nvfp4
+from nvfp4bench.quant import kernels
 from nvfp4bench.diagnostics import (attention_diagnostics, attention_stats, gradient_agreement,
                                     input_operand, measure, operand_sqnr, sqnr_db, weight_operand)
-from nvfp4bench.models import build_model, quantize_model
+from nvfp4bench.models import build_model
+from nvfp4bench.quant.swap import quantize_model
 
 bce = nn.functional.binary_cross_entropy_with_logits
 
@@ -114,11 +115,11 @@ def test_sqnr_known_answers():
 def test_operand_sqnr_is_exactly_that_of_the_fake_quantized_operand():
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
     for tile in ((1, 16), (16, 16)):
-        assert operand_sqnr(x, tile) == sqnr_db(x, nvfp4.fake_quantize(x, tile=tile))
+        assert operand_sqnr(x, tile) == sqnr_db(x, kernels.fake_quantize(x, tile=tile))
     # rows that are not a multiple of 16 are zero-padded, which changes no 1x16 block; with the
     # tensor's amax in the first 5 rows, those rows quantize alone as they do within all 32
     x[0, 0] = 100.0
-    assert operand_sqnr(x[:5], (1, 16)) == sqnr_db(x[:5], nvfp4.fake_quantize(x, tile=(1, 16))[:5])
+    assert operand_sqnr(x[:5], (1, 16)) == sqnr_db(x[:5], kernels.fake_quantize(x, tile=(1, 16))[:5])
 
 
 def test_conv_operands_follow_the_implicit_gemm_layout():

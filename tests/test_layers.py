@@ -14,10 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nvfp4bench import layers, nvfp4
-from nvfp4bench.gemm import axis_window, bias_grad, gemm
-from nvfp4bench.layers import Matmul, QuantizedMatmul, quantized
-from nvfp4bench.recipes import RECIPES, get_recipe
+from nvfp4bench.quant import kernels, nvfp4, taps
+from nvfp4bench.quant.gemm import axis_window, bias_grad, gemm
+from nvfp4bench.quant.linear import Matmul, QuantizedMatmul
+from nvfp4bench.quant.twins import quantized
+from nvfp4bench.quant.recipes import RECIPES, get_recipe
 
 QUANTIZED = [name for name, r in RECIPES.items() if r.quantized]
 RN = [name for name in QUANTIZED if not RECIPES[name].stochastic_rounding]
@@ -306,7 +307,7 @@ def test_compiled_quantizer_gives_a_linear_the_same_bits_as_eager(recipe):
     runs = {}
     for backend in ("eager", "compiled"):
         gen = torch.Generator().manual_seed(3) if RECIPES[recipe].stochastic_rounding else None
-        with nvfp4.use_backend(backend):
+        with kernels.use_backend(backend):
             runs[backend] = run_layer(quantized(layer, recipe, generator=gen), x, dy)
     for what, a, e in zip(("output", "input grad", "weight grad", "bias grad"),
                           runs["compiled"], runs["eager"]):
@@ -458,7 +459,7 @@ def test_wgrad_unfolded_one_tap_at_a_time_gives_the_same_bits(recipe, case, monk
     layer, x = make_case(case)
     dy = output_grad(layer, x)
     whole = run_layer(quantized(layer, recipe), x, dy)
-    monkeypatch.setattr(layers, "UNFOLD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(taps, "UNFOLD_CHUNK_BYTES", 1)
     chunked = run_layer(quantized(layer, recipe), x, dy)
     for a, e in zip(chunked, whole):
         assert torch.equal(a, e)
@@ -478,9 +479,9 @@ def test_k4s2_wgrad_quantizes_each_shared_block_once(case, recipe, shared, rotat
     twin = quantized(layer, recipe, generator=torch.Generator().manual_seed(0))
     y = twin(x.clone().requires_grad_())
     sizes = {"fake_quantize": [0], "rht": [0]}
-    for fn in sizes:
-        real = getattr(nvfp4, fn)
-        monkeypatch.setattr(nvfp4, fn, lambda t, _real=real, _fn=fn, **kw:
+    for fn, module in (("fake_quantize", kernels), ("rht", nvfp4)):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda t, _real=real, _fn=fn, **kw:
                             sizes[_fn].append(t.numel()) or _real(t, **kw))
     y.backward(torch.ones_like(y))
     if case.startswith("convT"):  # im2col(dY) over the adjoint conv's output, x's pixels

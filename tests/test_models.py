@@ -4,14 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from nvfp4bench import layers
-from nvfp4bench.models import (ARCHS, BACKENDS, FAMILIES, SCALES, STUDY_PARAMETERS, build_model,
-                               count_parameters, high_precision, quantizable_layers,
-                               quantize_model, register_backend)
+from nvfp4bench.quant import linear
+from nvfp4bench.models import (ARCHS, FAMILIES, SCALES, STUDY_PARAMETERS, build_model,
+                               count_parameters)
+from nvfp4bench.quant.swap import (BACKENDS, high_precision, quantizable_layers, quantize_model,
+                                   register_backend)
 from nvfp4bench.models.blocks import Attention, DropPath
 from nvfp4bench.models.swin import (MASK_VALUE, WindowAttention, relative_position_index,
                                     shift_mask, window_merge, window_partition)
-from nvfp4bench.recipes import RECIPES
+from nvfp4bench.quant.recipes import RECIPES
 
 SIZES = (32, 64, 128, 256)
 
@@ -174,7 +175,7 @@ def test_transformers_quantize_qkv_proj_fc1_fc2_of_every_block(arch, attention):
     assert changed == expected  # nothing else (patch embed, norms, decoder) was touched
     for name in expected:
         if name.endswith(("qk", "av")):
-            assert isinstance(after[name], layers.QuantizedMatmul)
+            assert isinstance(after[name], linear.QuantizedMatmul)
 
 
 @pytest.mark.parametrize("recipe", [n for n, r in RECIPES.items() if not r.quantized])
@@ -367,7 +368,7 @@ def test_initialisation_is_seeded_by_the_global_rng():
 def test_te_backend_calls_the_te_modules_quantize_model_with_the_layer_names():
     import inspect
 
-    from nvfp4bench.backends import te
+    from nvfp4bench.quant import te
     model = _tiny("vit")
     names = quantizable_layers(model, attention=True)
     # the call te_backend makes binds to the real signature (no TE needed to check that)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from nvfp4bench import nvfp4
-from nvfp4bench.nvfp4 import dequantize, fake_quantize, pack, quantize, rht, rht_matrix
+from nvfp4bench.quant import kernels, nvfp4
+from nvfp4bench.quant.kernels import fake_quantize
+from nvfp4bench.quant.nvfp4 import dequantize, pack, quantize, rht, rht_matrix
 
 GOLDEN_INPUT = [0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, -6, 2688] + [0] * 15
 GOLDEN_CODES = [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6, 7, 15, 7] + [0] * 15
@@ -315,7 +316,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("seed", range(2))
 def test_backends_match_independent_reference_bit_for_bit(backend, tile, seed):
     x = _adversarial(seed)
-    with nvfp4.use_backend(backend):
+    with kernels.use_backend(backend):
         ours = fake_quantize(x, tile=tile)
     ref = torch.from_numpy(_reference_fake_quantize(x.numpy(), tile[0]))
     assert torch.equal(_bits(ours), _bits(ref))
@@ -346,7 +347,7 @@ def test_amax_where_a_reciprocal_would_round_twice_matches_reference(backend):
     for value in amax.tolist():
         y = x * (value / 3.0)
         y[5, 7] = value  # the tensor's amax
-        with nvfp4.use_backend(backend):
+        with kernels.use_backend(backend):
             ours = fake_quantize(y)
         ref = torch.from_numpy(_reference_fake_quantize(y.numpy(), 1))
         assert torch.equal(_bits(ours), _bits(ref))
@@ -378,9 +379,9 @@ def test_compiled_block_scales_equal_eager_on_every_e4m3_boundary():
     x = torch.zeros(len(v) // 64, 64 * 16)
     x.view(-1, 16)[:, 0] = v  # one block per value
     x[0, 1] = 448.0
-    with nvfp4.use_backend("compiled"):
+    with kernels.use_backend("compiled"):
         ours = fake_quantize(x)
-    with nvfp4.use_backend("eager"):
+    with kernels.use_backend("eager"):
         ref = fake_quantize(x)
     assert torch.equal(_bits(ours), _bits(ref))
     assert torch.equal(_bits(ours), _bits(torch.from_numpy(_reference_fake_quantize(x.numpy(), 1))))
@@ -391,7 +392,7 @@ def test_compiled_sr_equals_eager_sr_for_the_same_generator_state(mode):
     x = _adversarial(2)
     out = {}
     for backend in BACKENDS:
-        with nvfp4.use_backend(backend):
+        with kernels.use_backend(backend):
             g = torch.Generator().manual_seed(3)
             out[backend] = [fake_quantize(x, sr=True, generator=g, sr_mode=mode) for _ in range(2)]
     for a, b in zip(out["eager"], out["compiled"]):
@@ -403,7 +404,7 @@ def test_compiled_sr_equals_eager_sr_for_the_same_generator_state(mode):
 def test_backends_agree_with_a_given_amax_and_rht(backend):
     x = _adversarial(5)
     whole = quantize(x, rht=True)
-    with nvfp4.use_backend(backend):
+    with kernels.use_backend(backend):
         parts = [fake_quantize(p, rht=True, amax=whole.amax) for p in x.split(16)]
     assert torch.equal(_bits(torch.cat(parts)), _bits(dequantize(whole)))
 
@@ -415,9 +416,9 @@ def test_chunked_eager_path_equals_one_chunk(monkeypatch, tile, sr):
     x = _adversarial(3)
     kw = dict(tile=tile)
     whole = fake_quantize(x, **kw, sr=sr, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(nvfp4, "EAGER_CHUNK", 1000)
-    monkeypatch.setattr(nvfp4, "_chunked_eager", lambda: True)
-    assert len(nvfp4._row_chunks(*x.shape, x.device)) > 3
+    monkeypatch.setattr(kernels, "EAGER_CHUNK", 1000)
+    monkeypatch.setattr(kernels, "_chunked_eager", lambda: True)
+    assert len(kernels._row_chunks(*x.shape, x.device)) > 3
     chunked = fake_quantize(x, **kw, sr=sr, generator=torch.Generator().manual_seed(0))
     assert torch.equal(_bits(chunked), _bits(whole))
     if not sr:
@@ -442,41 +443,41 @@ def test_columnwise_copy_is_fake_quantize_of_the_transposed_padded_copy(backend,
     t = _transposed_padded(x)
     assert torch.equal(nvfp4.columnwise_copy(x), t)
     ref = torch.from_numpy(_reference_fake_quantize(t.numpy(), 1))
-    with nvfp4.use_backend(backend):
-        assert torch.equal(_bits(nvfp4.fake_quantize_columnwise(x)), _bits(ref))
+    with kernels.use_backend(backend):
+        assert torch.equal(_bits(kernels.fake_quantize_columnwise(x)), _bits(ref))
         for mode in ("hardware", "ideal"):
-            ours = nvfp4.fake_quantize_columnwise(x, sr=True, sr_mode=mode,
+            ours = kernels.fake_quantize_columnwise(x, sr=True, sr_mode=mode,
                                                   generator=torch.Generator().manual_seed(2))
             theirs = fake_quantize(t, sr=True, sr_mode=mode,
                                    generator=torch.Generator().manual_seed(2))
             assert torch.equal(_bits(ours), _bits(theirs))
         amax = torch.tensor(3e4)
-        assert torch.equal(_bits(nvfp4.fake_quantize_columnwise(x, amax=amax)),
+        assert torch.equal(_bits(kernels.fake_quantize_columnwise(x, amax=amax)),
                            _bits(fake_quantize(t, amax=amax)))
 
 
 def test_columnwise_copy_refuses_a_vector():
     with pytest.raises(ValueError, match=r"\(\.\.\., M, C\)"):
-        nvfp4.fake_quantize_columnwise(torch.ones(32))
+        kernels.fake_quantize_columnwise(torch.ones(32))
 
 
 def test_auto_backend_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(nvfp4, "_fake_quantize_compiled", broken)
-    monkeypatch.setattr(nvfp4, "COMPILE_MIN_NUMEL", 0)
-    monkeypatch.setitem(nvfp4._state, "compile_error", None)
+    monkeypatch.setattr(kernels, "_fake_quantize_compiled", broken)
+    monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setitem(kernels._state, "compile_error", None)
     x = _adversarial(0)
-    with nvfp4.use_backend("compiled"), pytest.raises(RuntimeError, match="no C"):
+    with kernels.use_backend("compiled"), pytest.raises(RuntimeError, match="no C"):
         fake_quantize(x)
-    with nvfp4.use_backend("auto"):
+    with kernels.use_backend("auto"):
         with pytest.warns(RuntimeWarning, match="torch.compile failed"):
             first = fake_quantize(x)
         second = fake_quantize(x)  # no second attempt, no second warning
-    assert "no C++ compiler" in nvfp4._state["compile_error"]
+    assert "no C++ compiler" in kernels._state["compile_error"]
     assert torch.equal(first, fake_quantize(x)) and torch.equal(second, first)
-    assert nvfp4.get_backend() == "eager"  # use_backend restored the default
+    assert kernels.get_backend() == "eager"  # use_backend restored the default
 
 
 @pytest.mark.parametrize("backend", ["compiled", "auto"])
@@ -487,18 +488,18 @@ def test_a_kernel_at_the_recompile_limit_runs_that_call_eager(monkeypatch, backe
     def at_limit(*args):
         raise FailOnRecompileLimitHit("recompile_limit reached")
 
-    monkeypatch.setattr(nvfp4, "_fake_quantize_compiled", at_limit)
-    monkeypatch.setitem(nvfp4._state, "recompile_limit_warned", False)
-    monkeypatch.setitem(nvfp4._state, "compile_error", None)
+    monkeypatch.setattr(kernels, "_fake_quantize_compiled", at_limit)
+    monkeypatch.setitem(kernels._state, "recompile_limit_warned", False)
+    monkeypatch.setitem(kernels._state, "compile_error", None)
     x = _adversarial(1)
-    with nvfp4.use_backend(backend):
+    with kernels.use_backend(backend):
         with pytest.warns(RuntimeWarning, match="recompilation limit"):
             first = fake_quantize(x)
         with warnings.catch_warnings(record=True) as later:
             warnings.simplefilter("always")
             second = fake_quantize(x)
     assert not later  # one warning per process
-    assert nvfp4._state["recompile_limit_warned"] and nvfp4._state["compile_error"] is None
+    assert kernels._state["recompile_limit_warned"] and kernels._state["compile_error"] is None
     ref = torch.from_numpy(_reference_fake_quantize(x.numpy(), 1))
     assert torch.equal(_bits(first), _bits(ref)) and torch.equal(_bits(second), _bits(ref))
 
@@ -507,17 +508,17 @@ def test_auto_backend_leaves_small_tensors_eager(monkeypatch):
     def must_not_run(*args):
         raise AssertionError("compiled path used")
 
-    monkeypatch.setattr(nvfp4, "_fake_quantize_compiled", must_not_run)
+    monkeypatch.setattr(kernels, "_fake_quantize_compiled", must_not_run)
     x = _adversarial(0)[:16]
-    with nvfp4.use_backend("auto"):
-        assert x.numel() < nvfp4.COMPILE_MIN_NUMEL
+    with kernels.use_backend("auto"):
+        assert x.numel() < kernels.COMPILE_MIN_NUMEL
         fake_quantize(x)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_tracking_input_gives_the_same_bits_without_history(backend):
     x = _adversarial(0)
-    with nvfp4.use_backend(backend):
+    with kernels.use_backend(backend):
         out = fake_quantize(x.clone().requires_grad_())
     assert not out.requires_grad
     assert torch.equal(_bits(out), _bits(fake_quantize(x)))
@@ -525,6 +526,6 @@ def test_grad_tracking_input_gives_the_same_bits_without_history(backend):
 
 def test_set_backend_refuses_unknown_names_and_returns_the_previous():
     with pytest.raises(ValueError, match="backend must be one of"):
-        nvfp4.set_backend("triton")
-    previous = nvfp4.set_backend("auto")
-    assert nvfp4.set_backend(previous) == "auto"
+        kernels.set_backend("triton")
+    previous = kernels.set_backend("auto")
+    assert kernels.set_backend(previous) == "auto"

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from nvfp4bench.recipes import RECIPES, STUDY_RECIPES, get_recipe
+from nvfp4bench.quant.recipes import RECIPES, STUDY_RECIPES, get_recipe
 
 
 def test_study_recipes_in_study_order():

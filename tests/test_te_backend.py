@@ -19,12 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-from nvfp4bench import nvfp4
+from nvfp4bench.quant import nvfp4
 from nvfp4bench import verify_te as v
-from nvfp4bench.backends import BACKENDS, check_backend
-from nvfp4bench.backends import te as te_backend
-from nvfp4bench.backends.te import TEUnavailable
-from nvfp4bench.recipes import RECIPES, get_recipe
+from nvfp4bench.quant import te as te_backend
+from nvfp4bench.quant.swap import BACKENDS, quantize_model
+from nvfp4bench.quant.te import TEUnavailable
+from nvfp4bench.quant.recipes import RECIPES, get_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TE_INSTALLED = importlib.util.find_spec("transformer_engine") is not None
@@ -177,7 +177,7 @@ def test_te_absent_for_real():
 def test_backend_registry():
     assert set(BACKENDS) == {"emulator", "te"}
     with pytest.raises(ValueError, match="emulator, te"):
-        check_backend("cuda")
+        quantize_model(_TwoLinears(), "nvfp4_full", backend="cuda")
 
 
 class _TwoLinears(nn.Module):
@@ -213,14 +213,15 @@ def test_quantize_model_refuses_without_te():
 @needs_no_te
 def test_models_registry_hands_te_its_layer_names():
     from nvfp4bench import models
+    from nvfp4bench.quant import swap
     model = models.build_model("vit", "tiny", image_size=32)
-    names = models.quantizable_layers(model)
+    names = swap.quantizable_layers(model)
     assert names and all(isinstance(model.get_submodule(n), nn.Linear) for n in names)
     with pytest.raises(TEUnavailable, match="not installed"):
-        models.quantize_model(model, "nvfp4_full", backend="te")
+        swap.quantize_model(model, "nvfp4_full", backend="te")
     assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
-    base = models.quantize_model(models.build_model("vit", "tiny", image_size=32), "bf16",
-                                 backend="te")
+    base = swap.quantize_model(models.build_model("vit", "tiny", image_size=32), "bf16",
+                               backend="te")
     assert base.quantized_layers == []
 
 
@@ -228,7 +229,7 @@ def test_models_registry_hands_te_its_layer_names():
 def test_verify_te_module_refuses_cleanly_and_imports_no_te():
     # one interpreter (torch imports are slow): importing the backend and verify_te must not
     # import TE; then `python -m nvfp4bench.verify_te` must refuse with exit 2, no traceback
-    code = ("import runpy, sys, nvfp4bench.backends.te, nvfp4bench.verify_te\n"
+    code = ("import runpy, sys, nvfp4bench.quant.te, nvfp4bench.verify_te\n"
             "assert not any(m.startswith('transformer_engine') for m in sys.modules)\n"
             "sys.argv = ['verify_te']\n"
             "runpy.run_module('nvfp4bench.verify_te', run_name='__main__')\n")
@@ -264,8 +265,6 @@ def stand_in_te(monkeypatch):
     monkeypatch.setattr(te_backend, "_import_te_pytorch", lambda: fake)
     monkeypatch.setattr(te_backend, "check_te_available",
                         lambda env=None: te_backend.TEInfo("2.14.0", "stand-in", (10, 0)))
-    monkeypatch.setattr(te_backend, "_emulator_layers",
-                        lambda: SimpleNamespace(Matmul=type("Matmul", (nn.Module,), {})))
     _StandInTELinear.seen = []
     return fake
 

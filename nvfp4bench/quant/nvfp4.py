@@ -25,37 +25,18 @@ of 16 elements, as TE does for the wgrad operands.
 Functions
 ---------
 ``quantize`` returns an :class:`NVFP4Tensor` (codes, block scales, amax), ``dequantize`` turns it
-back into fp32, ``fake_quantize`` fuses both without materialising codes (the training hot path),
-``pack`` packs codes two per byte, ``rht`` rotates a tensor. Every function takes a 2-D tensor
+back into fp32, ``fake_quantize`` (in ``nvfp4bench.quant.kernels``, which runs the formulas of
+this module as eager PyTorch or compiled kernels) fuses both without materialising codes (the
+training hot path), ``pack`` packs codes two per byte, ``rht`` rotates a tensor. Every function takes a 2-D tensor
 and blocks along its last dimension, whose length must be a multiple of 16 (the row count too
 with 16x16 tiles; with 1x16 blocks any row count, as if zero-padded); callers transpose for a
-columnwise copy, as TE's columnwise path does, or call ``fake_quantize_columnwise``, which
+columnwise copy, as TE's columnwise path does, or call ``kernels.fake_quantize_columnwise``, which
 makes the (RN or SR, not rotated) columnwise copy of an (..., M, C) tensor without transposing
 it first.
-
-Backends (speed only; the bits are the same)
---------------------------------------------
-``fake_quantize`` makes two passes over the tensor: the block amax, then the elementwise
-``x -> x_hat`` (scale, E2M1 cast, dequantize), with the scale math on the small (M, K/16) block
-tensors in between. They run as eager PyTorch (``"eager"``, the default; on a one-thread CPU in
-row chunks of ``EAGER_CHUNK`` elements so that the temporaries stay in cache) or as one graph
-made by ``torch.compile`` per call (``"compiled"``; ``"auto"`` compiles CPU tensors of at least
-``COMPILE_MIN_NUMEL`` elements and falls back to eager, with one warning, when compiling fails).
-Pick one with ``set_backend(name)`` or ``with use_backend(name):``. Both run the same
-functions in the same order (``_dequantized``, ``_block_scales_f32``); the only difference is
-the E4M3 rounding of the block scales, the FP8 cast in eager and exact fp32 arithmetic in the
-kernels (tested equal on every rounding boundary). Every fp32 operation on x is a product, a
-scaling by a power of two, a round/floor or a comparison: no sum that contraction (FMA) or
-reassociation could change, and inductor's C++ flags keep ``-ffp-contract=off
--fno-unsafe-math-optimizations`` anyway. The tests check both backends against the NumPy
-reference, bit for bit. SR draws its random bits eagerly from the caller's ``torch.Generator``,
-so both backends consume the same bits.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -85,11 +66,6 @@ _F32_HALF = 0x3F000000  # bits of 0.5, the smallest E2M1 grid step
 _F32_E4M3_MIN_STEP = 0x3B000000  # bits of 2**-9, the E4M3 subnormal step
 _F32_EXPONENT_NEGATE = 0x7F000000  # minus the bits of 2**s: the bits of 2**-s
 
-BACKENDS = ("eager", "compiled", "auto")
-# "auto" compiles tensors with at least this many elements. One compiled call costs ~40 us of
-# dynamo overhead; it still beat eager from 192 elements up (1 thread: 60 vs 100 us), so the bound
-# only keeps tiny tensors (and their size-1 recompilations) eager.
-COMPILE_MIN_NUMEL = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -274,9 +250,6 @@ def _codes_of(values: torch.Tensor, sign_of: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # The two passes over the tensor: block amax, then x -> x_hat
 # --------------------------------------------------------------------------------------------
-EAGER_CHUNK = 1 << 18  # elements per chunk of the eager CPU path: its temporaries stay in cache
-
-
 def _row_blocks(x: torch.Tensor) -> torch.Tensor:
     """View (M, K) as (M, K / 16, 16): ``[i, j, :]`` is the j-th 1x16 block of row i."""
     m, k = x.shape
@@ -312,210 +285,6 @@ def _dequantized(x3, scale, encode, s_dec, noise, mode: str, out=None) -> torch.
     ``enc_b``) are (rows, K/16, 1); ``s_dec`` is 0-d; ``noise`` is None for RN.
     """
     return torch.mul(_e2m1_values(x3, encode, noise, mode) * scale, s_dec, out=out)
-
-
-# Compiled kernels: each is one torch.compile graph (one call, one set of guards: the per-call
-# overhead, not the arithmetic, dominates the small tensors of a transformer's layers), one
-# function per rounding (dynamo's recompilation limit counts per function). The block scales are
-# returned as well: an output is computed once, vectorized over blocks, where an intermediate
-# would be inlined into the elementwise loop, in scalar code with three divisions per block
-# (measured on (520, 192): 121 us per call against 146 us).
-def _fake_quantize_graph(x3, tile_rows: int, amax, noise, mode: str):
-    """Block amax, tile max, tensor amax (unless given), scales and x_hat of (M, K/16, 16) x3."""
-    bamax = _tile_amax(_block_amax(x3), tile_rows)
-    if amax is None:
-        amax = bamax.amax()
-    scale, encode, s_dec = _block_scales_f32(bamax, amax, _e4m3_round)  # FP8 rounding in fp32
-    return _dequantized(x3, scale, encode, s_dec, noise, mode), scale, encode
-
-
-def _rn_kernel(x3, tile_rows: int, amax):
-    return _fake_quantize_graph(x3, tile_rows, amax, None, "rn")
-
-
-def _sr_kernel(x3, tile_rows: int, amax, noise, mode: str):
-    return _fake_quantize_graph(x3, tile_rows, amax, noise, mode)
-
-
-def _fake_quantize_compiled(x: torch.Tensor, tile_rows: int, amax, noise, mode: str):
-    """The compiled path: one kernel call on 1x16 blocks (M, K/16, 16), whatever the tile;
-    reshaping outside it keeps every view a view (inside, dynamic shapes would make
-    ``view(M, K)`` a copy)."""
-    x3 = _plain(_row_blocks(x))
-    if noise is None:
-        out, _, _ = _compiled(_rn_kernel)(x3, tile_rows, amax)
-    else:
-        out, _, _ = _compiled(_sr_kernel)(x3, tile_rows, amax, _plain(noise.view(x3.shape)), mode)
-    return out.view(x.shape)
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a tensor that is not a view (``detach`` drops ``_base``; same data): dynamo
-    guards a view's base layout too, and each new base layout would cost a recompilation."""
-    return t.detach()
-
-
-def _columns_graph(x3, mp: int, amax, noise, mode: str):
-    """fake_quantize of each ``x3[b]^T`` (C, Mp) computed in x's own (B, M, C) layout, where a
-    block is 16 consecutive rows of one column (read along the contiguous C, no transposed copy
-    first); returns (B, C, Mp / 16, 16), the transposed layout, written once."""
-    b, m, c = x3.shape
-    blocks = torch.constant_pad_nd(x3, (0, 0, 0, mp - m)).view(b, mp // BLOCK, BLOCK, c)
-    bamax = blocks.abs().amax(dim=2, keepdim=True)  # (B, Mp/16, 1, C)
-    if amax is None:
-        amax = bamax.amax()
-    scale, encode, s_dec = _block_scales_f32(bamax, amax, _e4m3_round)
-    if noise is not None:  # drawn for the (B * C, Mp) result: element [b, c, t] for token t
-        noise = noise.view(b, c, mp // BLOCK, BLOCK).permute(0, 2, 3, 1)
-    out = _dequantized(blocks, scale, encode, s_dec, noise, mode)
-    return out.permute(0, 3, 1, 2).contiguous(), scale, encode
-
-
-def _columns_rn_kernel(x3, mp: int, amax):
-    return _columns_graph(x3, mp, amax, None, "rn")
-
-
-def _columns_sr_kernel(x3, mp: int, amax, noise, mode: str):
-    return _columns_graph(x3, mp, amax, noise, mode)
-
-
-def _fake_quantize_columns_compiled(x: torch.Tensor, amax, noise, mode: str):
-    """(..., M, C) x -> (prod(...) * C, Mp), as one (B, M, C) kernel call."""
-    m, c = x.shape[-2:]
-    x3, mp = _plain(x.reshape(-1, m, c)), padded_tokens(m)
-    if noise is None:
-        out, _, _ = _compiled(_columns_rn_kernel)(x3, mp, amax)
-    else:
-        out, _, _ = _compiled(_columns_sr_kernel)(x3, mp, amax, _plain(noise), mode)
-    return out.view(-1, mp)
-
-
-def _fake_quantize_columns_eager(x: torch.Tensor, amax, noise, mode: str):
-    """Eager: the copy first, then the (chunked) eager path; faster in eager PyTorch than
-    ``_columns_graph`` on large CPU tensors (about 2x on 4096 x 1024, one thread)."""
-    return _fake_quantize_eager(columnwise_copy(x), 1, amax, noise, mode)
-
-
-def _chunked_eager() -> bool:
-    """Chunk the eager CPU path only on one intra-op thread. Measured on 4096 x 4096 on a shared
-    2-core machine: one thread, 2**18-element chunks are 3.5x faster than whole tensors; two
-    threads, every op of every chunk is a parallel region whose wake-ups, when the machine is
-    oversubscribed, cost more than the cache saves (medians 0.5-2.3x slower, 10x outliers)."""
-    return torch.get_num_threads() == 1
-
-
-def _row_chunks(rows: int, row_numel: int, device) -> list:
-    """Slices of the rows of about ``EAGER_CHUNK`` elements each (one slice on a GPU, or when
-    ``_chunked_eager()`` says no)."""
-    if device.type != "cpu" or rows * row_numel <= EAGER_CHUNK or not _chunked_eager():
-        return [slice(0, rows)]
-    step = max(1, EAGER_CHUNK // row_numel)
-    return [slice(i, i + step) for i in range(0, rows, step)]
-
-
-def _fake_quantize_eager(x: torch.Tensor, tile_rows: int, amax, noise, mode: str):
-    """The eager path: the same functions, chunk by chunk on the CPU so that every temporary is
-    small and stays in cache; the output is the only full-size new tensor."""
-    x3 = _row_blocks(x)
-    chunks = _row_chunks(x.shape[0], x.shape[1], x.device)
-    bamax = x3.new_empty((x3.shape[0], x3.shape[1], 1))
-    for c in chunks:
-        torch.amax(x3[c].abs(), dim=-1, keepdim=True, out=bamax[c])
-    bamax = _tile_amax(bamax, tile_rows)
-    if amax is None:
-        amax = bamax.amax()
-    scale, encode, s_dec = _block_scales_f32(bamax, amax, _e4m3_cast)
-    noise = None if noise is None else noise.view(x3.shape)
-    out = torch.empty_like(x3)
-    for c in chunks:
-        _dequantized(x3[c], scale[c], encode[c], s_dec, None if noise is None else noise[c], mode,
-                     out=out[c])
-    return out.view(x.shape)
-
-
-# --------------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------------
-_state = {"backend": "eager", "compile_error": None, "recompile_limit_warned": False}
-_compiled_kernels: dict = {}
-
-
-def set_backend(name: str) -> str:
-    """Run fake_quantize as ``"eager"`` PyTorch, ``"compiled"`` (torch.compile; errors raise) or
-    ``"auto"`` (compiled for CPU tensors of >= ``COMPILE_MIN_NUMEL`` elements, eager when
-    compiling fails, with one warning). Returns the previous backend. The results are the same
-    bits on the CPU (tested); ``"compiled"`` on CUDA is untested."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous, _state["backend"] = _state["backend"], name
-    return previous
-
-
-def get_backend() -> str:
-    """The backend that ``set_backend`` selected (``"eager"`` unless changed)."""
-    return _state["backend"]
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """``with use_backend("compiled"): ...`` selects a backend for a block of code."""
-    previous = set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
-
-
-def _use_compiled(x: torch.Tensor) -> bool:
-    backend = _state["backend"]
-    if backend == "eager" or x.numel() == 0:
-        return False
-    if backend == "compiled":
-        return True
-    # auto: CPU only. On CUDA inductor emits Triton, whose fp32 division and reciprocal need not
-    # be IEEE-rounded (the scale math divides); untested there, and eager is fast on a GPU.
-    return (x.device.type == "cpu" and _state["compile_error"] is None
-            and x.numel() >= COMPILE_MIN_NUMEL)
-
-
-def _compiled(kernel):
-    """``torch.compile(kernel)``, made on first use, with dynamic shapes: one compilation serves
-    every shape (a new one for a size-1 dimension, the other tile, SR mode or a given amax: at
-    most 2 per function over every model and recipe in ``benchmarks/bench_layers.py steps``)."""
-    fn = _compiled_kernels.get(kernel.__name__)
-    if fn is None:
-        fn = _compiled_kernels[kernel.__name__] = torch.compile(kernel, dynamic=True,
-                                                                fullgraph=True)
-    return fn
-
-
-def _is_recompile_limit(err: Exception) -> bool:
-    """dynamo's ``FailOnRecompileLimitHit`` (by name: ``torch._dynamo.exc`` is private)."""
-    return any(c.__name__ == "FailOnRecompileLimitHit" for c in type(err).__mro__)
-
-
-def _run_compiled(compiled, eager, *args):
-    """``compiled(*args)``; under ``"auto"`` a failed compilation warns once and falls back to
-    ``eager(*args)`` from then on; under ``"compiled"`` it raises. A kernel that has reached
-    dynamo's recompilation limit (``torch._dynamo.config.recompile_limit`` variants: shapes
-    with a size-1 dimension, tiles, SR modes, ...) runs its further variants eager, either
-    way, with one warning: the same bits, and the compiled variants stay in use."""
-    try:
-        return compiled(*args)
-    except Exception as err:  # noqa: BLE001 - any compiler failure: report once, then go eager
-        if _is_recompile_limit(err):
-            if not _state["recompile_limit_warned"]:
-                _state["recompile_limit_warned"] = True
-                warnings.warn("nvfp4: a compiled kernel reached dynamo's recompilation limit; "
-                              "its new shape variants run eager (same bits)", RuntimeWarning,
-                              stacklevel=3)
-            return eager(*args)
-        if _state["backend"] == "compiled":
-            raise
-        _state["compile_error"] = f"{type(err).__name__}: {err}"
-        warnings.warn(f"nvfp4: torch.compile failed, using eager kernels from now on "
-                      f"({_state['compile_error'][:300]})", RuntimeWarning, stacklevel=3)
-        return eager(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,20 +351,6 @@ def _prepare(x: torch.Tensor, tile, rht_on: bool, what: str) -> tuple[torch.Tens
     return x.contiguous(), tile
 
 
-def _fake_quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str,
-                      amax=None) -> torch.Tensor:
-    """fake_quantize of a prepared (fp32, contiguous, checked) 2-D tensor."""
-    if amax is not None:
-        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
-    if x.numel() == 0:
-        return x.clone()
-    noise = _draw_noise(x.shape, generator, sr_mode, x.device) if sr else None
-    args = (x, tile[0], amax, noise, sr_mode if sr else "rn")
-    if _use_compiled(x):
-        return _run_compiled(_fake_quantize_compiled, _fake_quantize_eager, *args)
-    return _fake_quantize_eager(*args)
-
-
 def quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bool = False,
              generator: torch.Generator | None = None, sr_mode: str = "hardware",
              amax: torch.Tensor | None = None) -> NVFP4Tensor:
@@ -639,23 +394,6 @@ def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return (blocks * global_decode_scale(q.amax)).view(m, k).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bool = False,
-                  generator: torch.Generator | None = None,
-                  sr_mode: str = "hardware",
-                  amax: torch.Tensor | None = None) -> torch.Tensor:
-    """``dequantize(quantize(x, ...))`` in fp32, without materialising codes: the QAT hot path.
-
-    Runs on the backend ``set_backend`` chose; SR draws its random bits from ``generator`` in
-    eager PyTorch either way, so both backends give the same bits for the same generator state.
-    The result carries no autograd history.
-    """
-    if sr:  # refuse a bad SR call before any work
-        _check_sr(generator, sr_mode)
-    with torch.no_grad():  # no autograd history: the QAT layers define their own backward
-        x, tile = _prepare(x.detach(), tile, rht, "fake_quantize")
-        return _fake_quantize_2d(x, tile, sr, generator, sr_mode, amax)
-
-
 def _check_tokens_first(x: torch.Tensor, what: str) -> None:
     if x.dim() < 2 or not x.is_floating_point():
         raise ValueError(f"{what}: expected a floating-point (..., M, C) tensor, got {x.dtype} "
@@ -683,32 +421,6 @@ def columnwise_copy(x: torch.Tensor) -> torch.Tensor:
     else:
         copy[:, :m].copy_(x.mT.contiguous())  # the same, then a plain copy of the rows
     return copy
-
-
-def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,
-                             generator: torch.Generator | None = None, sr_mode: str = "hardware",
-                             amax: torch.Tensor | None = None) -> torch.Tensor:
-    """``fake_quantize(columnwise_copy(x), ...)``: the same bits, random draws and amax (one over
-    all matrices). The compiled backend makes no copy first: it reads the blocks (16
-    consecutive rows of one column) in x's layout and writes the result transposed. No RHT
-    (for that: ``fake_quantize(columnwise_copy(x), rht=True)``).
-    """
-    if sr:
-        _check_sr(generator, sr_mode)
-    _check_tokens_first(x, "fake_quantize_columnwise")
-    with torch.no_grad():
-        x = x.detach().float().contiguous()
-        if amax is not None:
-            amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
-        shape = (math.prod(x.shape[:-2]) * x.shape[-1], padded_tokens(x.shape[-2]))
-        if x.numel() == 0:
-            return x.new_zeros(shape)
-        noise = _draw_noise(shape, generator, sr_mode, x.device) if sr else None
-        args = (x, amax, noise, sr_mode if sr else "rn")
-        if _use_compiled(x):
-            return _run_compiled(_fake_quantize_columns_compiled, _fake_quantize_columns_eager,
-                                 *args)
-        return _fake_quantize_columns_eager(*args)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

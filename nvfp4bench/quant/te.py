@@ -16,7 +16,7 @@ recipe maps onto TE one field at a time (``te_recipe_kwargs``)::
 the state dict and the emulator twin all see one tensor), and the model runs inside
 ``autocast(recipe)`` = ``torch.autocast("cuda", bf16)`` + ``te.autocast(recipe=NVFP4BlockScaling(...))``.
 TE has no convolution or batched-matmul modules: ``Conv2d``, ``ConvTranspose2d`` and the optional
-attention matmuls stay on the emulator (``nvfp4bench.layers``), and ``model.backend_layers``
+attention matmuls stay on the emulator (``nvfp4bench.quant.twins``), and ``model.backend_layers``
 records which layer ran where.
 
 What TE cannot express (refused, never approximated)
@@ -70,7 +70,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from nvfp4bench.recipes import Recipe
+from nvfp4bench.quant import linear, twins
+from nvfp4bench.quant.recipes import Recipe
 
 TE_MIN_VERSION = (2, 14)  # block-scale arithmetic of nvfp4.md section 2 (2.8-2.13 round differently)
 MIN_CAPABILITY = (10, 0)  # Blackwell: NVFP4 tensor cores
@@ -403,7 +404,7 @@ class TELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _te_quantization_active() is False:
             raise RuntimeError(f"TELinear {self.layer_name!r} ran outside "
-                               f"nvfp4bench.backends.te.autocast(recipe): te.Linear would run "
+                               f"nvfp4bench.quant.te.autocast(recipe): te.Linear would run "
                                f"unquantized; wrap the forward (training and evaluation) in it")
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -428,13 +429,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _emulator_layers():
-    """``nvfp4bench.layers``: the emulator twins of what TE cannot run (imported on demand)."""
-    return importlib.import_module("nvfp4bench.layers")
-
-
-def _attention_matmul_names(model: nn.Module, layers) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, layers.Matmul)]
+def _attention_matmul_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, linear.Matmul)]
 
 
 def quantize_model(model: nn.Module, recipe: Recipe, *, layer_names: Sequence[str] | None = None,
@@ -444,8 +440,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, *, layer_names: Sequence[st
     models registry) for their te-backend twins; returns ``model``.
 
     ``nn.Linear`` -> ``TELinear``; ``nn.Conv2d`` / ``nn.ConvTranspose2d`` -> the emulator's
-    ``layers.quantized`` (TE has no convolutions); with ``quantize_attention`` the attention
-    ``layers.Matmul`` modules -> the emulator's ``layers.QuantizedMatmul``. Sets
+    ``twins.quantized`` (TE has no convolutions); with ``quantize_attention`` the attention
+    ``linear.Matmul`` modules -> the emulator's ``linear.QuantizedMatmul``. Sets
     ``model.backend_layers = {"te": [...], "emulator": [...]}``. Everything is checked before
     anything is swapped: a refusal (``TEUnavailable``) leaves the model untouched. A baseline
     recipe swaps nothing and needs no TE.
@@ -460,27 +456,25 @@ def quantize_model(model: nn.Module, recipe: Recipe, *, layer_names: Sequence[st
         return model
     check_te_available()
     modules = {name: model.get_submodule(name) for name in names}
-    layers = _emulator_layers() if quantize_attention or any(
-        not isinstance(m, nn.Linear) for m in modules.values()) else None
     if quantize_attention:
-        modules.update({n: model.get_submodule(n) for n in _attention_matmul_names(model, layers)
+        modules.update({n: model.get_submodule(n) for n in _attention_matmul_names(model)
                         if n not in modules})
     linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
     others = {n: m for n, m in modules.items() if n not in linears}
     unsupported = [f"{n!r} ({type(m).__name__})" for n, m in others.items()
-                   if not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, layers.Matmul))]
+                   if not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, linear.Matmul))]
     if unsupported:
         raise ValueError(f"te backend: cannot quantize {', '.join(unsupported)}; expected "
-                         f"nn.Linear, nn.Conv2d, nn.ConvTranspose2d or layers.Matmul")
+                         f"nn.Linear, nn.Conv2d, nn.ConvTranspose2d or linear.Matmul")
     check_linear_shapes({n: (m.in_features, m.out_features) for n, m in linears.items()})
     for name, module in linears.items():
         _set_submodule(model, name, TELinear(module, name).train(module.training))
         placement["te"].append(name)
     for name, module in others.items():
-        if isinstance(module, layers.Matmul):
-            twin = layers.QuantizedMatmul(recipe, generator=generator)
+        if isinstance(module, linear.Matmul):
+            twin = linear.QuantizedMatmul(recipe, generator=generator)
         else:
-            twin = layers.quantized(module, recipe, generator=generator)
+            twin = twins.quantized(module, recipe, generator=generator)
         _set_submodule(model, name, twin.train(module.training))
         placement["emulator"].append(name)
     model.backend_layers = placement

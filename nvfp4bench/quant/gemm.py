@@ -2,7 +2,7 @@
 
 Why a module of its own: an fp32 matrix product is bit-reproducible only for the same call (the
 same shapes, memory layouts and operand order pick the same BLAS kernel and summation order).
-``nvfp4bench.layers`` and the reference that its tests build from ``nvfp4.quantize`` /
+``nvfp4bench.quant``'s layers and the reference that its tests build from ``nvfp4.quantize`` /
 ``dequantize`` both call :func:`gemm`, and a convolution's implicit GEMM is always summed tap by
 tap in the order of :meth:`ConvGeometry.taps`, so that the tests can demand bit-for-bit equality
 and thereby check the quantization roles, not BLAS.

@@ -1,0 +1,26 @@
+"""NVFP4 quantization-aware training for any PyTorch model: the arithmetic, the layers, the swap.
+
+The package sits at the bottom of nvfp4bench's import graph (it imports nothing else from
+nvfp4bench). Its modules, from the bottom up::
+
+    recipes.py   the eight QAT recipes (+ baselines): TE-named switches
+    nvfp4.py     the reference NVFP4 arithmetic: scales, E2M1 cast, RHT, quantize / dequantize
+    kernels.py   fake_quantize (the QAT hot path) as eager PyTorch or compiled kernels
+    gemm.py      the fp32 GEMM and a convolution's implicit-GEMM geometry
+    roles.py     how each GEMM operand is quantized, per recipe (fprop, dgrad, wgrad)
+    linear.py    Linear and attention-matmul autograd functions and modules
+    taps.py      im2col / col2im one tap at a time, the unfolded wgrad operand
+    conv.py      Conv2d and ConvTranspose2d autograd functions and modules
+    twins.py     quantized(module, recipe): a layer's NVFP4 twin
+    swap.py      quantize_model / high_precision: swapping a model's layers
+    te.py        the Transformer Engine backend (TE imported only when used)
+"""
+from nvfp4bench.quant.kernels import fake_quantize
+from nvfp4bench.quant.nvfp4 import NVFP4Tensor, dequantize, pack, quantize
+from nvfp4bench.quant.recipes import RECIPES, STUDY_RECIPES, Recipe, get_recipe
+from nvfp4bench.quant.swap import high_precision, quantizable_layers, quantize_model
+from nvfp4bench.quant.twins import quantized
+
+__all__ = ["NVFP4Tensor", "RECIPES", "STUDY_RECIPES", "Recipe", "dequantize", "fake_quantize",
+           "get_recipe", "high_precision", "pack", "quantizable_layers", "quantize", "quantize_model",
+           "quantized"]

@@ -1,0 +1,257 @@
+"""NVFP4 Conv2d and ConvTranspose2d: the emulator's convolution layers.
+
+Convolutions (nvfp4.md section 6): the GEMMs of an NHWC implicit-GEMM kernel, summed tap by tap
+(``gemm.py``), K = (kh, kw, C_in) with C_in fastest:
+- Conv2d fprop: X is quantized along C per pixel (a 1x16 block of im2col(X) is 16 channels of
+  one pixel; tensor amax), W viewed as [C_out, kh*kw*C_in] (1x16 along C_in per tap, or 16x16
+  (C_out, C_in) tiles per tap); ``Y = sum_t im2col_t(Q(X)) Q_w(W_t)^T``. The zero padding is
+  never materialised: a padding pixel's block is all zeros, which quantize to zeros, so tap t's
+  (M, C_in) matrix is gathered from the unpadded Q(X) with zeros where it reads padding
+  (``ConvGeometry.window``). Only one tap of im2col exists at a time, in one reused buffer.
+- Conv2d dgrad: ``dX = sum_t col2im_t(B(dY) D(W)_t)``, dY along C_out per pixel, D(W) along
+  C_out; each tap's product is scatter-added, in tap order, into the unpadded dX (the parts
+  that fall on padding are dropped, as cropping a padded result would).
+- Conv2d wgrad: ``dW_t = B(dY^T) A(im2col_t(X)^T)^T`` per tap: the columnwise copies (and RHT
+  tiles) of im2col(X) run along its token axis, so X is unfolded into tokens-last fp32 buffers,
+  ``UNFOLD_CHUNK_BYTES`` (256 MiB) at a time. All taps are one tensor with one amax: amax(X)
+  (also when some pixels are in no tap), or with the RHT the amax of the rotated im2col(X)^T
+  over all taps (from a first pass over the chunks when there are several). With RN, taps that
+  read the same input rows shifted by whole output rows (for k4 s2: rows i and i + 2) hold the
+  same 16-token blocks when the output width is a multiple of 16, so each such block is
+  quantized once, in a shared "plane" (``_planes``): half the work for the CNN's convolutions.
+  SR copies draw their bits tap by tap (only their RHT rotation is shared). Neither the
+  chunking nor the sharing changes a bit (tested).
+- ConvTranspose2d is the adjoint of Conv2d (same geometry, input and output swapped): its fprop
+  is a Conv2d dgrad (X rowwise along C_in, W along C_in per tap), its dgrad a Conv2d fprop on dY
+  (gradient role, SR), its wgrad contracts over the input tokens with dY unfolded tap by tap
+  (gradient role, columnwise, RHT/SR; shared planes with RN) and X columnwise (activation role).
+- Layout: the GEMMs run on NHWC copies; an NCHW input costs one permuting copy of X per forward
+  (and of dY, dX per backward), a channels_last one none.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from nvfp4bench.quant.gemm import ConvGeometry, bias_grad, gemm
+from nvfp4bench.quant.roles import (Op, Roles, _check_generator, _fp32_region, _in_compute_dtype,
+                                    _Quantized, _save, _tokens_last_cnhw)
+from nvfp4bench.quant.taps import (_amax, _is_channels_last, _nchw, _nhwc, _per_tap, _scatter_add,
+                                   _tap, _unfolded)
+
+
+class NVFP4Conv2d(torch.autograd.Function):
+    """Conv2d (groups=1) as an implicit GEMM, tap by tap (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, op: Op):
+        g = op.geometry
+        n, c, h, wd = x.shape
+        cout, taps = w.shape[0], g.taps
+        oh, ow = g.out_size(h, wd)
+        m = n * oh * ow
+        with _fp32_region(x.device):
+            # X quantized along C per pixel: (N, H, W, C_in); padding pixels are zeros
+            xq = op.roles.activation(_nhwc(x))
+            # W viewed (C_out, K), K = (kh, kw, C_in): 1x16 along C_in or 16x16 tiles per tap
+            wq = op.roles.weight(w.permute(0, 2, 3, 1).reshape(cout, taps * c))
+            w_taps = _per_tap(wq, taps)  # (T, C_out, C_in)
+            # fprop: Y (M, C_out) = sum_t im2col_t(Q(X)) (M, C_in) @ Q_w(W)_t (C_out, C_in)^T
+            a = torch.empty(n, oh, ow, c, device=x.device)  # one tap of im2col at a time
+            y, p = None, None
+            for t in range(taps):
+                at = _tap(a, xq, g.window(t, oh, ow, h, wd), (1, 2))
+                if y is None:
+                    y = gemm(at.view(m, c), w_taps[t])
+                else:  # one reused product buffer; the sum runs in tap order
+                    p = gemm(at.view(m, c), w_taps[t], out=p if p is not None else
+                             torch.empty_like(y))
+                    y.add_(p)
+            if bias is not None:
+                y += bias.float()
+        _save(ctx, op, x, xq, w, wq)
+        ctx.op, ctx.has_bias, ctx.shape = op, bias is not None, (n, c, h, wd, oh, ow)
+        ctx.channels_last, ctx.dtypes = _is_channels_last(x), (x.dtype, w.dtype)
+        return _nchw(y.view(n, oh, ow, cout), x.dtype, ctx.channels_last)
+
+    @staticmethod
+    def backward(ctx, dy):
+        op, policy, roles, g = ctx.op, ctx.op.policy, ctx.op.roles, ctx.op.geometry
+        x_saved, w_saved = ctx.saved_tensors
+        n, c, h, wd, oh, ow = ctx.shape
+        cout, taps, m = dy.shape[1], g.taps, n * oh * ow
+        _check_generator(op, dy.device)
+        dx = dw = db = None
+        with _fp32_region(dy.device):
+            dy_tokens = None
+            if ctx.needs_input_grad[0] or (ctx.has_bias and ctx.needs_input_grad[2]):
+                dy_tokens = _nhwc(dy).view(m, cout)  # (M, C_out)
+            if ctx.needs_input_grad[0]:
+                from_fwd = policy.reads_forward_w(roles)
+                w2d = None if from_fwd else w_saved.permute(0, 2, 3, 1).reshape(cout, taps * c)
+                # dgrad: dX = sum_t col2im_t(B(dY) (M, C_out) @ D(W)_t (C_in, C_out)^T)
+                gq, wdq = policy.dgrad_operands(roles, dy_tokens, w2d,
+                                                w_saved if from_fwd else None)  # D(W): (K, C_out)
+                wdq = wdq.contiguous().view(taps, c, cout)
+                dx_nhwc = torch.zeros(n, h, wd, c, device=dy.device)
+                p = torch.empty(m, c, device=dy.device)  # one reused product buffer
+                for t in range(taps):
+                    _scatter_add(dx_nhwc, gemm(gq, wdq[t], out=p).view(n, oh, ow, c),
+                                 g.window(t, oh, ow, h, wd), (1, 2))
+                dx = _nchw(dx_nhwc, ctx.dtypes[0], ctx.channels_last)
+            if ctx.needs_input_grad[1]:
+                # wgrad: dW_t (C_out, C_in) = B(dY^T) (C_out, Mp) @ A(im2col_t(X)^T) (C_in, Mp)^T
+                g_spec, a_spec = policy.wgrad_columns(roles)
+                gt = g_spec.apply(_tokens_last_cnhw(dy.permute(1, 0, 2, 3)), roles.generator)
+                if policy.reads_forward_x(roles):  # the forward's Q(X), (N, H, W, C_in)
+                    src = x_saved.permute(3, 0, 1, 2)
+                else:
+                    src = x_saved.permute(1, 0, 2, 3)
+                whole = _amax(x_saved) if a_spec.quantize and not a_spec.rht else None
+                dw_taps = torch.empty(taps, cout, c, device=dy.device)
+                for t, xt in _unfolded(src, g, oh, ow, a_spec, roles.generator, whole):
+                    dw_taps[t] = gemm(gt, xt)
+                kh, kw = g.kernel
+                dw = dw_taps.view(kh, kw, cout, c).permute(2, 3, 0, 1)
+                dw = torch.empty(dw.shape, dtype=ctx.dtypes[1], device=dy.device).copy_(dw)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                db = bias_grad(dy_tokens)
+        return dx, dw, db, None
+
+
+class NVFP4ConvTranspose2d(torch.autograd.Function):
+    """ConvTranspose2d (groups=1): the adjoint of the Conv2d of ``op.geometry`` (docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, op: Op, out_size: tuple[int, int]):
+        g = op.geometry
+        n, cin, h, wd = x.shape
+        cout, taps = w.shape[1], g.taps
+        oh, ow = out_size  # the adjoint Conv2d maps (oh, ow) -> (h, wd)
+        m = n * h * wd
+        with _fp32_region(x.device):
+            xq = op.roles.activation(_nhwc(x)).view(m, cin)  # (M, C_in)
+            # W viewed (K', C_in), K' = (kh, kw, C_out): the fprop contracts over C_in
+            wq = op.roles.weight(w.permute(2, 3, 1, 0).reshape(taps * cout, cin))
+            # fprop (a Conv2d dgrad): Y = sum_t col2im_t(Q(X) (M, C_in) @ Q_w(W)_t (C_out, C_in)^T)
+            y = torch.zeros(n, oh, ow, cout, device=x.device)
+            p = torch.empty(m, cout, device=x.device)  # one reused product buffer
+            for t in range(taps):
+                _scatter_add(y, gemm(xq, wq[t * cout:(t + 1) * cout], out=p).view(n, h, wd, cout),
+                             g.window(t, h, wd, oh, ow), (1, 2))
+            if bias is not None:
+                y += bias.float()
+        _save(ctx, op, x, xq, w, wq)
+        ctx.op, ctx.has_bias, ctx.shape = op, bias is not None, (n, cin, h, wd, oh, ow)
+        ctx.channels_last, ctx.dtypes = _is_channels_last(x), (x.dtype, w.dtype)
+        return _nchw(y, x.dtype, ctx.channels_last)
+
+    @staticmethod
+    def backward(ctx, dy):
+        op, policy, roles, g = ctx.op, ctx.op.policy, ctx.op.roles, ctx.op.geometry
+        x_saved, w_saved = ctx.saved_tensors
+        n, cin, h, wd, oh, ow = ctx.shape
+        cout, taps, m = dy.shape[1], g.taps, n * h * wd
+        _check_generator(op, dy.device)
+        dx = dw = db = None
+        with _fp32_region(dy.device):
+            dy_nhwc = None
+            if ctx.needs_input_grad[0] or (ctx.has_bias and ctx.needs_input_grad[2]):
+                dy_nhwc = _nhwc(dy)  # (N, OH, OW, C_out)
+            if ctx.needs_input_grad[0]:
+                from_fwd = policy.reads_forward_w(roles)
+                w2d = None if from_fwd else w_saved.permute(2, 3, 1, 0).reshape(taps * cout, cin)
+                # dgrad (a Conv2d fprop on dY): dX (M, C_in) = sum_t im2col_t(B(dY)) (M, C_out)
+                #                                              @ D(W)_t (C_in, C_out)^T
+                gq, wdq = policy.dgrad_operands(roles, dy_nhwc, w2d,
+                                                w_saved if from_fwd else None)  # D(W): (C_in, K')
+                wd_taps = _per_tap(wdq, taps)  # (T, C_in, C_out)
+                a = torch.empty(n, h, wd, cout, device=dy.device)
+                acc, p = None, None
+                for t in range(taps):
+                    at = _tap(a, gq, g.window(t, h, wd, oh, ow), (1, 2))
+                    if acc is None:
+                        acc = gemm(at.view(m, cout), wd_taps[t])
+                    else:  # one reused product buffer; the sum runs in tap order
+                        p = gemm(at.view(m, cout), wd_taps[t], out=p if p is not None else
+                                 torch.empty_like(acc))
+                        acc.add_(p)
+                dx = _nchw(acc.view(n, h, wd, cin), ctx.dtypes[0], ctx.channels_last)
+            if ctx.needs_input_grad[1]:
+                # wgrad: dW_t (C_out, C_in) = B(im2col_t(dY)^T) (C_out, Mp) @ A(X^T) (C_in, Mp)^T
+                g_spec, a_spec = policy.wgrad_columns(roles)
+                if policy.reads_forward_x(roles):  # the forward's Q(X), (M, C_in)
+                    x_cnhw = x_saved.view(n, h, wd, cin).permute(3, 0, 1, 2)
+                else:
+                    x_cnhw = x_saved.permute(1, 0, 2, 3)
+                xt = a_spec.apply(_tokens_last_cnhw(x_cnhw), roles.generator)
+                whole = _amax(dy) if g_spec.quantize and not g_spec.rht else None
+                dw_taps = torch.empty(taps, cout, cin, device=dy.device)
+                for t, gt in _unfolded(dy.permute(1, 0, 2, 3), g, h, wd, g_spec,
+                                       roles.generator, whole):
+                    dw_taps[t] = gemm(gt, xt)
+                kh, kw = g.kernel
+                dw = dw_taps.view(kh, kw, cout, cin).permute(3, 2, 0, 1)
+                dw = torch.empty(dw.shape, dtype=ctx.dtypes[1], device=dy.device).copy_(dw)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                db = bias_grad(dy_nhwc.view(-1, cout))
+        return dx, dw, db, None, None
+
+
+
+def _check_4d(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a batched (N, C, H, W) input, got shape "
+                         f"{tuple(x.shape)}; add the batch dim with x.unsqueeze(0)")
+
+
+class QuantizedConv2d(_Quantized):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_4d(x, self.op.name)
+        (x, b), w = _in_compute_dtype(x, self.bias), self.weight
+        return NVFP4Conv2d.apply(x, w, b, self.op)
+
+
+class QuantizedConvTranspose2d(_Quantized):
+    def __init__(self, module: nn.ConvTranspose2d, roles: Roles, name: str,
+                 geometry: ConvGeometry):
+        super().__init__(module, roles, name, geometry)
+        self.output_padding = tuple(module.output_padding)
+
+    def output_shape(self, h: int, w: int, output_size=None) -> tuple[int, int]:
+        g = self.op.geometry
+        size = [(n - 1) * s - 2 * p + d * (k - 1) + 1 for n, s, p, d, k in
+                zip((h, w), g.stride, g.padding, g.dilation, g.kernel)]
+        if output_size is None:
+            return tuple(n + op for n, op in zip(size, self.output_padding))
+        want = tuple(output_size)[-2:]
+        for n, o, s in zip(size, want, g.stride):
+            if not n <= o < n + s:
+                raise ValueError(f"{self.op.name}: output_size {want} is not reachable from input "
+                                 f"{(h, w)} (minimum {tuple(size)})")
+        return want
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        _check_4d(x, self.op.name)
+        (x, b), w = _in_compute_dtype(x, self.bias), self.weight
+        out = self.output_shape(x.shape[-2], x.shape[-1], output_size)
+        return NVFP4ConvTranspose2d.apply(x, w, b, self.op, out)
+
+
+def _conv_geometry(module: nn.Module, name: str) -> ConvGeometry:
+    if module.groups != 1:
+        raise ValueError(f"{name}: quantized convolutions need groups=1, got {module.groups}")
+    if module.padding_mode != "zeros":
+        raise ValueError(f"{name}: quantized convolutions need padding_mode='zeros', "
+                         f"got {module.padding_mode!r}")
+    padding = module.padding
+    if isinstance(padding, str):
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        if padding == "valid":
+            padding = (0, 0)
+        elif all(t % 2 == 0 for t in total):  # 'same' with a symmetric padding
+            padding = tuple(t // 2 for t in total)
+        else:
+            raise ValueError(f"{name}: padding='same' with an even effective kernel pads "
+                             f"asymmetrically; give an explicit padding")
+    return ConvGeometry.of(module.kernel_size, module.stride, padding, module.dilation)

@@ -1,0 +1,60 @@
+"""The emulator's twins: ``quantized(module, recipe)`` and the layer-type registry ``TWINS``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from nvfp4bench.quant.conv import QuantizedConv2d, QuantizedConvTranspose2d, _conv_geometry
+from nvfp4bench.quant.linear import QuantizedLinear
+from nvfp4bench.quant.nvfp4 import BLOCK
+from nvfp4bench.quant.recipes import Recipe
+from nvfp4bench.quant.roles import Roles, _resolve
+
+
+def _check_channels(name: str, what: str, cin: int, cout: int) -> None:
+    bad = [f"{label}={v}" for label, v in ((f"in_{what}", cin), (f"out_{what}", cout)) if v % BLOCK]
+    if bad:
+        raise ValueError(f"{name}: NVFP4 needs {what} counts that are multiples of {BLOCK}, got "
+                         f"{', '.join(bad)} (in_{what}={cin}, out_{what}={cout}); keep this layer "
+                         f"in high precision or change its width")
+
+
+def _twin_linear(module, roles, name):
+    _check_channels(name, "features", module.in_features, module.out_features)
+    return QuantizedLinear(module, roles, name)
+
+
+def _twin_conv2d(module, roles, name):
+    _check_channels(name, "channels", module.in_channels, module.out_channels)
+    return QuantizedConv2d(module, roles, name, _conv_geometry(module, name))
+
+
+def _twin_conv_transpose2d(module, roles, name):
+    _check_channels(name, "channels", module.in_channels, module.out_channels)
+    return QuantizedConvTranspose2d(module, roles, name, _conv_geometry(module, name))
+
+
+# Layer type -> constructor of its quantized twin.
+TWINS = {nn.Linear: _twin_linear, nn.Conv2d: _twin_conv2d,
+         nn.ConvTranspose2d: _twin_conv_transpose2d}
+
+
+
+def quantized(module: nn.Module, recipe: Recipe | str, *,
+              generator: torch.Generator | None = None, name: str | None = None) -> nn.Module:
+    """The NVFP4 twin of ``module`` (nn.Linear, nn.Conv2d or nn.ConvTranspose2d) under ``recipe``.
+
+    The twin shares ``weight`` and ``bias`` (the same Parameters). A baseline recipe
+    (``quantized=False``) returns ``module`` itself. ``generator`` feeds stochastic rounding
+    (required when the recipe has SR). ``name`` labels errors (default: the module's repr).
+    """
+    name = name or repr(module)
+    recipe = _resolve(recipe, generator, name)
+    if not recipe.quantized:
+        return module
+    for kind, twin in TWINS.items():
+        if isinstance(module, kind):
+            tile = recipe.weight_tile
+            return twin(module, Roles(recipe, generator, tile), name)
+    raise TypeError(f"{name}: no NVFP4 twin for {type(module).__name__}; supported: "
+                    f"{', '.join(k.__name__ for k in TWINS)}")
