@@ -32,7 +32,6 @@ with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
@@ -51,6 +50,7 @@ from torch.utils.data import DataLoader
 
 from nvfp4bench import results
 from nvfp4bench.quant import kernels
+from nvfp4bench.quant.backends import get_backend
 from nvfp4bench.config import RunConfig
 from nvfp4bench.env import environment
 from nvfp4bench.losses import BCETverskyLoss
@@ -204,6 +204,8 @@ def setup(config: RunConfig) -> Cell:
     recipe = get_recipe(config.recipe)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, recipe, device)
+    # the backend's refusals come first: before any data or model is built
+    get_backend(config.backend).preflight(recipe, device, AUTOCAST_DTYPES[precision])
     if config.data is None:
         store_dir = Path(ensure_synthetic_store(progress=config.progress))
     else:
@@ -263,10 +265,9 @@ def make_loaders(cell: Cell, loader_generator: torch.Generator):
 
 
 def _autocast(cell: Cell):
-    dtype = AUTOCAST_DTYPES[cell.precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=cell.device.type, dtype=dtype)
+    """The backend's run context (autocast; for TE also te.autocast): every forward runs in it."""
+    return get_backend(cell.config.backend).context(cell.recipe, cell.device,
+                                                    AUTOCAST_DTYPES[cell.precision])
 
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:
@@ -491,7 +492,8 @@ def _run(cell: Cell, on_epoch_end) -> dict:
         "model": {"arch": c.arch, "scale": c.scale, "recipe": c.recipe,
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "init_seed": init_seed(c.arch, c.scale, c.seed),
-                  "quantized_layers": list(getattr(model, "quantized_layers", []))},
+                  "quantized_layers": list(getattr(model, "quantized_layers", [])),
+                  "layer_backends": dict(getattr(model, "layer_backends", {}))},
         "history": history, "best_epoch": None, "best_val_loss": None, "epochs_run": None,
         "stopped_early": None, "val": None, "test": None, "timing": None, "diagnostics": None,
         "checkpoints": {"last": str(cell.ckpt_path), "best": str(cell.best_path)},

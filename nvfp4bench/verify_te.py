@@ -514,11 +514,13 @@ def emulator_layer_runner(case: LayerCase) -> dict[str, torch.Tensor]:
 
 
 def te_layer_runner(case: LayerCase) -> dict[str, torch.Tensor]:
-    """One step of the te backend's ``TELinear`` under its ``autocast(recipe)``."""
-    from nvfp4bench.quant import te as te_backend
+    """One step of the te backend's ``TELinear`` in the backend's run context."""
+    from nvfp4bench.quant.backends import get_backend
+    from nvfp4bench.quant.te_linear import TELinear
     linear = _linear_for(case)
-    layer = te_backend.TELinear(linear, f"verify[{case.name}]")
-    return _step(layer, linear, case, te_backend.autocast(get_recipe(case.recipe)))
+    layer = TELinear(linear, f"verify[{case.name}]")
+    context = get_backend("te").context(get_recipe(case.recipe), case.x.device, torch.bfloat16)
+    return _step(layer, linear, case, context)
 
 
 # --------------------------------------------------------------------------------------------

@@ -225,17 +225,22 @@ def test_quantizing_twice_is_refused():
 def test_a_registered_backend_receives_the_layer_names_recipe_and_generator():
     calls = []
 
-    def fake(model, recipe, names, *, generator=None):
-        calls.append((recipe.name, list(names), generator))
+    class Fake:
+        name = "fake"
+
+        def swap(self, model, recipe, names, *, generator=None):
+            calls.append((recipe.name, list(names), generator))
+            return {}
 
     g = torch.Generator().manual_seed(1)
-    register_backend("fake", fake)
+    register_backend("fake", Fake())
     try:
         model = quantize_model(_tiny("swin"), "sr_only", backend="fake", generator=g)
     finally:
         del BACKENDS["fake"]
     assert calls == [("sr_only", quantizable_layers(model), g)]
     assert model.quantized_layers == quantizable_layers(model)
+    assert set(model.layer_backends.values()) == {"fake"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,15 +370,14 @@ def test_initialisation_is_seeded_by_the_global_rng():
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
 
 
-def test_te_backend_calls_the_te_modules_quantize_model_with_the_layer_names():
+def test_te_backend_calls_the_te_modules_swap_with_the_layer_names():
     import inspect
 
-    from nvfp4bench.quant import te
+    from nvfp4bench.quant import te_linear
     model = _tiny("vit")
     names = quantizable_layers(model, attention=True)
-    # the call te_backend makes binds to the real signature (no TE needed to check that)
-    inspect.signature(te.quantize_model).bind(model, RECIPES["nvfp4_full"], layer_names=names,
-                                              generator=None)
+    # the call the te backend makes binds to the real signature (no TE needed to check that)
+    inspect.signature(te_linear.swap).bind(model, RECIPES["nvfp4_full"], names, generator=None)
 
 
 def test_same_seeds_give_the_same_bits_under_a_stochastic_rounding_recipe():

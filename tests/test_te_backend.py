@@ -22,6 +22,7 @@ from torch import nn
 from nvfp4bench.quant import nvfp4
 from nvfp4bench import verify_te as v
 from nvfp4bench.quant import te as te_backend
+from nvfp4bench.quant import te_linear
 from nvfp4bench.quant.swap import BACKENDS, quantize_model
 from nvfp4bench.quant.te import TEUnavailable
 from nvfp4bench.quant.recipes import RECIPES, get_recipe
@@ -188,13 +189,10 @@ class _TwoLinears(nn.Module):
 
 def test_quantize_model_baseline_and_refusals_leave_model_untouched():
     model = _TwoLinears()
-    out = te_backend.quantize_model(model, get_recipe("bf16"), layer_names=["fc1", "fc2"])
-    assert out is model and model.backend_layers == {"te": [], "emulator": []}
+    assert te_linear.swap(model, get_recipe("bf16"), ["fc1", "fc2"]) == {}
     assert type(model.fc1) is nn.Linear
-    with pytest.raises(ValueError, match="layer_names"):
-        te_backend.quantize_model(model, get_recipe("nvfp4_full"))
     with pytest.raises(TEUnavailable, match="fwd_rht"):
-        te_backend.quantize_model(model, get_recipe("fwd_rht"), layer_names=["fc1"])
+        te_linear.swap(model, get_recipe("fwd_rht"), ["fc1"])
     assert type(model.fc1) is nn.Linear and type(model.fc2) is nn.Linear
 
 
@@ -203,9 +201,9 @@ def test_quantize_model_refuses_without_te():
     model = _TwoLinears()
     weight = model.fc1.weight
     with pytest.raises(TEUnavailable, match="not installed"):
-        te_backend.quantize_model(model, get_recipe("nvfp4_full"), layer_names=["fc1", "fc2"])
+        te_linear.swap(model, get_recipe("nvfp4_full"), ["fc1", "fc2"])
     assert type(model.fc1) is nn.Linear and model.fc1.weight is weight
-    assert not hasattr(model, "backend_layers")
+    assert not hasattr(model, "layer_backends")
     with pytest.raises(TEUnavailable, match="not installed"):
         te_backend.preflight(get_recipe("2d_rht_sr"))
 
@@ -275,9 +273,9 @@ def test_swap_shares_parameters_and_pads_tokens(stand_in_te):
     reference = copy.deepcopy(model)
     weight, bias = model.fc1.weight, model.fc1.bias
     keys = set(model.state_dict())
-    te_backend.quantize_model(model, get_recipe("nvfp4_full"), layer_names=["fc1", "fc2"])
-    assert model.backend_layers == {"te": ["fc1", "fc2"], "emulator": []}
-    assert isinstance(model.fc1, te_backend.TELinear)
+    placement = te_linear.swap(model, get_recipe("nvfp4_full"), ["fc1", "fc2"])
+    assert placement == {"fc1": "te", "fc2": "te"}
+    assert isinstance(model.fc1, te_linear.TELinear)
     assert model.fc1.weight is weight and model.fc1.te_module.weight is weight
     assert model.fc1.bias is bias and model.fc1.te_module.bias is bias
     assert weight.partition_dim == 1  # TE's attributes travel to the shared Parameter
@@ -298,9 +296,9 @@ def test_swap_shares_parameters_and_pads_tokens(stand_in_te):
 def test_swap_refuses_bad_shapes_and_modules_before_touching_the_model(stand_in_te):
     model = nn.Sequential(nn.Linear(32, 40), nn.LayerNorm(40), nn.Linear(40, 16))
     with pytest.raises(TEUnavailable, match=r"'0' \(in_features=32, out_features=40\)"):
-        te_backend.quantize_model(model, get_recipe("2d_rht"), layer_names=["0", "2"])
-    with pytest.raises(ValueError, match=r"'1' \(LayerNorm\)"):
-        te_backend.quantize_model(model, get_recipe("2d_rht"), layer_names=["1"])
+        te_linear.swap(model, get_recipe("2d_rht"), ["0", "2"])
+    with pytest.raises(TypeError, match=r"1: no NVFP4 twin for LayerNorm"):
+        te_linear.swap(model, get_recipe("2d_rht"), ["1"])
     assert [type(m) for m in model] == [nn.Linear, nn.LayerNorm, nn.Linear]
 
 

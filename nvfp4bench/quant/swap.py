@@ -8,8 +8,9 @@ A model declares which of its modules the study quantizes, as module-name patter
                        "blocks.*.mlp.fc2")           # Swin: the same
     *.ATTENTION_MATMULS = ("blocks.*.attn.qk", "blocks.*.attn.av")   # opt-in
 
-``quantize_model(model, recipe, backend)`` resolves those names (``quantizable_layers``) and hands
-them to a backend from ``BACKENDS``, which swaps each module in place for its quantized twin. The
+``quantize_model(model, recipe, backend)`` resolves those names (``quantizable_layers``; any other
+model passes ``layers=`` patterns or a predicate) and hands them to a backend from ``BACKENDS``
+(``backends.py``), which swaps each module in place for its quantized twin. The
 twin shares the original's Parameter objects, so an optimizer built before the swap still trains
 the model, and every recipe of one (arch, scale, seed) starts from the same initial weights.
 The replaced high-precision modules are kept (``high_precision(model)`` swaps them back for a
@@ -19,100 +20,75 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from nvfp4bench.quant.backends import BACKENDS, Backend, get_backend
 from nvfp4bench.quant.recipes import Recipe, get_recipe
+from nvfp4bench.quant.twins import set_submodule
 ORIGINALS_ATTR = "_nvfp4_originals"  # name -> the high-precision module a backend replaced
 
 
-def quantizable_layers(model: nn.Module, *, attention: bool = False) -> list[str]:
-    """Names of the modules the study quantizes in ``model`` (its class's ``QUANTIZED`` patterns;
-    with ``attention=True`` also ``ATTENTION_MATMULS``), in ``named_modules`` order."""
-    patterns = getattr(type(model), "QUANTIZED", None)
-    if patterns is None:
-        raise ValueError(f"{type(model).__name__} declares no QUANTIZED name patterns; build it "
-                         f"with nvfp4bench.models.build_model")
-    if attention:
-        patterns = tuple(patterns) + tuple(getattr(type(model), "ATTENTION_MATMULS", ()))
+# Which modules to quantize: module-name patterns (fnmatch), or a predicate (name, module) -> bool.
+LayerSelection = Sequence[str] | Callable[[str, nn.Module], bool]
+
+
+def quantizable_layers(model: nn.Module, *, attention: bool = False,
+                       layers: LayerSelection | None = None) -> list[str]:
+    """Names of the modules to quantize in ``model``, in ``named_modules`` order.
+
+    ``layers``: module-name patterns (``fnmatch``, e.g. ``"encoder.*.fc?"``) or a predicate
+    ``(name, module) -> bool``; by default the patterns the model's class declares
+    (``QUANTIZED``; with ``attention=True`` also ``ATTENTION_MATMULS``).
+    """
+    if layers is None:
+        layers = getattr(type(model), "QUANTIZED", None)
+        if layers is None:
+            raise ValueError(f"{type(model).__name__} declares no QUANTIZED name patterns; pass "
+                             f"layers=[...] (module-name patterns) or a predicate")
+        if attention:
+            layers = tuple(layers) + tuple(getattr(type(model), "ATTENTION_MATMULS", ()))
+    if callable(layers):
+        return [name for name, m in model.named_modules() if name and layers(name, m)]
+    if isinstance(layers, str):
+        layers = (layers,)
     return [name for name, _ in model.named_modules()
-            if name and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` (e.g. ``blocks.3.attn.qkv``) by ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-# A backend swaps the named modules of a model in place for their quantized twins.
-Backend = Callable[..., None]  # backend(model, recipe, names, *, generator) -> None
-
-
-def emulator_backend(model: nn.Module, recipe: Recipe, names: list[str], *,
-                     generator: torch.Generator | None = None) -> None:
-    """The NVFP4 emulator: linears and convolutions through ``twins.quantized``, attention
-    matmuls through ``linear.QuantizedMatmul``. Every twin is
-    built (and checked) before the first swap, so a refused layer leaves the model untouched."""
-    from nvfp4bench.quant import linear, twins
-
-    made = {}
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, linear.Matmul):
-            twin = linear.QuantizedMatmul(recipe, generator=generator)
-        else:
-            twin = twins.quantized(module, recipe, generator=generator, name=name)
-        made[name] = twin.train(module.training)
-    for name, twin in made.items():
-        set_submodule(model, name, twin)
-
-
-def te_backend(model: nn.Module, recipe: Recipe, names: list[str], *,
-               generator: torch.Generator | None = None) -> None:
-    """Transformer Engine, imported only when asked for: ``nvfp4bench.quant.te``'s
-    ``quantize_model(model, recipe, layer_names=names, generator=...)`` swaps the named modules
-    in place (linears to TE, convolutions and attention matmuls to the emulator)."""
-    try:
-        from nvfp4bench.quant import te
-    except ImportError as err:
-        raise ImportError(f"backend 'te' is unavailable ({err}); it needs NVIDIA Transformer "
-                          f"Engine and a CUDA GPU; use backend='emulator'") from err
-    te.quantize_model(model, recipe, layer_names=names, generator=generator)
-
-
-BACKENDS: dict[str, Backend] = {"emulator": emulator_backend, "te": te_backend}
+            if name and any(fnmatch.fnmatchcase(name, p) for p in layers)]
 
 
 def register_backend(name: str, backend: Backend) -> None:
-    """Add a backend to ``BACKENDS`` (a callable with ``emulator_backend``'s signature)."""
+    """Add a backend to ``BACKENDS`` (an object with ``backends.Backend``'s methods)."""
     BACKENDS[name] = backend
 
 
 def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str = "emulator", *,
-                   generator: torch.Generator | None = None,
-                   quantize_attention: bool = False) -> nn.Module:
-    """Swap, in place, the layers protocol.md quantizes for their NVFP4 twins; returns ``model``.
+                   generator: torch.Generator | None = None, quantize_attention: bool = False,
+                   layers: LayerSelection | None = None) -> nn.Module:
+    """Swap, in place, the layers to quantize for their NVFP4 twins; returns ``model``.
 
-    Sets ``model.quantized_layers`` (module names, ``[]`` for a recipe with ``quantized=False``,
-    which swaps nothing). ``generator`` feeds stochastic rounding; ``quantize_attention`` also
-    swaps the two attention matmuls (an extension beyond the study).
+    Any ``nn.Module`` works: ``layers`` selects its Linear / Conv2d / ConvTranspose2d / Matmul
+    modules by name pattern or predicate (``quantizable_layers``); by default the ones the
+    model's class declares (the study's selection for nvfp4bench's models). Sets
+    ``model.quantized_layers`` (module names, ``[]`` for a recipe with ``quantized=False``,
+    which swaps nothing) and ``model.layer_backends`` (name -> the backend that runs it).
+    ``generator`` feeds stochastic rounding; ``quantize_attention`` also swaps the two attention
+    matmuls (an extension beyond the study). Run the model's forwards inside
+    ``get_backend(backend).context(recipe, device, dtype)``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    chosen = get_backend(backend)
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
     if getattr(model, "quantized_layers", None):
         raise ValueError(f"model is already quantized ({len(model.quantized_layers)} layers); "
                          f"quantize a fresh model")
-    names = quantizable_layers(model, attention=quantize_attention) if recipe.quantized else []
+    names = (quantizable_layers(model, attention=quantize_attention, layers=layers)
+             if recipe.quantized else [])
     originals = {name: model.get_submodule(name) for name in names}
-    if names:
-        BACKENDS[backend](model, recipe, names, generator=generator)
+    placement = chosen.swap(model, recipe, names, generator=generator) if names else {}
     model.quantized_layers = names
+    model.layer_backends = {name: placement.get(name, chosen.name) for name in names}
     setattr(model, ORIGINALS_ATTR, originals)  # a plain dict: not registered as submodules
     return model
 

@@ -11,13 +11,14 @@ recipe maps onto TE one field at a time (``te_recipe_kwargs``)::
     disable_2d_quantization      disable_2d_quantization
     backward_override            backward_override   (None | "dequantized" | "high_precision")
 
-``quantize_model`` swaps the ``nn.Linear`` layers that protocol.md quantizes for ``TELinear``
+``te_linear.swap`` swaps the ``nn.Linear`` layers that protocol.md quantizes for ``TELinear``
 (a ``te.Linear`` sharing the very same weight and bias ``Parameter`` objects, so the optimizer,
 the state dict and the emulator twin all see one tensor), and the model runs inside
 ``autocast(recipe)`` = ``torch.autocast("cuda", bf16)`` + ``te.autocast(recipe=NVFP4BlockScaling(...))``.
 TE has no convolution or batched-matmul modules: ``Conv2d``, ``ConvTranspose2d`` and the optional
-attention matmuls stay on the emulator (``nvfp4bench.quant.twins``), and ``model.backend_layers``
-records which layer ran where.
+attention matmuls stay on the emulator (``nvfp4bench.quant.twins``), and ``model.layer_backends``
+records which layer ran where. This module holds the recipe mapping, the refusals and the run
+context; ``te_linear.py`` the layer and the swap; ``backends.py`` the backend object.
 
 What TE cannot express (refused, never approximated)
 ----------------------------------------------------
@@ -70,7 +71,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from nvfp4bench.quant import linear, twins
 from nvfp4bench.quant.recipes import Recipe
 
 TE_MIN_VERSION = (2, 14)  # block-scale arithmetic of nvfp4.md section 2 (2.8-2.13 round differently)
@@ -213,6 +213,13 @@ def check_env(env: Mapping[str, str]) -> None:
                             f"(or set {FAST_MATH_ENV}=0) to use the te backend")
 
 
+def check_device(device: torch.device) -> None:
+    """Refuse a run on anything but a CUDA device (TE's NVFP4 kernels are CUDA only)."""
+    if torch.device(device).type != "cuda":
+        raise TEUnavailable(f"the te backend runs on a CUDA GPU; the run's device is {device}: "
+                            f"use --device cuda, or --backend emulator")
+
+
 def check_precision(dtype: torch.dtype | None) -> None:
     """Refuse a compute dtype other than bf16: TE's RHT kernels take bf16 activations only, and
     nvfp4.md's RHT rounds to bf16."""
@@ -272,13 +279,15 @@ def check_te_available(env: Mapping[str, str] | None = None) -> TEInfo:
                   capability=(int(capability[0]), int(capability[1])))
 
 
-def preflight(recipe: Recipe, dtype: torch.dtype | None = torch.bfloat16) -> TEInfo | None:
-    """Every refusal that does not need the model, before a run starts (call it before writing
-    anything): the recipe, the compute dtype, TE, CUDA, the GPU and the environment. None for a
-    baseline (which runs in plain PyTorch and needs no TE)."""
+def preflight(recipe: Recipe, dtype: torch.dtype | None = torch.bfloat16,
+              device: torch.device | str = "cuda") -> TEInfo | None:
+    """Every refusal that does not need the model, before a run starts (call it before building
+    or writing anything): the recipe, the compute dtype, the device, TE, CUDA, the GPU and the
+    environment. None for a baseline (which runs in plain PyTorch and needs no TE)."""
     if te_recipe_kwargs(recipe) is None:
         return None
     check_precision(dtype)
+    check_device(device)
     return check_te_available()
 
 
@@ -310,10 +319,11 @@ def _te_autocast(te, te_recipe):
 
 
 @contextlib.contextmanager
-def autocast(recipe: Recipe, *, dtype: torch.dtype | None = torch.bfloat16) -> Iterator[None]:
+def autocast(recipe: Recipe, *, dtype: torch.dtype | None = torch.bfloat16,
+             device_type: str = "cuda") -> Iterator[None]:
     """The context the train loop runs a te-backend model's forward in.
 
-    ``torch.autocast("cuda", dtype)`` (skipped for ``dtype`` None or fp32: baselines only) and,
+    ``torch.autocast(device_type, dtype)`` (skipped for ``dtype`` None or fp32: baselines only) and,
     for a quantized recipe, ``te.autocast(recipe=NVFP4BlockScaling(**te_recipe_kwargs(recipe)))``
     (quantized recipes need ``dtype`` bf16). The forward must run inside it; the backward may
     run after the block (TE stores the recipe with the forward's saved tensors, and TE's own
@@ -324,158 +334,7 @@ def autocast(recipe: Recipe, *, dtype: torch.dtype | None = torch.bfloat16) -> I
         check_precision(dtype)
     with contextlib.ExitStack() as stack:
         if dtype is not None and dtype != torch.float32:
-            stack.enter_context(torch.autocast("cuda", dtype=dtype))
+            stack.enter_context(torch.autocast(device_type, dtype=dtype))
         if te_recipe is not None:
             stack.enter_context(_te_autocast(_import_te_pytorch(), te_recipe))
         yield
-
-
-# --------------------------------------------------------------------------------------------
-# The layer
-# --------------------------------------------------------------------------------------------
-def _te_quantization_active() -> bool | None:
-    """Whether a TE autocast with a recipe is active (None when this TE does not say)."""
-    for module in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
-        try:
-            manager = importlib.import_module(module).FP8GlobalStateManager
-        except (ImportError, AttributeError):
-            continue
-        return bool(manager.is_fp8_enabled())
-    return None
-
-
-def _share_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
-    """Make ``module.<name>`` the Parameter ``param``, keeping attributes TE set on its own.
-
-    TE stores metadata on its parameters (tensor-parallel attributes); they are copied onto the
-    shared Parameter when it lacks them, so TE's code paths that read them keep working.
-    """
-    own = module._parameters.get(name)
-    if own is not None:
-        for attr, value in vars(own).items():
-            if not hasattr(param, attr):
-                setattr(param, attr, value)
-    nn.Module.register_parameter(module, name, param)  # bypasses TE's init-metadata wrapper
-
-
-class TELinear(nn.Module):
-    """Twin of an ``nn.Linear`` that runs ``te.Linear`` (NVFP4 under ``autocast(recipe)``).
-
-    It owns the original ``weight`` and ``bias`` Parameters (no copy: the same objects the
-    ``nn.Linear`` had), so its state dict has exactly the ``nn.Linear`` keys; the ``te.Linear``
-    is held unregistered and uses the same Parameters. It is created on the weight's CUDA
-    device (the current one for a CPU weight); move the model with ``.to("cuda")`` (Parameters
-    move in place, so the sharing holds).
-
-    forward: ``x (..., K)`` is cast to the autocast dtype, flattened to ``(M, K)``, zero-padded
-    to ``M`` a multiple of 16 (TE refuses other token counts; zero rows change neither amax nor
-    GEMM), run through ``te.Linear`` and cut back to ``(..., N)``.
-    """
-
-    def __init__(self, linear: nn.Linear, name: str = "") -> None:
-        super().__init__()
-        te = _import_te_pytorch()
-        check_linear_shapes({name or "linear": (linear.in_features, linear.out_features)})
-        self.in_features, self.out_features, self.layer_name = (
-            linear.in_features, linear.out_features, name)
-        self.weight = linear.weight
-        self.bias = linear.bias  # a Parameter or None
-        device = linear.weight.device if linear.weight.is_cuda else torch.device("cuda")
-        inner = te.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          params_dtype=linear.weight.dtype, device=device)
-        _share_parameter(inner, "weight", self.weight)
-        if self.bias is not None:
-            _share_parameter(inner, "bias", self.bias)
-        object.__setattr__(self, "_te", inner)  # unregistered: state dict == nn.Linear's
-
-    @property
-    def te_module(self) -> nn.Module:
-        return self._te
-
-    def train(self, mode: bool = True) -> "TELinear":
-        super().train(mode)
-        self._te.train(mode)
-        return self
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, backend=te")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _te_quantization_active() is False:
-            raise RuntimeError(f"TELinear {self.layer_name!r} ran outside "
-                               f"nvfp4bench.quant.te.autocast(recipe): te.Linear would run "
-                               f"unquantized; wrap the forward (training and evaluation) in it")
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)  # (M, K)
-        m = x2d.shape[0]
-        pad = (-m) % BLOCK
-        if pad:
-            x2d = F.pad(x2d, (0, 0, 0, pad))  # (M + pad, K), zero tokens
-        y = self._te(x2d)  # (M + pad, N)
-        if pad:
-            y = y[:m]
-        return y.reshape(*lead, self.out_features)
-
-
-# --------------------------------------------------------------------------------------------
-# Model swap
-# --------------------------------------------------------------------------------------------
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def _attention_matmul_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, linear.Matmul)]
-
-
-def quantize_model(model: nn.Module, recipe: Recipe, *, layer_names: Sequence[str] | None = None,
-                   generator: torch.Generator | None = None,
-                   quantize_attention: bool = False) -> nn.Module:
-    """Swap, in place, the layers named ``layer_names`` (protocol.md's selection, given by the
-    models registry) for their te-backend twins; returns ``model``.
-
-    ``nn.Linear`` -> ``TELinear``; ``nn.Conv2d`` / ``nn.ConvTranspose2d`` -> the emulator's
-    ``twins.quantized`` (TE has no convolutions); with ``quantize_attention`` the attention
-    ``linear.Matmul`` modules -> the emulator's ``linear.QuantizedMatmul``. Sets
-    ``model.backend_layers = {"te": [...], "emulator": [...]}``. Everything is checked before
-    anything is swapped: a refusal (``TEUnavailable``) leaves the model untouched. A baseline
-    recipe swaps nothing and needs no TE.
-    """
-    if layer_names is None:
-        raise ValueError("quantize_model(backend='te') needs layer_names: the names of the "
-                         "modules protocol.md quantizes, as the models registry selects them")
-    names = list(dict.fromkeys(layer_names))
-    placement: dict[str, list[str]] = {"te": [], "emulator": []}
-    if te_recipe_kwargs(recipe) is None:  # baseline: raises for recipes TE cannot express
-        model.backend_layers = placement
-        return model
-    check_te_available()
-    modules = {name: model.get_submodule(name) for name in names}
-    if quantize_attention:
-        modules.update({n: model.get_submodule(n) for n in _attention_matmul_names(model)
-                        if n not in modules})
-    linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
-    others = {n: m for n, m in modules.items() if n not in linears}
-    unsupported = [f"{n!r} ({type(m).__name__})" for n, m in others.items()
-                   if not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, linear.Matmul))]
-    if unsupported:
-        raise ValueError(f"te backend: cannot quantize {', '.join(unsupported)}; expected "
-                         f"nn.Linear, nn.Conv2d, nn.ConvTranspose2d or linear.Matmul")
-    check_linear_shapes({n: (m.in_features, m.out_features) for n, m in linears.items()})
-    for name, module in linears.items():
-        _set_submodule(model, name, TELinear(module, name).train(module.training))
-        placement["te"].append(name)
-    for name, module in others.items():
-        if isinstance(module, linear.Matmul):
-            twin = linear.QuantizedMatmul(recipe, generator=generator)
-        else:
-            twin = twins.quantized(module, recipe, generator=generator)
-        _set_submodule(model, name, twin.train(module.training))
-        placement["emulator"].append(name)
-    model.backend_layers = placement
-    return model

@@ -1,11 +1,12 @@
-"""The emulator's twins: ``quantized(module, recipe)`` and the layer-type registry ``TWINS``."""
+"""The emulator's twins: ``quantized(module, recipe)``, the layer-type registry ``TWINS``, and the
+in-place replacement of a submodule that every backend's swap uses."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 from nvfp4bench.quant.conv import QuantizedConv2d, QuantizedConvTranspose2d, _conv_geometry
-from nvfp4bench.quant.linear import QuantizedLinear
+from nvfp4bench.quant.linear import Matmul, QuantizedLinear, QuantizedMatmul
 from nvfp4bench.quant.nvfp4 import BLOCK
 from nvfp4bench.quant.recipes import Recipe
 from nvfp4bench.quant.roles import Roles, _resolve
@@ -58,3 +59,19 @@ def quantized(module: nn.Module, recipe: Recipe | str, *,
             return twin(module, Roles(recipe, generator, tile), name)
     raise TypeError(f"{name}: no NVFP4 twin for {type(module).__name__}; supported: "
                     f"{', '.join(k.__name__ for k in TWINS)}")
+
+
+def emulator_twin(module: nn.Module, recipe: Recipe, generator: torch.Generator | None,
+                  name: str) -> nn.Module:
+    """The emulator's twin of any quantizable module: ``quantized`` for a Linear or a
+    convolution, ``QuantizedMatmul`` for an attention ``Matmul``."""
+    if isinstance(module, Matmul):
+        return QuantizedMatmul(recipe, generator=generator)
+    return quantized(module, recipe, generator=generator, name=name)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (e.g. ``blocks.3.attn.qkv``) by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,0 +1,103 @@
+"""Quantization backends: who runs a model's quantized layers, and in which run context.
+
+A backend is an object with three methods, called in this order by a training run::
+
+    preflight(recipe, device, dtype)   every refusal that needs no model or data (first thing)
+    swap(model, recipe, names, generator=...) -> {name: backend that runs it}   in place
+    context(recipe, device, dtype)     the context every forward runs in (training steps,
+                                       evaluation, diagnostics)
+
+========  ===================================================================================
+backend   what runs the quantized layers
+========  ===================================================================================
+emulator  the NVFP4 emulator (``twins.py``): plain PyTorch, bit-exact with TE's
+          round-to-nearest path (docs/nvfp4.md); CPU or any GPU. Its context is
+          ``torch.autocast`` at the run's compute dtype (none for fp32).
+te        Transformer Engine (``te.py``, ``te_linear.py``): ``te.Linear`` with
+          ``NVFP4BlockScaling`` on Blackwell GPUs; convolutions and attention matmuls stay on the
+          emulator. Its context is ``torch.autocast`` (bf16) plus
+          ``te.autocast(recipe=NVFP4BlockScaling(...))``.
+========  ===================================================================================
+
+Nothing here imports Transformer Engine: ``te.py`` imports it inside the functions that need it.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import ContextManager, Protocol
+
+import torch
+from torch import nn
+
+from nvfp4bench.quant import te, te_linear
+from nvfp4bench.quant.recipes import Recipe
+from nvfp4bench.quant.twins import emulator_twin, set_submodule
+
+
+class Backend(Protocol):
+    name: str
+
+    def preflight(self, recipe: Recipe, device: torch.device,
+                  dtype: torch.dtype | None) -> object | None: ...
+
+    def swap(self, model: nn.Module, recipe: Recipe, names: Sequence[str], *,
+             generator: torch.Generator | None = None) -> dict[str, str]: ...
+
+    def context(self, recipe: Recipe, device: torch.device,
+                dtype: torch.dtype | None) -> ContextManager: ...
+
+
+def compute_context(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+    """``torch.autocast(device.type, dtype)``, or nothing for fp32 (``dtype`` None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class Emulator:
+    """The NVFP4 emulator: runs anywhere, every layer kind."""
+
+    name = "emulator"
+
+    def preflight(self, recipe, device, dtype):
+        return None
+
+    def swap(self, model, recipe, names, *, generator=None):
+        """Every twin is built (and checked) before the first swap, so a refused layer leaves
+        the model untouched."""
+        modules = {name: model.get_submodule(name) for name in names}
+        made = {name: emulator_twin(m, recipe, generator, name).train(m.training)
+                for name, m in modules.items()}
+        for name, twin in made.items():
+            set_submodule(model, name, twin)
+        return {name: self.name for name in names}
+
+    def context(self, recipe, device, dtype):
+        return compute_context(device, dtype)
+
+
+class TransformerEngine:
+    """Transformer Engine on a Blackwell GPU for the linears; the emulator for the rest."""
+
+    name = "te"
+
+    def preflight(self, recipe, device, dtype):
+        return te.preflight(recipe, dtype, device)
+
+    def swap(self, model, recipe, names, *, generator=None):
+        return te_linear.swap(model, recipe, names, generator=generator)
+
+    def context(self, recipe, device, dtype):
+        return te.autocast(recipe, dtype=dtype, device_type=torch.device(device).type)
+
+
+BACKENDS: dict[str, Backend] = {"emulator": Emulator(), "te": TransformerEngine()}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; a ValueError listing the valid names otherwise."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None
