@@ -1,12 +1,12 @@
 """Cost of the NVFP4 emulator's layers on the CPU: whole QAT steps and single layers.
 
-    python benchmarks/bench_layers.py steps   [--archs cnn vit swin] [--scale small]
+    python -m benchmarks.bench_layers steps   [--archs cnn vit swin] [--scale small]
                                               [--size 128] [--batch 8] [--reps 5]
                                               [--channels-last] [--threads N]
                                               [--quant-kernels eager|compiled|auto]
                                               [--recipes fp32 nvfp4_full 2d_rht_sr]
-    python benchmarks/bench_layers.py layers  [--reps 5] [--recipes ...]
-    python benchmarks/bench_layers.py profile [--arch cnn] [--recipe 2d_rht_sr] [--top 25]
+    python -m benchmarks.bench_layers layers  [--reps 5] [--recipes ...]
+    python -m benchmarks.bench_layers profile [--arch cnn] [--recipe 2d_rht_sr] [--top 25]
 
 ``steps`` times one training step (forward, BCE-with-logits loss, backward, AdamW step) of each
 model with its layers quantized by each recipe (``fp32`` is the unquantized step) and prints the
@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nvfp4bench.quant import kernels, linear, twins  # noqa: E402
-from nvfp4bench.bench import TrainingCase  # noqa: E402
-from nvfp4bench.quant.recipes import get_recipe  # noqa: E402
+from nvfp4bench.bench import TrainingCase
+from nvfp4bench.quant import kernels, twins
+from nvfp4bench.quant.recipes import get_recipe
 
 DEFAULT_RECIPES = ("fp32", "nvfp4_full", "2d_rht_sr")
 
@@ -44,11 +40,12 @@ def _generator(recipe: str):
 
 
 def model_step(arch: str, scale: str, recipe: str, size: int, batch: int,
-               channels_last: bool = False):
+               channels_last: bool = False, quant_kernels: str = "eager"):
     """A closure running one QAT step of ``arch`` under ``recipe`` on a fixed random batch: the
     training case of ``python -m nvfp4bench.bench train`` (model and batch in the channels_last
     memory format when asked)."""
-    case = TrainingCase(arch, scale, recipe, image_size=size, batch_size=batch, device="cpu")
+    case = TrainingCase(arch, scale, recipe, image_size=size, batch_size=batch, device="cpu",
+                        quant_kernels=quant_kernels)
     if channels_last:
         case.model.to(memory_format=torch.channels_last)
         case.images = case.images.contiguous(memory_format=torch.channels_last)
@@ -80,8 +77,8 @@ def bench_steps(args) -> None:
     print("| arch | " + " | ".join(args.recipes) + " |")
     print("|---|" + "---|" * len(args.recipes))
     for arch in args.archs:
-        steps = {r: model_step(arch, args.scale, r, args.size, args.batch, args.channels_last)
-                 for r in args.recipes}
+        steps = {r: model_step(arch, args.scale, r, args.size, args.batch, args.channels_last,
+                               args.quant_kernels) for r in args.recipes}
         t, ratio = interleaved_medians(steps, args.reps)
         cells = [f"{t[r] * 1e3:.0f} ms" + ("" if r == args.recipes[0] else
                                            f" ({ratio[r]:.2f}x)") for r in args.recipes]
@@ -114,7 +111,8 @@ def bench_layers(args) -> None:
                 x.grad = None
                 layer(x).square().mean().backward()
             return run
-        fns = {r: closure(twins.quantized(module, r, generator=_generator(r)))
+        fns = {r: closure(twins.quantized(module, r, generator=_generator(r),
+                                          kernels=args.quant_kernels))
                for r in args.recipes}
         t, ratio = interleaved_medians(fns, args.reps)
         cells = [f"{t[r] * 1e3:.1f} ms" + ("" if r == args.recipes[0] else
@@ -124,7 +122,7 @@ def bench_layers(args) -> None:
 
 def profile(args) -> None:
     step = model_step(args.arch, args.scale, args.recipe, args.size, args.batch,
-                      args.channels_last)
+                      args.channels_last, args.quant_kernels)
     step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(args.reps):
@@ -145,16 +143,14 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", default="2d_rht_sr")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quant-kernels", default=None, choices=kernels.BACKENDS,
-                        help="kernels.set_backend(...) before timing (default: as is)")
+    parser.add_argument("--quant-kernels", default="eager", choices=kernels.KERNELS,
+                        help="how the quantizer runs (kernels.KERNELS; default: eager)")
     parser.add_argument("--channels-last", action="store_true",
                         help="model and batch in torch.channels_last (steps, profile)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quant_kernels:
-        kernels.set_backend(args.quant_kernels)
-    print(f"# nvfp4 backend: {kernels.get_backend()}")
+    print(f"# quantizer kernels: {args.quant_kernels}")
     {"steps": bench_steps, "layers": bench_layers, "profile": profile}[args.what](args)
     return 0
 

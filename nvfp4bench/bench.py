@@ -62,7 +62,8 @@ def _timed(fn, device: torch.device) -> float:
 # quant
 # --------------------------------------------------------------------------------------------
 def _quant_calls(x: torch.Tensor, backend: str, seed: int = 0) -> dict:
-    """case -> zero-argument callable running it on ``backend``; ``copy`` is the yardstick."""
+    """case -> zero-argument callable running it on the kernels ``backend``; ``copy`` is the
+    yardstick."""
     dst = torch.empty_like(x)
     g = torch.Generator(x.device).manual_seed(seed)
     kwargs = {"rn_1x16": {}, "rn_16x16": {"tile": (16, 16)},
@@ -71,8 +72,7 @@ def _quant_calls(x: torch.Tensor, backend: str, seed: int = 0) -> dict:
 
     def on_backend(kw):
         def call():
-            with kernels.use_backend(backend):
-                return kernels.fake_quantize(x, **kw)
+            return kernels.fake_quantize(x, **kw, kernels=backend)
         return call
 
     return {"copy": lambda: dst.copy_(x), **{case: on_backend(kw) for case, kw in kwargs.items()}}
@@ -179,7 +179,7 @@ class TrainingCase:
     """One recipe's model, optimizer and random batch, ready to run training steps."""
 
     def __init__(self, arch: str, scale: str, recipe_name: str, *, image_size: int,
-                 batch_size: int, device: str, seed: int = 0):
+                 batch_size: int, device: str, seed: int = 0, quant_kernels: str = "eager"):
         from nvfp4bench.models import build_model
         from nvfp4bench.quant.swap import quantize_model
         from nvfp4bench.quant.recipes import get_recipe
@@ -192,7 +192,8 @@ class TrainingCase:
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         torch.manual_seed(seed)  # the same initial weights for every recipe
         self.model = build_model(arch, scale, image_size=image_size)
-        quantize_model(self.model, recipe, generator=torch.Generator(self.device).manual_seed(seed))
+        quantize_model(self.model, recipe, generator=torch.Generator(self.device).manual_seed(seed),
+                       kernels=quant_kernels)
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(seed)
@@ -216,11 +217,11 @@ def run_train(args) -> list[dict]:
     recipes = [r for r in args.recipes.split(",") if r]
     if BASELINE_RECIPE not in recipes:
         recipes.insert(0, BASELINE_RECIPE)
-    kernels.set_backend(args.quant_kernels)
     cases, rows = [], []
     for name in recipes:
         case = TrainingCase(args.arch, args.scale, name, image_size=args.image_size,
-                            batch_size=args.batch_size, device=args.device)
+                            batch_size=args.batch_size, device=args.device,
+                            quant_kernels=args.quant_kernels)
         warmup_ms = [_timed(case.step, case.device) for _ in range(args.warmup)]
         with PeakMemory(case.device) as mem:
             case.step()
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=4096, help="square tensor side (multiple of 16)")
     q.add_argument("--repeats", type=int, default=10, help="timed calls per case (median)")
     q.add_argument("--backends", default="eager,compiled",
-                   help=f"comma-separated quantizer backends, of {', '.join(kernels.BACKENDS)}")
+                   help=f"comma-separated quantizer kernels, of {', '.join(kernels.KERNELS)}")
     t = sub.add_parser("train", help="time training steps per recipe")
     t.add_argument("--arch", default="cnn")
     t.add_argument("--scale", default="small")
@@ -282,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     t.add_argument("--epoch-slices", type=int, default=EPOCH_SLICES,
                    help="slices per epoch for the 'epoch s' column (default: %(default)s)")
-    t.add_argument("--quant-kernels", default="auto", choices=kernels.BACKENDS,
-                   help="the quantizer's kernels (kernels.set_backend)")
+    t.add_argument("--quant-kernels", default="auto", choices=kernels.KERNELS,
+                   help="the quantizer's kernels (kernels.KERNELS)")
     for p in (q, t):
         p.add_argument("--device", default="cpu", help="cpu or cuda")
         p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -304,9 +305,9 @@ def _check_args(args) -> None:
                              f"got {args.size}")
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-        bad = [b for b in args.backends.split(",") if b not in kernels.BACKENDS]
+        bad = [b for b in args.backends.split(",") if b not in kernels.KERNELS]
         if bad or not args.backends:
-            raise ValueError(f"--backends: unknown {bad}; choose from {kernels.BACKENDS}")
+            raise ValueError(f"--backends: unknown {bad}; choose from {kernels.KERNELS}")
     else:
         from nvfp4bench.models import ARCHS
         from nvfp4bench.quant.recipes import get_recipe

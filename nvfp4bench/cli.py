@@ -11,16 +11,17 @@ import argparse
 import math
 import sys
 
-from nvfp4bench.config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_SEED, OPTIMIZER_NAMES,
+from nvfp4bench.config import (DEFAULT_EPOCHS, DEFAULT_SEED, OPTIMIZER_NAMES,
                                OPTIMIZERS, PRECISIONS, SYNTHETIC_EPOCHS, RunConfig)
 from nvfp4bench.quant import kernels
+from nvfp4bench.quant.backends import BACKENDS
 from nvfp4bench.quant.recipes import RECIPES
 
 
 def _registry():
     """(architectures, scales) from the model registry."""
-    from nvfp4bench.models import ARCHS, SCALES
-    return tuple(ARCHS), tuple(SCALES)
+    from nvfp4bench.models import ARCHS, SCALE_NAMES
+    return tuple(ARCHS), tuple(SCALE_NAMES)
 
 
 def _positive_int(text: str) -> int:
@@ -74,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("quantization")
     g.add_argument("--recipe", choices=list(RECIPES), required=True, metavar="RECIPE",
                    help="QAT recipe (listed below)")
-    g.add_argument("--backend", choices=BACKENDS, default="emulator",
+    g.add_argument("--backend", choices=list(BACKENDS), default="emulator",
                    help="NVFP4 implementation: the exact emulator, or Transformer Engine "
                         "(CUDA, optional) (default: %(default)s)")
     g.add_argument("--quantize-attention", action="store_true",
                    help="also quantize the two attention matmuls (an extension; off in the study)")
-    g.add_argument("--quant-kernels", choices=kernels.BACKENDS, default="auto",
+    g.add_argument("--quant-kernels", choices=kernels.KERNELS, default="auto",
                    help="the emulator's kernels: eager PyTorch, torch.compile'd, or auto "
                         "(compile large CPU tensors); the bits are the same (default: "
                         "%(default)s)")

@@ -46,7 +46,6 @@ DEFAULT_EPOCHS = 100  # the study's maximum
 SYNTHETIC_EPOCHS = 40  # the default on the embedded synthetic dataset (see the docstring)
 DEFAULT_SEED = 2026
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BACKENDS = ("emulator", "te")
 
 # Options that never change the numbers a cell produces: left out of the config hash.
 # (The CPU thread count can change float summation order; bit-identical reruns on CPU need the
@@ -68,7 +67,7 @@ class RunConfig:
     recipe: str = "nvfp4_full"
     backend: str = "emulator"
     quantize_attention: bool = False
-    quant_kernels: str = "auto"  # kernels.set_backend: eager, compiled, or auto (compile big tensors)
+    quant_kernels: str = "auto"  # quant.kernels.KERNELS: eager, compiled, or auto (compile big tensors)
     # data
     data: str | None = None  # None: the embedded synthetic dataset (built on first use)
     fold: int = 0

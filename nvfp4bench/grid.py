@@ -853,8 +853,8 @@ def slurm_task(cells: Path, index: int, *, runner: CellRunner = run_cell_inproce
 # --------------------------------------------------------------------------------------------
 
 def _registry() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from nvfp4bench.models import ARCHS, SCALES
-    return tuple(ARCHS), tuple(SCALES)
+    from nvfp4bench.models import ARCHS, SCALE_NAMES
+    return tuple(ARCHS), tuple(SCALE_NAMES)
 
 
 def _csv(kind: str, choices: Sequence | None = None, convert=str):

@@ -49,7 +49,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nvfp4bench import results
-from nvfp4bench.quant import kernels
 from nvfp4bench.quant.backends import get_backend
 from nvfp4bench.config import RunConfig
 from nvfp4bench.env import environment
@@ -240,7 +239,7 @@ def build_quantized_model(cell: Cell, sr_generator: torch.Generator) -> nn.Modul
                             in_channels=int(cell.store.channels))
     model = model.to(cell.device)
     model = quantize_model(model, cell.recipe, c.backend, generator=sr_generator,
-                           quantize_attention=c.quantize_attention)
+                           quantize_attention=c.quantize_attention, kernels=c.quant_kernels)
     return model
 
 
@@ -447,7 +446,7 @@ def run(config: RunConfig, *, on_epoch_end: Callable[[int, dict], None] | None =
     try:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        with torch.random.fork_rng(devices=devices), kernels.use_backend(config.quant_kernels):
+        with torch.random.fork_rng(devices=devices):
             return _run(cell, on_epoch_end)
     finally:
         torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ import pytest
 from nvfp4bench import results
 from nvfp4bench.cli import main, parse_config
 from nvfp4bench.config import OPTIMIZERS, RunConfig
-from nvfp4bench.models import ARCHS, SCALES
+from nvfp4bench.models import ARCHS, SCALE_NAMES
 from nvfp4bench.quant.recipes import RECIPES
 
 CELL = ["--arch", "swin", "--scale", "tiny", "--recipe", "nvfp4_full", "--fold", "0"]
@@ -21,7 +21,7 @@ def test_help_lists_recipes_architectures_and_scales(capsys):
     text = capsys.readouterr().out
     for name, recipe in RECIPES.items():
         assert name in text and recipe.description in text
-    for name in [*ARCHS, *SCALES]:
+    for name in [*ARCHS, *SCALE_NAMES]:
         assert name in text
     for group in ("model:", "quantization:", "data:", "training:", "output:"):
         assert group in text

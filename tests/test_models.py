@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from nvfp4bench.quant import linear
-from nvfp4bench.models import (ARCHS, FAMILIES, SCALES, STUDY_PARAMETERS, build_model,
+from nvfp4bench.models import (ARCHS, FAMILIES, SCALE_NAMES, STUDY_PARAMETERS, build_model,
                                count_parameters)
 from nvfp4bench.quant.swap import (BACKENDS, high_precision, quantizable_layers, quantize_model,
                                    register_backend)
@@ -36,11 +36,11 @@ def _tiny(arch, size=32, seed=0):
 def test_registry_has_every_scale_of_every_family():
     assert set(FAMILIES) == set(ARCHS) == {"cnn", "vit", "swin"}
     for arch, scales in ARCHS.items():
-        assert tuple(scales) == SCALES, arch
+        assert tuple(scales) == SCALE_NAMES, arch
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("scale", SCALE_NAMES)
 def test_forward_shape_every_arch_and_scale_at_32px(arch, scale):
     model = build_model(arch, scale, image_size=32).eval()
     with torch.no_grad():
@@ -114,7 +114,7 @@ def _expected_count(arch, scale):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("scale", SCALE_NAMES)
 def test_parameter_counts_at_256px_match_the_spec_and_the_study(arch, scale):
     with torch.device("meta"):  # counting needs no memory and no initialisation
         model = build_model(arch, scale)
@@ -137,7 +137,7 @@ def _conv_execution_order(model, size=32):
     return order
 
 
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("scale", SCALE_NAMES)
 def test_cnn_quantizes_every_conv_but_first_encoder_bottleneck_and_last_decoder(scale):
     model = build_model("cnn", scale, image_size=32)
     order = _conv_execution_order(model)
@@ -228,7 +228,7 @@ def test_a_registered_backend_receives_the_layer_names_recipe_and_generator():
     class Fake:
         name = "fake"
 
-        def swap(self, model, recipe, names, *, generator=None):
+        def swap(self, model, recipe, names, *, generator=None, kernels="eager"):
             calls.append((recipe.name, list(names), generator))
             return {}
 

@@ -302,7 +302,7 @@ def test_rowwise_blocks_allow_any_row_count():
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: the compiled kernels and the chunked eager path give the same bits
+# Kernels: the compiled kernels and the chunked eager path give the same bits
 # ---------------------------------------------------------------------------------------------
 BACKENDS = ["eager", "compiled"]
 
@@ -316,8 +316,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("seed", range(2))
 def test_backends_match_independent_reference_bit_for_bit(backend, tile, seed):
     x = _adversarial(seed)
-    with kernels.use_backend(backend):
-        ours = fake_quantize(x, tile=tile)
+    ours = fake_quantize(x, tile=tile, kernels=backend)
     ref = torch.from_numpy(_reference_fake_quantize(x.numpy(), tile[0]))
     assert torch.equal(_bits(ours), _bits(ref))
 
@@ -347,8 +346,7 @@ def test_amax_where_a_reciprocal_would_round_twice_matches_reference(backend):
     for value in amax.tolist():
         y = x * (value / 3.0)
         y[5, 7] = value  # the tensor's amax
-        with kernels.use_backend(backend):
-            ours = fake_quantize(y)
+        ours = fake_quantize(y, kernels=backend)
         ref = torch.from_numpy(_reference_fake_quantize(y.numpy(), 1))
         assert torch.equal(_bits(ours), _bits(ref))
 
@@ -379,10 +377,8 @@ def test_compiled_block_scales_equal_eager_on_every_e4m3_boundary():
     x = torch.zeros(len(v) // 64, 64 * 16)
     x.view(-1, 16)[:, 0] = v  # one block per value
     x[0, 1] = 448.0
-    with kernels.use_backend("compiled"):
-        ours = fake_quantize(x)
-    with kernels.use_backend("eager"):
-        ref = fake_quantize(x)
+    ours = fake_quantize(x, kernels="compiled")
+    ref = fake_quantize(x, kernels="eager")
     assert torch.equal(_bits(ours), _bits(ref))
     assert torch.equal(_bits(ours), _bits(torch.from_numpy(_reference_fake_quantize(x.numpy(), 1))))
 
@@ -392,9 +388,9 @@ def test_compiled_sr_equals_eager_sr_for_the_same_generator_state(mode):
     x = _adversarial(2)
     out = {}
     for backend in BACKENDS:
-        with kernels.use_backend(backend):
-            g = torch.Generator().manual_seed(3)
-            out[backend] = [fake_quantize(x, sr=True, generator=g, sr_mode=mode) for _ in range(2)]
+        g = torch.Generator().manual_seed(3)
+        out[backend] = [fake_quantize(x, sr=True, generator=g, sr_mode=mode, kernels=backend)
+                        for _ in range(2)]
     for a, b in zip(out["eager"], out["compiled"]):
         assert torch.equal(_bits(a), _bits(b))
     assert not torch.equal(out["eager"][0], out["eager"][1])  # the generator advanced
@@ -404,8 +400,7 @@ def test_compiled_sr_equals_eager_sr_for_the_same_generator_state(mode):
 def test_backends_agree_with_a_given_amax_and_rht(backend):
     x = _adversarial(5)
     whole = quantize(x, rht=True)
-    with kernels.use_backend(backend):
-        parts = [fake_quantize(p, rht=True, amax=whole.amax) for p in x.split(16)]
+    parts = [fake_quantize(p, rht=True, amax=whole.amax, kernels=backend) for p in x.split(16)]
     assert torch.equal(_bits(torch.cat(parts)), _bits(dequantize(whole)))
 
 
@@ -443,17 +438,17 @@ def test_columnwise_copy_is_fake_quantize_of_the_transposed_padded_copy(backend,
     t = _transposed_padded(x)
     assert torch.equal(nvfp4.columnwise_copy(x), t)
     ref = torch.from_numpy(_reference_fake_quantize(t.numpy(), 1))
-    with kernels.use_backend(backend):
-        assert torch.equal(_bits(kernels.fake_quantize_columnwise(x)), _bits(ref))
-        for mode in ("hardware", "ideal"):
-            ours = kernels.fake_quantize_columnwise(x, sr=True, sr_mode=mode,
-                                                  generator=torch.Generator().manual_seed(2))
-            theirs = fake_quantize(t, sr=True, sr_mode=mode,
-                                   generator=torch.Generator().manual_seed(2))
-            assert torch.equal(_bits(ours), _bits(theirs))
-        amax = torch.tensor(3e4)
-        assert torch.equal(_bits(kernels.fake_quantize_columnwise(x, amax=amax)),
-                           _bits(fake_quantize(t, amax=amax)))
+    k = {"kernels": backend}
+    assert torch.equal(_bits(kernels.fake_quantize_columnwise(x, **k)), _bits(ref))
+    for mode in ("hardware", "ideal"):
+        ours = kernels.fake_quantize_columnwise(x, sr=True, sr_mode=mode, **k,
+                                                generator=torch.Generator().manual_seed(2))
+        theirs = fake_quantize(t, sr=True, sr_mode=mode, **k,
+                               generator=torch.Generator().manual_seed(2))
+        assert torch.equal(_bits(ours), _bits(theirs))
+    amax = torch.tensor(3e4)
+    assert torch.equal(_bits(kernels.fake_quantize_columnwise(x, amax=amax, **k)),
+                       _bits(fake_quantize(t, amax=amax, **k)))
 
 
 def test_columnwise_copy_refuses_a_vector():
@@ -469,15 +464,13 @@ def test_auto_backend_falls_back_to_eager_with_one_warning(monkeypatch):
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 0)
     monkeypatch.setitem(kernels._state, "compile_error", None)
     x = _adversarial(0)
-    with kernels.use_backend("compiled"), pytest.raises(RuntimeError, match="no C"):
-        fake_quantize(x)
-    with kernels.use_backend("auto"):
-        with pytest.warns(RuntimeWarning, match="torch.compile failed"):
-            first = fake_quantize(x)
-        second = fake_quantize(x)  # no second attempt, no second warning
+    with pytest.raises(RuntimeError, match="no C"):
+        fake_quantize(x, kernels="compiled")
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        first = fake_quantize(x, kernels="auto")
+    second = fake_quantize(x, kernels="auto")  # no second attempt, no second warning
     assert "no C++ compiler" in kernels._state["compile_error"]
     assert torch.equal(first, fake_quantize(x)) and torch.equal(second, first)
-    assert kernels.get_backend() == "eager"  # use_backend restored the default
 
 
 @pytest.mark.parametrize("backend", ["compiled", "auto"])
@@ -492,12 +485,11 @@ def test_a_kernel_at_the_recompile_limit_runs_that_call_eager(monkeypatch, backe
     monkeypatch.setitem(kernels._state, "recompile_limit_warned", False)
     monkeypatch.setitem(kernels._state, "compile_error", None)
     x = _adversarial(1)
-    with kernels.use_backend(backend):
-        with pytest.warns(RuntimeWarning, match="recompilation limit"):
-            first = fake_quantize(x)
-        with warnings.catch_warnings(record=True) as later:
-            warnings.simplefilter("always")
-            second = fake_quantize(x)
+    with pytest.warns(RuntimeWarning, match="recompilation limit"):
+        first = fake_quantize(x, kernels=backend)
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        second = fake_quantize(x, kernels=backend)
     assert not later  # one warning per process
     assert kernels._state["recompile_limit_warned"] and kernels._state["compile_error"] is None
     ref = torch.from_numpy(_reference_fake_quantize(x.numpy(), 1))
@@ -510,22 +502,20 @@ def test_auto_backend_leaves_small_tensors_eager(monkeypatch):
 
     monkeypatch.setattr(kernels, "_fake_quantize_compiled", must_not_run)
     x = _adversarial(0)[:16]
-    with kernels.use_backend("auto"):
-        assert x.numel() < kernels.COMPILE_MIN_NUMEL
-        fake_quantize(x)
+    assert x.numel() < kernels.COMPILE_MIN_NUMEL
+    fake_quantize(x, kernels="auto")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_tracking_input_gives_the_same_bits_without_history(backend):
     x = _adversarial(0)
-    with kernels.use_backend(backend):
-        out = fake_quantize(x.clone().requires_grad_())
+    out = fake_quantize(x.clone().requires_grad_(), kernels=backend)
     assert not out.requires_grad
     assert torch.equal(_bits(out), _bits(fake_quantize(x)))
 
 
-def test_set_backend_refuses_unknown_names_and_returns_the_previous():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        kernels.set_backend("triton")
-    previous = kernels.set_backend("auto")
-    assert kernels.set_backend(previous) == "auto"
+def test_unknown_kernels_are_refused():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        fake_quantize(torch.ones(16, 16), kernels="triton")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        kernels.fake_quantize_columnwise(torch.ones(16, 16), kernels="triton")

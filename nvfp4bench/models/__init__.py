@@ -18,7 +18,8 @@ from torch import nn
 
 from nvfp4bench.models import cnn, swin, vit
 
-SCALES: tuple[str, ...] = ("tiny", "small", "base")
+# The scale names, in order; each family module has its scale table, SCALES: name -> config.
+SCALE_NAMES: tuple[str, ...] = ("tiny", "small", "base")
 
 # arch -> the family's class; arch -> scale -> the family's frozen config
 FAMILIES: dict[str, type[nn.Module]] = {"cnn": cnn.UNet, "vit": vit.ViT, "swin": swin.Swin}
@@ -57,4 +58,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ARCHS", "FAMILIES", "SCALES", "STUDY_PARAMETERS", "build_model", "count_parameters"]
+__all__ = ["ARCHS", "FAMILIES", "SCALE_NAMES", "STUDY_PARAMETERS", "build_model",
+           "count_parameters"]

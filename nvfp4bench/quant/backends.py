@@ -3,7 +3,7 @@
 A backend is an object with three methods, called in this order by a training run::
 
     preflight(recipe, device, dtype)   every refusal that needs no model or data (first thing)
-    swap(model, recipe, names, generator=...) -> {name: backend that runs it}   in place
+    swap(model, recipe, names, generator=..., kernels=...) -> {name: backend that runs it}
     context(recipe, device, dtype)     the context every forward runs in (training steps,
                                        evaluation, diagnostics)
 
@@ -42,7 +42,8 @@ class Backend(Protocol):
                   dtype: torch.dtype | None) -> object | None: ...
 
     def swap(self, model: nn.Module, recipe: Recipe, names: Sequence[str], *,
-             generator: torch.Generator | None = None) -> dict[str, str]: ...
+             generator: torch.Generator | None = None,
+             kernels: str = "eager") -> dict[str, str]: ...
 
     def context(self, recipe: Recipe, device: torch.device,
                 dtype: torch.dtype | None) -> ContextManager: ...
@@ -63,11 +64,11 @@ class Emulator:
     def preflight(self, recipe, device, dtype):
         return None
 
-    def swap(self, model, recipe, names, *, generator=None):
+    def swap(self, model, recipe, names, *, generator=None, kernels="eager"):
         """Every twin is built (and checked) before the first swap, so a refused layer leaves
         the model untouched."""
         modules = {name: model.get_submodule(name) for name in names}
-        made = {name: emulator_twin(m, recipe, generator, name).train(m.training)
+        made = {name: emulator_twin(m, recipe, generator, name, kernels).train(m.training)
                 for name, m in modules.items()}
         for name, twin in made.items():
             set_submodule(model, name, twin)
@@ -85,8 +86,8 @@ class TransformerEngine:
     def preflight(self, recipe, device, dtype):
         return te.preflight(recipe, dtype, device)
 
-    def swap(self, model, recipe, names, *, generator=None):
-        return te_linear.swap(model, recipe, names, generator=generator)
+    def swap(self, model, recipe, names, *, generator=None, kernels="eager"):
+        return te_linear.swap(model, recipe, names, generator=generator, kernels=kernels)
 
     def context(self, recipe, device, dtype):
         return te.autocast(recipe, dtype=dtype, device_type=torch.device(device).type)

@@ -2,27 +2,27 @@
 
 The arithmetic is ``nvfp4bench.quant.nvfp4``'s; this module only executes it.
 
-Backends (speed only; the bits are the same)
---------------------------------------------
+Kernels (speed only; the bits are the same)
+-------------------------------------------
 ``fake_quantize`` makes two passes over the tensor: the block amax, then the elementwise
 ``x -> x_hat`` (scale, E2M1 cast, dequantize), with the scale math on the small (M, K/16) block
 tensors in between. They run as eager PyTorch (``"eager"``, the default; on a one-thread CPU in
 row chunks of ``EAGER_CHUNK`` elements so that the temporaries stay in cache) or as one graph
 made by ``torch.compile`` per call (``"compiled"``; ``"auto"`` compiles CPU tensors of at least
 ``COMPILE_MIN_NUMEL`` elements and falls back to eager, with one warning, when compiling fails).
-Pick one with ``set_backend(name)`` or ``with use_backend(name):``. Both run the same
+Pick one with the ``kernels=`` argument (the quantized layers carry it in their ``Roles``;
+``quantize_model(..., kernels=...)`` sets it for a model). Both run the same
 functions in the same order (``_dequantized``, ``_block_scales_f32``); the only difference is
 the E4M3 rounding of the block scales, the FP8 cast in eager and exact fp32 arithmetic in the
 kernels (tested equal on every rounding boundary). Every fp32 operation on x is a product, a
 scaling by a power of two, a round/floor or a comparison: no sum that contraction (FMA) or
 reassociation could change, and inductor's C++ flags keep ``-ffp-contract=off
--fno-unsafe-math-optimizations`` anyway. The tests check both backends against the NumPy
+-fno-unsafe-math-optimizations`` anyway. The tests check both kernels against the NumPy
 reference, bit for bit. SR draws its random bits eagerly from the caller's ``torch.Generator``,
-so both backends consume the same bits.
+so both kernels consume the same bits.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -33,7 +33,7 @@ from nvfp4bench.quant.nvfp4 import (BLOCK, _block_amax, _block_scales_f32, _chec
                                     _e4m3_round, _prepare, _row_blocks, _tile_amax,
                                     columnwise_copy, padded_tokens)
 
-BACKENDS = ("eager", "compiled", "auto")
+KERNELS = ("eager", "compiled", "auto")  # how fake_quantize runs: the same bits
 # "auto" compiles tensors with at least this many elements. One compiled call costs ~40 us of
 # dynamo overhead; it still beat eager from 192 elements up (1 thread: 60 vs 100 us), so the bound
 # only keeps tiny tensors (and their size-1 recompilations) eager.
@@ -164,41 +164,23 @@ def _fake_quantize_eager(x: torch.Tensor, tile_rows: int, amax, noise, mode: str
 # --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
-_state = {"backend": "eager", "compile_error": None, "recompile_limit_warned": False}
+# What happened to compilation in this process (a cache of outcomes, not a choice): after a
+# failed compilation "auto" stays eager.
+_state = {"compile_error": None, "recompile_limit_warned": False}
 _compiled_kernels: dict = {}
 
 
-def set_backend(name: str) -> str:
-    """Run fake_quantize as ``"eager"`` PyTorch, ``"compiled"`` (torch.compile; errors raise) or
-    ``"auto"`` (compiled for CPU tensors of >= ``COMPILE_MIN_NUMEL`` elements, eager when
-    compiling fails, with one warning). Returns the previous backend. The results are the same
-    bits on the CPU (tested); ``"compiled"`` on CUDA is untested."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous, _state["backend"] = _state["backend"], name
-    return previous
+def check_kernels(kernels: str) -> str:
+    """``kernels`` if it is one of ``KERNELS``; a ValueError listing them otherwise."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    return kernels
 
 
-def get_backend() -> str:
-    """The backend that ``set_backend`` selected (``"eager"`` unless changed)."""
-    return _state["backend"]
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """``with use_backend("compiled"): ...`` selects a backend for a block of code."""
-    previous = set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
-
-
-def _use_compiled(x: torch.Tensor) -> bool:
-    backend = _state["backend"]
-    if backend == "eager" or x.numel() == 0:
+def _use_compiled(x: torch.Tensor, kernels: str) -> bool:
+    if check_kernels(kernels) == "eager" or x.numel() == 0:
         return False
-    if backend == "compiled":
+    if kernels == "compiled":
         return True
     # auto: CPU only. On CUDA inductor emits Triton, whose fp32 division and reciprocal need not
     # be IEEE-rounded (the scale math divides); untested there, and eager is fast on a GPU.
@@ -222,7 +204,7 @@ def _is_recompile_limit(err: Exception) -> bool:
     return any(c.__name__ == "FailOnRecompileLimitHit" for c in type(err).__mro__)
 
 
-def _run_compiled(compiled, eager, *args):
+def _run_compiled(kernels: str, compiled, eager, *args):
     """``compiled(*args)``; under ``"auto"`` a failed compilation warns once and falls back to
     ``eager(*args)`` from then on; under ``"compiled"`` it raises. A kernel that has reached
     dynamo's recompilation limit (``torch._dynamo.config.recompile_limit`` variants: shapes
@@ -238,7 +220,7 @@ def _run_compiled(compiled, eager, *args):
                               "its new shape variants run eager (same bits)", RuntimeWarning,
                               stacklevel=3)
             return eager(*args)
-        if _state["backend"] == "compiled":
+        if kernels == "compiled":
             raise
         _state["compile_error"] = f"{type(err).__name__}: {err}"
         warnings.warn(f"nvfp4: torch.compile failed, using eager kernels from now on "
@@ -247,7 +229,7 @@ def _run_compiled(compiled, eager, *args):
 
 
 def _fake_quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str,
-                      amax=None) -> torch.Tensor:
+                      amax, kernels: str) -> torch.Tensor:
     """fake_quantize of a prepared (fp32, contiguous, checked) 2-D tensor."""
     if amax is not None:
         amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
@@ -255,36 +237,39 @@ def _fake_quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str,
         return x.clone()
     noise = _draw_noise(x.shape, generator, sr_mode, x.device) if sr else None
     args = (x, tile[0], amax, noise, sr_mode if sr else "rn")
-    if _use_compiled(x):
-        return _run_compiled(_fake_quantize_compiled, _fake_quantize_eager, *args)
+    if _use_compiled(x, kernels):
+        return _run_compiled(kernels, _fake_quantize_compiled, _fake_quantize_eager, *args)
     return _fake_quantize_eager(*args)
 
 
 def fake_quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bool = False,
                   generator: torch.Generator | None = None,
-                  sr_mode: str = "hardware",
-                  amax: torch.Tensor | None = None) -> torch.Tensor:
+                  sr_mode: str = "hardware", amax: torch.Tensor | None = None,
+                  kernels: str = "eager") -> torch.Tensor:
     """``dequantize(quantize(x, ...))`` in fp32, without materialising codes: the QAT hot path.
 
-    Runs on the backend ``set_backend`` chose; SR draws its random bits from ``generator`` in
-    eager PyTorch either way, so both backends give the same bits for the same generator state.
-    The result carries no autograd history.
+    Runs on ``kernels`` (``KERNELS``: eager, compiled or auto); SR draws its random bits from
+    ``generator`` in eager PyTorch either way, so all kernels give the same bits for the same
+    generator state. The result carries no autograd history.
     """
+    check_kernels(kernels)
     if sr:  # refuse a bad SR call before any work
         _check_sr(generator, sr_mode)
     with torch.no_grad():  # no autograd history: the QAT layers define their own backward
         x, tile = _prepare(x.detach(), tile, rht, "fake_quantize")
-        return _fake_quantize_2d(x, tile, sr, generator, sr_mode, amax)
+        return _fake_quantize_2d(x, tile, sr, generator, sr_mode, amax, kernels)
 
 
 def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,
                              generator: torch.Generator | None = None, sr_mode: str = "hardware",
-                             amax: torch.Tensor | None = None) -> torch.Tensor:
+                             amax: torch.Tensor | None = None,
+                             kernels: str = "eager") -> torch.Tensor:
     """``fake_quantize(columnwise_copy(x), ...)``: the same bits, random draws and amax (one over
-    all matrices). The compiled backend makes no copy first: it reads the blocks (16
+    all matrices). The compiled kernels make no copy first: it reads the blocks (16
     consecutive rows of one column) in x's layout and writes the result transposed. No RHT
     (for that: ``fake_quantize(columnwise_copy(x), rht=True)``).
     """
+    check_kernels(kernels)
     if sr:
         _check_sr(generator, sr_mode)
     _check_tokens_first(x, "fake_quantize_columnwise")
@@ -297,7 +282,7 @@ def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,
             return x.new_zeros(shape)
         noise = _draw_noise(shape, generator, sr_mode, x.device) if sr else None
         args = (x, amax, noise, sr_mode if sr else "rn")
-        if _use_compiled(x):
-            return _run_compiled(_fake_quantize_columns_compiled, _fake_quantize_columns_eager,
-                                 *args)
+        if _use_compiled(x, kernels):
+            return _run_compiled(kernels, _fake_quantize_columns_compiled,
+                                 _fake_quantize_columns_eager, *args)
         return _fake_quantize_columns_eager(*args)

@@ -94,13 +94,14 @@ class QuantizedMatmul(nn.Module):
     One tensor amax per operand over all its batch matrices.
     """
 
-    def __init__(self, recipe: Recipe | str, *, generator: torch.Generator | None = None):
+    def __init__(self, recipe: Recipe | str, *, generator: torch.Generator | None = None,
+                 kernels: str = "eager"):
         super().__init__()
         recipe = _resolve(recipe, generator, "QuantizedMatmul")
         if not recipe.quantized:
             raise ValueError(f"QuantizedMatmul: recipe {recipe.name!r} quantizes nothing; "
                              f"use Matmul")
-        self.op = Op(Roles(recipe, generator, ROW_BLOCK), "QuantizedMatmul")
+        self.op = Op(Roles(recipe, generator, ROW_BLOCK, kernels), "QuantizedMatmul")
 
     def extra_repr(self) -> str:
         return f"recipe={self.op.roles.recipe.name}"

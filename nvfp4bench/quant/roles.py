@@ -123,6 +123,7 @@ class Columnwise:
     rht: bool = False
     sr: bool = False
     rotate_fp32: bool = False
+    kernels: str = "eager"  # how fake_quantize runs (kernels.KERNELS): the same bits
 
     @property
     def deterministic_blocks(self) -> bool:
@@ -137,16 +138,17 @@ class Columnwise:
             return rotate_fp32(buf)
         if not self.quantize:
             return buf
-        return kernels.fake_quantize(buf, rht=self.rht, sr=self.sr,
-                                   generator=generator if self.sr else None, amax=amax)
+        return kernels.fake_quantize(buf, rht=self.rht, sr=self.sr, amax=amax,
+                                     generator=generator if self.sr else None,
+                                     kernels=self.kernels)
 
     def of_tokens(self, t: torch.Tensor, generator=None) -> torch.Tensor:
         """``apply(nvfp4.columnwise_copy(t))`` for an (..., M, C) tensor; with
-        ``kernels.fake_quantize_columnwise`` (no copy first on the compiled backend) when no RHT
+        ``kernels.fake_quantize_columnwise`` (no copy first with compiled kernels) when no RHT
         comes first."""
         if self.quantize and not self.rht:
-            return kernels.fake_quantize_columnwise(t, sr=self.sr,
-                                                  generator=generator if self.sr else None)
+            return kernels.fake_quantize_columnwise(t, sr=self.sr, kernels=self.kernels,
+                                                    generator=generator if self.sr else None)
         return self.apply(nvfp4.columnwise_copy(t), generator)
 
 
@@ -158,12 +160,17 @@ class Roles:
     """How each GEMM operand is quantized under one recipe (nvfp4.md section 3).
 
     weight_tile: (16, 16) for a 2-D recipe's weights; (1, 16) otherwise and for the second
-    operand of an attention matmul, which is an activation.
+    operand of an attention matmul, which is an activation. kernels: how every fake_quantize
+    of the layer runs (``kernels.KERNELS``; speed only, the same bits).
     """
 
     recipe: Recipe
     generator: torch.Generator | None = None
     weight_tile: tuple[int, int] = ROW_BLOCK
+    kernels: str = "eager"
+
+    def __post_init__(self) -> None:
+        kernels.check_kernels(self.kernels)
 
     @property
     def rht(self) -> bool:
@@ -175,28 +182,28 @@ class Roles:
 
     # fprop: X rowwise RN, W in its tiles RN
     def activation(self, x: torch.Tensor) -> torch.Tensor:
-        return _rowwise(x)
+        return _rowwise(x, kernels=self.kernels)
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
-        return _rowwise(w, tile=self.weight_tile)
+        return _rowwise(w, tile=self.weight_tile, kernels=self.kernels)
 
     # dgrad: dY rowwise along N (SR), W^T along N
     def gradient(self, dy: torch.Tensor) -> torch.Tensor:
-        return _rowwise(dy, sr=self.sr, generator=self.generator)
+        return _rowwise(dy, sr=self.sr, generator=self.generator, kernels=self.kernels)
 
     def weight_t(self, w: torch.Tensor | None, wq: torch.Tensor | None) -> torch.Tensor:
         if self.weight_tile == TILE_2D:
             return wq.mT  # the forward's 16x16 tiles, transposed: one W in both passes
-        return _rowwise(w.mT)  # a fresh 1x16 copy along N
+        return _rowwise(w.mT, kernels=self.kernels)  # a fresh 1x16 copy along N
 
     # wgrad: tokens-last copies along M, RHT when on; the gradient with SR
     @property
     def gradient_columns(self) -> Columnwise:
-        return Columnwise(quantize=True, rht=self.rht, sr=self.sr)
+        return Columnwise(quantize=True, rht=self.rht, sr=self.sr, kernels=self.kernels)
 
     @property
     def activation_columns(self) -> Columnwise:
-        return Columnwise(quantize=True, rht=self.rht)
+        return Columnwise(quantize=True, rht=self.rht, kernels=self.kernels)
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def register_backend(name: str, backend: Backend) -> None:
 
 def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str = "emulator", *,
                    generator: torch.Generator | None = None, quantize_attention: bool = False,
-                   layers: LayerSelection | None = None) -> nn.Module:
+                   layers: LayerSelection | None = None, kernels: str = "eager") -> nn.Module:
     """Swap, in place, the layers to quantize for their NVFP4 twins; returns ``model``.
 
     Any ``nn.Module`` works: ``layers`` selects its Linear / Conv2d / ConvTranspose2d / Matmul
@@ -74,7 +74,9 @@ def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str = "emula
     ``model.quantized_layers`` (module names, ``[]`` for a recipe with ``quantized=False``,
     which swaps nothing) and ``model.layer_backends`` (name -> the backend that runs it).
     ``generator`` feeds stochastic rounding; ``quantize_attention`` also swaps the two attention
-    matmuls (an extension beyond the study). Run the model's forwards inside
+    matmuls (an extension beyond the study). ``kernels`` picks how the emulator's layers run
+    fake_quantize (``kernels.KERNELS``: eager, compiled or auto; the same bits). Run the model's
+    forwards inside
     ``get_backend(backend).context(recipe, device, dtype)``.
     """
     chosen = get_backend(backend)
@@ -86,7 +88,8 @@ def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str = "emula
     names = (quantizable_layers(model, attention=quantize_attention, layers=layers)
              if recipe.quantized else [])
     originals = {name: model.get_submodule(name) for name in names}
-    placement = chosen.swap(model, recipe, names, generator=generator) if names else {}
+    placement = (chosen.swap(model, recipe, names, generator=generator, kernels=kernels)
+                 if names else {})
     model.quantized_layers = names
     model.layer_backends = {name: placement.get(name, chosen.name) for name in names}
     setattr(model, ORIGINALS_ATTR, originals)  # a plain dict: not registered as submodules

@@ -222,7 +222,8 @@ def _unfolded(src: torch.Tensor, g: ConvGeometry, oh: int, ow: int, spec: Column
         for i, (t, k, d) in enumerate(taps):
             stacked[i * c:(i + 1) * c].view(c, n, oh, ow).copy_(body[k, :, :, d:d + oh])
         del rotated, body
-        out = kernels.fake_quantize(stacked, sr=True, generator=generator, amax=chunk_amax)
+        out = kernels.fake_quantize(stacked, sr=True, generator=generator, amax=chunk_amax,
+                                    kernels=spec.kernels)
         for i, (t, _, _) in enumerate(taps):
             yield t, out[i * c:(i + 1) * c]
 

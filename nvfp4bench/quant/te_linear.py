@@ -114,7 +114,7 @@ class TELinear(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 def swap(model: nn.Module, recipe: Recipe, names: Sequence[str], *,
-         generator: torch.Generator | None = None) -> dict[str, str]:
+         generator: torch.Generator | None = None, kernels: str = "eager") -> dict[str, str]:
     """Swap, in place, the modules ``names`` for their te-backend twins; returns where each runs.
 
     ``nn.Linear`` -> ``TELinear`` (``"te"``); ``nn.Conv2d`` / ``nn.ConvTranspose2d`` and the
@@ -129,7 +129,7 @@ def swap(model: nn.Module, recipe: Recipe, names: Sequence[str], *,
     modules = {name: model.get_submodule(name) for name in names}
     linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
     te.check_linear_shapes({n: (m.in_features, m.out_features) for n, m in linears.items()})
-    made = {n: (emulator_twin(m, recipe, generator, n) if n not in linears else
+    made = {n: (emulator_twin(m, recipe, generator, n, kernels) if n not in linears else
                 TELinear(m, n)).train(m.training) for n, m in modules.items()}
     for name, twin in made.items():
         set_submodule(model, name, twin)

@@ -42,12 +42,14 @@ TWINS = {nn.Linear: _twin_linear, nn.Conv2d: _twin_conv2d,
 
 
 def quantized(module: nn.Module, recipe: Recipe | str, *,
-              generator: torch.Generator | None = None, name: str | None = None) -> nn.Module:
+              generator: torch.Generator | None = None, name: str | None = None,
+              kernels: str = "eager") -> nn.Module:
     """The NVFP4 twin of ``module`` (nn.Linear, nn.Conv2d or nn.ConvTranspose2d) under ``recipe``.
 
     The twin shares ``weight`` and ``bias`` (the same Parameters). A baseline recipe
     (``quantized=False``) returns ``module`` itself. ``generator`` feeds stochastic rounding
     (required when the recipe has SR). ``name`` labels errors (default: the module's repr).
+    ``kernels`` picks how its fake_quantize calls run (``kernels.KERNELS``; the same bits).
     """
     name = name or repr(module)
     recipe = _resolve(recipe, generator, name)
@@ -56,18 +58,18 @@ def quantized(module: nn.Module, recipe: Recipe | str, *,
     for kind, twin in TWINS.items():
         if isinstance(module, kind):
             tile = recipe.weight_tile
-            return twin(module, Roles(recipe, generator, tile), name)
+            return twin(module, Roles(recipe, generator, tile, kernels), name)
     raise TypeError(f"{name}: no NVFP4 twin for {type(module).__name__}; supported: "
                     f"{', '.join(k.__name__ for k in TWINS)}")
 
 
 def emulator_twin(module: nn.Module, recipe: Recipe, generator: torch.Generator | None,
-                  name: str) -> nn.Module:
+                  name: str, kernels: str = "eager") -> nn.Module:
     """The emulator's twin of any quantizable module: ``quantized`` for a Linear or a
     convolution, ``QuantizedMatmul`` for an attention ``Matmul``."""
     if isinstance(module, Matmul):
-        return QuantizedMatmul(recipe, generator=generator)
-    return quantized(module, recipe, generator=generator, name=name)
+        return QuantizedMatmul(recipe, generator=generator, kernels=kernels)
+    return quantized(module, recipe, generator=generator, name=name, kernels=kernels)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
