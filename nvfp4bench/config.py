@@ -6,7 +6,7 @@ and weight decay come from ``OPTIMIZERS`` (a table per architecture), the number
 ``DEFAULT_EPOCHS`` (or ``SYNTHETIC_EPOCHS`` on the embedded synthetic dataset, see below), the
 image size from the data store.
 
-Defaults (protocol.md "Training"): batch 32, at most 100 epochs, ReduceLROnPlateau(factor 0.5,
+Defaults (docs/protocol.md "Training"): batch 32, at most 100 epochs, ReduceLROnPlateau(factor 0.5,
 patience 10) on the validation loss, gradient clipping at norm 1.0, early stopping on the
 validation loss (patience 20, min delta 0.001, never before epoch 40), seed 2026.
 

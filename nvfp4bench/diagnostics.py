@@ -23,7 +23,7 @@ is undefined, never a silent 0):
        relative_error  |g_q - g_h| / |g_h|
 
 3. How much signal survives the forward quantization? For every quantized layer, with the GEMM
-   operands laid out as the emulator's implicit GEMM (nvfp4.md sections 3 and 6; rows zero-padded
+   operands laid out as the emulator's implicit GEMM (docs/nvfp4.md sections 3, 6; rows zero-padded
    to multiples of 16, which changes neither amax nor any block)::
 
        SQNR = 10 log10( sum x^2 / sum (x - Q(x))^2 )  dB
@@ -184,7 +184,7 @@ def weight_operand(module: nn.Module) -> torch.Tensor:
 
     Conv2d weight (C_out, C_in, kh, kw) -> (C_out, kh*kw*C_in); ConvTranspose2d weight
     (C_in, C_out, kh, kw) -> (C_out, kh*kw*C_in): its forward is a Conv2d dgrad, contracting over
-    its C_in per tap (nvfp4.md section 6).
+    its C_in per tap (docs/nvfp4.md section 6).
     """
     w = module.weight.detach()
     if isinstance(module, nn.Linear):

@@ -11,7 +11,7 @@ How a cell moves through the grid::
 
     resolve   argv -> cli.parse_config -> RunConfig -> (result path, results.config_hash)
     done?     results.is_complete(result, hash): status "complete" and the same config hash.
-              Decided from the result JSON only, never from logs (style.md point 11).
+              Decided from the result JSON only, never from logs.
     claim     O_CREAT | O_EXCL on <result stem>.lock holding pid, host, start time and a token;
               a lock is stale when its pid is dead on this host, or when its heartbeat (the lock's
               mtime, refreshed every HEARTBEAT_S by the holder) is older than --stale-after.

@@ -354,7 +354,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 class SegmentationMeter:
-    """Accumulates an evaluation set batch by batch and returns every metric of protocol.md.
+    """Accumulates an evaluation set batch by batch and returns every metric of docs/protocol.md.
 
     meter = SegmentationMeter(from_logits=True, store=store, spacing=None)
     for images, masks, indices in loader:

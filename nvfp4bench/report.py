@@ -102,7 +102,7 @@ def _read_json(path: Path):
 
 
 def load_cells(root) -> tuple[list[Cell], list[str]]:
-    """Every cell JSON under ``root`` (layout of interfaces.md) and a list of problems found.
+    """Every cell JSON under ``root`` (layout of docs/interfaces.md) and a list of problems found.
 
     Identity comes from the path; the ``config`` inside (and ``data.name``) must agree with it,
     else the file is listed as a problem and left out. Unreadable files count as failed cells."""

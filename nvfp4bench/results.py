@@ -1,6 +1,6 @@
 """Result files: one JSON per cell, its path, its config hash, atomic writes.
 
-Layout (interfaces.md "Results")::
+Layout (docs/interfaces.md "Results")::
 
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json       the result
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.ckpt.pt    last-epoch training state

@@ -91,7 +91,7 @@ SR_SPECS = (
 def e2m1_tie_tensor() -> torch.Tensor:
     """(16, 32) fp32: every row's first block holds E2M1 values and ties (with signs), and one
     element 2688 makes amax 2688, S_enc = 1 and (for bamax 6) s_b = 1, enc_b = 1 exactly, so
-    the ties reach the E2M1 cast unchanged (nvfp4.md section 8)."""
+    the ties reach the E2M1 cast unchanged (docs/nvfp4.md section 8)."""
     ties = torch.tensor([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 6.0])
     rows = []
     for r in range(16):
@@ -149,7 +149,7 @@ def make_sr_inputs(seed: int = 2026) -> dict[str, torch.Tensor]:
 def applicable(x: torch.Tensor, spec: QuantSpec) -> bool:
     """Whether the (input, copy) pair is compared. The RHT can grow a value by up to 4x
     (a 16-vector's energy can gather in one element): inputs above bf16's max / 4 may overflow
-    to inf in the rotation, where neither TE nor nvfp4.md defines the result."""
+    to inf in the rotation, where neither TE nor docs/nvfp4.md defines the result."""
     if not spec.rht or x.numel() == 0:
         return True
     return float(x.float().abs().max()) <= torch.finfo(torch.bfloat16).max / 4

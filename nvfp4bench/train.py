@@ -1,4 +1,4 @@
-"""Train one cell (arch x scale x recipe x fold x seed) and evaluate it (protocol.md "Training").
+"""Train one cell (arch x scale x recipe x fold x seed), evaluate it (docs/protocol.md "Training").
 
 ``run(config) -> dict`` does the whole job and returns the result JSON it wrote::
 
@@ -10,7 +10,7 @@
     each epoch:  train (BCE + Tversky, grad clip 1.0) -> validate (loss, AUPRC)
                  -> ReduceLROnPlateau(val loss) -> early stopping (val loss) -> checkpoint
     at the end:  reload the best-val-loss weights, evaluate val and test with every metric of
-                 protocol.md, measure the diagnostics, write the JSON.
+                 docs/protocol.md, measure the diagnostics, write the JSON.
 
 Best checkpoint and early stopping, both on the validation loss L_e of epoch e (1-based):
 the best weights are those of the lowest L_e (strictly lower replaces); the stopping counter resets
@@ -352,7 +352,7 @@ def voxel_spacing(cell: Cell, patients) -> tuple[float, float, float] | None:
 
 
 def evaluate(model, loader, cell: Cell, part: str) -> dict:
-    """Every metric of protocol.md on one partition (nvfp4bench.metrics.SegmentationMeter),
+    """Every metric of docs/protocol.md on one partition (nvfp4bench.metrics.SegmentationMeter),
     plus the per-patient rows and the spacing HD95 is measured in."""
     from nvfp4bench.metrics import SegmentationMeter
     spacing = voxel_spacing(cell, cell.split[part])

@@ -2,7 +2,7 @@
 
 For a user with a Blackwell GPU and TE >= 2.14. Three kinds of checks, each a row of the table:
 
-1. Bit-exact quantization (nvfp4.md sections 1-3, 5). TE's ``NVFP4Quantizer`` and
+1. Bit-exact quantization (docs/nvfp4.md sections 1-3, 5). TE's ``NVFP4Quantizer`` and
    ``nvfp4bench.quant.nvfp4.quantize`` quantize the same tensors, and the E2M1 codes, the E4M3 block
    scales (as bytes) and the fp32 amax (as bits) must be equal, for every copy TE makes:
    rowwise 1x16, rowwise 16x16 (2-D weights), columnwise 1x16, columnwise 16x16 (the weight's
@@ -10,7 +10,7 @@ For a user with a Blackwell GPU and TE >= 2.14. Three kinds of checks, each a ro
    Inputs: random fp32 and bf16 (with outliers), zeros, tiny (fp32 subnormals and small
    normals), huge (up to FLT_MAX; up to 1e37 for the RHT copy, which would overflow bf16),
    values on every E2M1 tie, blocks whose E4M3 scale is subnormal or rounds to zero.
-2. Stochastic rounding in distribution (nvfp4.md section 4). Each side quantizes the same
+2. Stochastic rounding in distribution (docs/nvfp4.md section 4). Each side quantizes the same
    tensor ``draws`` times. Checked: the block scales and amax equal RN's (SR only touches the
    final cast); every SR value is one of the two grid neighbours of the scaled value
    ``y = fl(x * enc_b)`` with y's sign; the mean error of the two sides agrees (within 5
@@ -50,7 +50,7 @@ from nvfp4bench.te_cases import (BIT_EXACT_SPECS, BLOCK, CheckResult, FLT_MAX, L
 # Quantizers
 # --------------------------------------------------------------------------------------------
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (R, C/2) -> (R, C): the even element in the low nibble (nvfp4.md section 1)."""
+    """uint8 (R, C/2) -> (R, C): the even element in the low nibble (docs/nvfp4.md section 1)."""
     packed = packed.to(torch.uint8)
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
 
@@ -240,7 +240,7 @@ def compare_sr_distribution(case: str, x: torch.Tensor, spec: QuantSpec, quant_a
     step = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     f = torch.where(hi > lo, (y.abs().clamp(max=nvfp4.E2M1_MAX) - lo) / step,
                     torch.zeros_like(lo))
-    p = torch.floor(256 * f) / 256  # hardware-like round-up probability (nvfp4.md section 4)
+    p = torch.floor(256 * f) / 256  # hardware-like round-up probability (docs/nvfp4.md section 4)
     up = {}
     for side, outs in (("A", outs_a), ("B", outs_b)):
         codes = torch.stack([o.codes for o in outs])  # (draws, R, C)

@@ -1,7 +1,7 @@
 """NVFP4 layers: equivalence with an explicit unfold + quantized-GEMM reference (bit for bit with
 RN), SR determinism and unbiasedness, the backward of each recipe against autograd, and errors.
 
-The reference is written here from nvfp4.md sections 3 and 6 with ``nvfp4.quantize`` /
+The reference is written here from docs/nvfp4.md sections 3 and 6 with ``nvfp4.quantize`` /
 ``dequantize``, ``F.unfold`` / ``F.fold`` and the full im2col matrices. It shares only
 ``gemm.gemm`` / ``gemm.bias_grad`` and the tap-by-tap summation order with the layers (see
 ``nvfp4bench/gemm.py``): fp32 products are reproducible only for identical BLAS calls, so the
@@ -36,7 +36,7 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference: operand roles of nvfp4.md section 3, on explicit GEMM matrices
+# The reference: operand roles of docs/nvfp4.md section 3, on explicit GEMM matrices
 # ---------------------------------------------------------------------------------------------
 def Q(x, *, tile=(1, 16), rht=False, sr=False, generator=None, amax=None):
     """dequantize(quantize(x)) of a 2-D tensor. ``amax`` imposes the tensor amax (of the rotated
@@ -53,7 +53,7 @@ def Q(x, *, tile=(1, 16), rht=False, sr=False, generator=None, amax=None):
 
 def expected_sr(x, *, rht=False, amax=None):
     """E[Q_sr(x)] exactly: block scales are deterministic, and hardware SR rounds |y| up from
-    ``lo`` with probability floor(256 f) / 256 (nvfp4.md section 4)."""
+    ``lo`` with probability floor(256 f) / 256 (docs/nvfp4.md section 4)."""
     v = nvfp4.rht(x) if rht else x.float()
     if amax is not None:
         v = torch.cat([v, torch.zeros(1, v.shape[1])])

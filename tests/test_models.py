@@ -81,7 +81,7 @@ def test_bad_build_arguments_are_refused_with_the_valid_choices(kwargs, match):
 
 
 # ------------------------------------------------------------------------------------------------
-# parameter counts (known answers derived by hand from protocol.md, and the study's numbers)
+# parameter counts (known answers derived by hand from docs/protocol.md, and the study's numbers)
 # ------------------------------------------------------------------------------------------------
 def _cnn_count(stages, c, cin=3, k=16):
     """Conv + bias everywhere, BN (2c) after every conv but the head."""

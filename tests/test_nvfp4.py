@@ -1,4 +1,4 @@
-"""NVFP4 quantizer: known answers (nvfp4.md section 8), an independent NumPy reference, and
+"""NVFP4 quantizer: known answers (docs/nvfp4.md section 8), an independent NumPy reference, and
 properties (error bound, idempotence, SR neighbours and unbiasedness, determinism, RHT)."""
 import warnings
 
@@ -89,7 +89,7 @@ def _e4m3_rne(v: np.ndarray) -> np.ndarray:
 
 
 def _e2m1_rne(y: np.ndarray) -> np.ndarray:
-    """Boundaries of nvfp4.md section 1, written as comparisons."""
+    """Boundaries of docs/nvfp4.md section 1, written as comparisons."""
     a = np.minimum(np.abs(y), 6.0)
     mag = np.select([a <= .25, a < .75, a <= 1.25, a < 1.75, a <= 2.5, a < 3.5, a <= 5.0],
                     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], 6.0)

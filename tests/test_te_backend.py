@@ -433,7 +433,7 @@ def test_unpack_inverts_pack():
 
 
 def test_tie_input_reaches_the_cast_unscaled():
-    # S_enc = 1 and s_b = 1 for the tie blocks: nvfp4.md section 8's golden codes
+    # S_enc = 1 and s_b = 1 for the tie blocks: docs/nvfp4.md section 8's golden codes
     q = nvfp4.quantize(v.e2m1_tie_tensor())
     assert q.amax.item() == 2688.0 and q.scales[0, 0].float().item() == 1.0
     ties = torch.tensor([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 6])

@@ -25,7 +25,7 @@ SCALE_NAMES: tuple[str, ...] = ("tiny", "small", "base")
 FAMILIES: dict[str, type[nn.Module]] = {"cnn": cnn.UNet, "vit": vit.ViT, "swin": swin.Swin}
 ARCHS: dict[str, dict[str, object]] = {"cnn": cnn.SCALES, "vit": vit.SCALES, "swin": swin.SCALES}
 
-# Parameter counts the study reports at 256 px with 3 input channels (protocol.md); ours are
+# Parameter counts the study reports at 256 px with 3 input channels (docs/protocol.md); ours are
 # within 0.3 % of each (tests/test_models.py checks 1 %).
 STUDY_PARAMETERS: dict[str, dict[str, int]] = {
     "cnn": {"tiny": 531_000, "small": 3_680_000, "base": 13_670_000},

@@ -1,6 +1,6 @@
 """Building blocks shared by the ViT and the Swin segmenters.
 
-Both transformer families are the same isotropic trunk (protocol.md, "Architectures and scales")::
+Both transformer families are one isotropic trunk (docs/protocol.md, "Architectures and scales")::
 
     image (B, C, H, W)
       -> PatchEmbed: Conv2d(k16, s16) -> flatten -> LayerNorm        tokens (B, T, D), T = (H/16)^2
@@ -41,7 +41,7 @@ DECODER_STAGES = 4    # log2(PATCH) upsampling stages of the token decoder
 DECODER_GROUPS = 8    # GroupNorm groups in the decoder (fewer when the channels need it)
 INIT_STD = 0.02       # truncated-normal std of linears, position embeddings and CLS
 # Module-name patterns (fnmatch) of the layers every NVFP4 recipe quantizes in ViT and Swin
-# (protocol.md), and of the attention matmuls, quantized only with quantize_attention=True.
+# (docs/protocol.md), and of the attention matmuls, quantized only with quantize_attention=True.
 TRANSFORMER_QUANTIZED = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1",
                          "blocks.*.mlp.fc2")
 TRANSFORMER_ATTENTION_MATMULS = ("blocks.*.attn.qk", "blocks.*.attn.av")

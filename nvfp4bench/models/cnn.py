@@ -1,6 +1,6 @@
 """U-Net-like CNN segmenter (pix2pix-style encoder-decoder with mirrored skips).
 
-With ``n`` stages of ``c`` channels (protocol.md)::
+With ``n`` stages of ``c`` channels (docs/protocol.md)::
 
     encoder  stem        Conv2d(C_in -> c, k4 s2 p1) -> BN -> LeakyReLU(0.2) -> Dropout(0.5)  H/2
              down.i      Conv2d(c -> c,  k4 s2 p1) -> BN -> ReLU -> Dropout(0.5)   H/2^(i+2), i<n-2

@@ -16,7 +16,7 @@ with shift s = w // 2. The window is clipped to the token grid: at 64 px (g = 4)
 becomes 4; when one window covers the whole grid the shift is disabled (it would be a plain rotation
 of a global attention). The relative-position table is sized from the clipped window.
 
-Scales (protocol.md): the ViT widths / depths / MLP ratios with heads 4 / 6 / 14 and windows
+Scales (docs/protocol.md): the ViT widths / depths / MLP ratios with heads 4 / 6 / 14 and windows
 4 / 8 / 16 (16 = global at 256 px). Parameters at 256 px, 3 channels: tiny 496,161,
 small 3,646,687, base 13,987,513.
 """

@@ -1,7 +1,7 @@
 """NVFP4 Conv2d and ConvTranspose2d: the emulator's convolution layers.
 
-Convolutions (nvfp4.md section 6): the GEMMs of an NHWC implicit-GEMM kernel, summed tap by tap
-(``gemm.py``), K = (kh, kw, C_in) with C_in fastest:
+Convolutions (docs/nvfp4.md section 6): the GEMMs of an NHWC implicit-GEMM kernel, summed tap by
+tap (``gemm.py``, ``taps.py``), K = (kh, kw, C_in) with C_in fastest:
 - Conv2d fprop: X is quantized along C per pixel (a 1x16 block of im2col(X) is 16 channels of
   one pixel; tensor amax), W viewed as [C_out, kh*kw*C_in] (1x16 along C_in per tap, or 16x16
   (C_out, C_in) tiles per tap); ``Y = sum_t im2col_t(Q(X)) Q_w(W_t)^T``. The zero padding is

@@ -7,7 +7,7 @@ same shapes, memory layouts and operand order pick the same BLAS kernel and summ
 tap in the order of :meth:`ConvGeometry.taps`, so that the tests can demand bit-for-bit equality
 and thereby check the quantization roles, not BLAS.
 
-The GEMM formulation (the emulator's definition, nvfp4.md sections 3 and 6)::
+The GEMM formulation (the emulator's definition, docs/nvfp4.md sections 3 and 6)::
 
     gemm(a, b) = a @ b^T        a (..., M, K), b (..., N, K), fp32 in and out, contiguous
     conv fprop   Y  = sum_t gemm(A_t, B_t)        t = 0 .. kh*kw - 1 in order, Y starts at 0
@@ -24,7 +24,8 @@ axis) gives, for tap t, the output pixels that read real input pixels and those 
 the others read padding zeros, which quantize to zeros and add nothing.
 
 fp32 means fp32: the products run at torch's float32 matmul precision, which must stay at its
-default ("highest"; no TF32) for the emulator to mean what nvfp4.md says. Nothing here changes it.
+default ("highest"; no TF32) for the emulator to mean what docs/nvfp4.md says. Nothing here
+changes it.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A recipe is a set of switches named like Transformer Engine's
 ``NVFP4BlockScaling(disable_rht=..., disable_stochastic_rounding=...,
 disable_2d_quantization=..., backward_override=...)``, plus whether anything is quantized at all.
-Every linear layer runs three GEMMs (nvfp4.md section 3)::
+Every linear layer runs three GEMMs (docs/nvfp4.md section 3)::
 
     fprop  Y  = X  @ W^T     X rowwise 1x16, W 1x16 or 16x16 tiles, RN
     dgrad  dX = dY @ W       what the backward uses is set by ``backward_override``

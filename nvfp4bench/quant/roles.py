@@ -7,7 +7,7 @@ How a quantized layer trains
 A linear layer with X (M x K, M tokens), W (N x K) and dY (M x N) runs three GEMMs. Each operand
 is fake-quantized (quantize, then dequantize to fp32, ``nvfp4.fake_quantize``) in the role it has
 in that GEMM, and the GEMM itself runs in fp32 on the dequantized operands (``gemm.gemm``); its
-output goes back to the compute dtype and is never re-quantized (nvfp4.md section 3)::
+output goes back to the compute dtype and is never re-quantized (docs/nvfp4.md section 3)::
 
     fprop  Y  = Q(X) Q_w(W)^T       Q: 1x16 blocks along the contraction dim, RN
     dgrad  dX = B(dY) D(W)          contraction over N;  Q_w: 1x16 along K, or 16x16 tiles (2-D)
@@ -57,7 +57,7 @@ Choices made here
   fwd_only's dgrad multiplies the parameter itself (fp32; TE's high_precision dgrad reads the
   saved parameter) and its wgrad the layer's input in the compute dtype (TE saves the original
   bf16 input); chain_rule / fwd_rht multiply the forward's dequantized copies, kept in fp32 as
-  nvfp4.md section 2 says (TE dequantizes them to bf16: a documented difference, see the te
+  docs/nvfp4.md section 2 says (TE dequantizes them to bf16: a documented difference, see the te
   backend). dY is used in the dtype it arrives in (bf16 under autocast).
 - Convolution outputs and input gradients keep the input's memory format (channels_last or NCHW).
 - Tensor amax of the attention matmul operands: one amax over the whole batched tensor.
@@ -157,7 +157,7 @@ HIGH_PRECISION = Columnwise()
 
 @dataclass(frozen=True)
 class Roles:
-    """How each GEMM operand is quantized under one recipe (nvfp4.md section 3).
+    """How each GEMM operand is quantized under one recipe (docs/nvfp4.md section 3).
 
     weight_tile: (16, 16) for a 2-D recipe's weights; (1, 16) otherwise and for the second
     operand of an attention matmul, which is an activation. kernels: how every fake_quantize

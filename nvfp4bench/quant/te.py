@@ -2,8 +2,8 @@
 
 What it does
 ------------
-The study's recipes are switches named like TE's ``NVFP4BlockScaling`` (nvfp4.md section 7), so a
-recipe maps onto TE one field at a time (``te_recipe_kwargs``)::
+The study's recipes are switches named like TE's ``NVFP4BlockScaling`` (docs/nvfp4.md section 7),
+so a recipe maps onto TE one field at a time (``te_recipe_kwargs``)::
 
     recipe field                 NVFP4BlockScaling kwarg
     disable_rht                  disable_rht
@@ -11,7 +11,7 @@ recipe maps onto TE one field at a time (``te_recipe_kwargs``)::
     disable_2d_quantization      disable_2d_quantization
     backward_override            backward_override   (None | "dequantized" | "high_precision")
 
-``te_linear.swap`` swaps the ``nn.Linear`` layers that protocol.md quantizes for ``TELinear``
+``te_linear.swap`` swaps the ``nn.Linear`` layers that docs/protocol.md quantizes for ``TELinear``
 (a ``te.Linear`` sharing the very same weight and bias ``Parameter`` objects, so the optimizer,
 the state dict and the emulator twin all see one tensor), and the model runs inside
 ``autocast(recipe)`` = ``torch.autocast("cuda", bf16)`` + ``te.autocast(recipe=NVFP4BlockScaling(...))``.
@@ -33,17 +33,17 @@ What TE cannot express (refused, never approximated)
 Known differences from the emulator (documented, not refused)
 -------------------------------------------------------------
 - ``chain_rule`` backward: TE dequantizes the saved operands to the activation dtype (bf16)
-  before the backward GEMMs; the emulator keeps them in fp32 (nvfp4.md section 2): one extra
+  before the backward GEMMs; the emulator keeps them in fp32 (docs/nvfp4.md section 2): one extra
   bf16 rounding of W and X in dgrad / wgrad, measured by ``verify_te``'s layer check.
   ``fwd_only`` dequantizes nothing: both use the saved high-precision input and parameter.
 - SR randomness comes from TE's own CUDA RNG (seed it with ``torch.cuda.manual_seed``), not
   from the ``generator`` argument, which only feeds the emulator layers. SR agrees in
-  distribution only (nvfp4.md section 4), and ``verify_te`` checks that.
+  distribution only (docs/nvfp4.md section 4), and ``verify_te`` checks that.
 - GEMM accumulation order differs (tensor cores vs an fp32 matmul of dequantized operands): the
   quantized operands are bit-identical, the GEMM outputs agree to fp32 rounding before the bf16
   output cast.
 - Token counts that are not multiples of 16 are zero-padded by ``TELinear`` (TE refuses them;
-  zero rows change neither an amax nor a GEMM), as the emulator does (nvfp4.md section 5).
+  zero rows change neither an amax nor a GEMM), as the emulator does (docs/nvfp4.md section 5).
 
 Refusals
 --------
@@ -73,14 +73,15 @@ import torch.nn.functional as F
 
 from nvfp4bench.quant.recipes import Recipe
 
-TE_MIN_VERSION = (2, 14)  # block-scale arithmetic of nvfp4.md section 2 (2.8-2.13 round differently)
+# The block-scale arithmetic of docs/nvfp4.md section 2 (TE 2.8-2.13 round differently).
+TE_MIN_VERSION = (2, 14)
 MIN_CAPABILITY = (10, 0)  # Blackwell: NVFP4 tensor cores
 BLOCK = 16  # TE's NVFP4 quantizer needs both GEMM dimensions to be multiples of 16
 INSTALL_HINT = "pip install -r requirements-te.txt (transformer-engine[pytorch]>=2.14)"
 # Environment variables that change TE's NVFP4 numerics and that a recipe kwarg cannot override.
 FAST_MATH_ENV = "NVTE_USE_FAST_MATH"
 # NVFP4BlockScaling fields read from NVTE_* environment variables at construction; pinned to the
-# values of nvfp4.md whenever the installed TE has them, so the environment cannot change a run.
+# values of docs/nvfp4.md whenever the installed TE has them: the environment cannot change a run.
 PINNED_FIELDS: dict[str, Any] = {"nvfp4_4over6": "none", "row_scaled_activation": False}
 _TE_DISTRIBUTIONS = ("transformer_engine", "transformer-engine", "transformer_engine_torch")
 
@@ -188,7 +189,7 @@ def check_te_version(version: str | None) -> None:
     if parsed[:2] < TE_MIN_VERSION:
         floor = ".".join(map(str, TE_MIN_VERSION))
         raise TEUnavailable(f"Transformer Engine {version} is older than {floor}: before {floor} "
-                            f"its NVFP4 block scales round differently from nvfp4.md "
+                            f"its NVFP4 block scales round differently from docs/nvfp4.md "
                             f"(bamax/6*S_enc instead of bamax*(S_enc/6)); {INSTALL_HINT}")
 
 
@@ -209,7 +210,7 @@ def check_env(env: Mapping[str, str]) -> None:
     value = env.get(FAST_MATH_ENV, "")
     if value.strip().lower() not in ("", "0", "false", "off", "no"):
         raise TEUnavailable(f"{FAST_MATH_ENV}={value} is set: TE's fast-math NVFP4 kernels do "
-                            f"not follow nvfp4.md's rounding order; unset it "
+                            f"not follow docs/nvfp4.md's rounding order; unset it "
                             f"(or set {FAST_MATH_ENV}=0) to use the te backend")
 
 
@@ -222,7 +223,7 @@ def check_device(device: torch.device) -> None:
 
 def check_precision(dtype: torch.dtype | None) -> None:
     """Refuse a compute dtype other than bf16: TE's RHT kernels take bf16 activations only, and
-    nvfp4.md's RHT rounds to bf16."""
+    docs/nvfp4.md's RHT rounds to bf16."""
     if dtype != torch.bfloat16:
         raise TEUnavailable(f"the te backend computes in bf16 (TE's NVFP4 RHT kernels take bf16 "
                             f"input); compute dtype {dtype} is not supported: use "
