@@ -36,8 +36,8 @@ import torch.nn as nn
 from nvfp4bench.quant.gemm import ConvGeometry, bias_grad, gemm
 from nvfp4bench.quant.roles import (Op, Roles, _check_generator, _fp32_region, _in_compute_dtype,
                                     _Quantized, _save, _tokens_last_cnhw)
-from nvfp4bench.quant.taps import (_amax, _is_channels_last, _nchw, _nhwc, _per_tap, _scatter_add,
-                                   _tap, _unfolded)
+from nvfp4bench.quant.taps import (_amax, _is_channels_last, _nchw, _nhwc, _per_tap, _unfolded,
+                                   gather_taps, scatter_taps)
 
 
 class NVFP4Conv2d(torch.autograd.Function):
@@ -49,24 +49,13 @@ class NVFP4Conv2d(torch.autograd.Function):
         n, c, h, wd = x.shape
         cout, taps = w.shape[0], g.taps
         oh, ow = g.out_size(h, wd)
-        m = n * oh * ow
         with _fp32_region(x.device):
             # X quantized along C per pixel: (N, H, W, C_in); padding pixels are zeros
             xq = op.roles.activation(_nhwc(x))
             # W viewed (C_out, K), K = (kh, kw, C_in): 1x16 along C_in or 16x16 tiles per tap
             wq = op.roles.weight(w.permute(0, 2, 3, 1).reshape(cout, taps * c))
-            w_taps = _per_tap(wq, taps)  # (T, C_out, C_in)
             # fprop: Y (M, C_out) = sum_t im2col_t(Q(X)) (M, C_in) @ Q_w(W)_t (C_out, C_in)^T
-            a = torch.empty(n, oh, ow, c, device=x.device)  # one tap of im2col at a time
-            y, p = None, None
-            for t in range(taps):
-                at = _tap(a, xq, g.window(t, oh, ow, h, wd), (1, 2))
-                if y is None:
-                    y = gemm(at.view(m, c), w_taps[t])
-                else:  # one reused product buffer; the sum runs in tap order
-                    p = gemm(at.view(m, c), w_taps[t], out=p if p is not None else
-                             torch.empty_like(y))
-                    y.add_(p)
+            y = gather_taps(xq, _per_tap(wq, taps), g, (oh, ow), (h, wd))
             if bias is not None:
                 y += bias.float()
         _save(ctx, op, x, xq, w, wq)
@@ -92,12 +81,8 @@ class NVFP4Conv2d(torch.autograd.Function):
                 # dgrad: dX = sum_t col2im_t(B(dY) (M, C_out) @ D(W)_t (C_in, C_out)^T)
                 gq, wdq = policy.dgrad_operands(roles, dy_tokens, w2d,
                                                 w_saved if from_fwd else None)  # D(W): (K, C_out)
-                wdq = wdq.contiguous().view(taps, c, cout)
-                dx_nhwc = torch.zeros(n, h, wd, c, device=dy.device)
-                p = torch.empty(m, c, device=dy.device)  # one reused product buffer
-                for t in range(taps):
-                    _scatter_add(dx_nhwc, gemm(gq, wdq[t], out=p).view(n, oh, ow, c),
-                                 g.window(t, oh, ow, h, wd), (1, 2))
+                dx_nhwc = scatter_taps(gq, wdq.contiguous().view(taps, c, cout), g, (oh, ow),
+                                       (h, wd))
                 dx = _nchw(dx_nhwc, ctx.dtypes[0], ctx.channels_last)
             if ctx.needs_input_grad[1]:
                 # wgrad: dW_t (C_out, C_in) = B(dY^T) (C_out, Mp) @ A(im2col_t(X)^T) (C_in, Mp)^T
@@ -134,11 +119,7 @@ class NVFP4ConvTranspose2d(torch.autograd.Function):
             # W viewed (K', C_in), K' = (kh, kw, C_out): the fprop contracts over C_in
             wq = op.roles.weight(w.permute(2, 3, 1, 0).reshape(taps * cout, cin))
             # fprop (a Conv2d dgrad): Y = sum_t col2im_t(Q(X) (M, C_in) @ Q_w(W)_t (C_out, C_in)^T)
-            y = torch.zeros(n, oh, ow, cout, device=x.device)
-            p = torch.empty(m, cout, device=x.device)  # one reused product buffer
-            for t in range(taps):
-                _scatter_add(y, gemm(xq, wq[t * cout:(t + 1) * cout], out=p).view(n, h, wd, cout),
-                             g.window(t, h, wd, oh, ow), (1, 2))
+            y = scatter_taps(xq, wq.view(taps, cout, cin), g, (h, wd), (oh, ow))
             if bias is not None:
                 y += bias.float()
         _save(ctx, op, x, xq, w, wq)
@@ -151,7 +132,7 @@ class NVFP4ConvTranspose2d(torch.autograd.Function):
         op, policy, roles, g = ctx.op, ctx.op.policy, ctx.op.roles, ctx.op.geometry
         x_saved, w_saved = ctx.saved_tensors
         n, cin, h, wd, oh, ow = ctx.shape
-        cout, taps, m = dy.shape[1], g.taps, n * h * wd
+        cout, taps = dy.shape[1], g.taps
         _check_generator(op, dy.device)
         dx = dw = db = None
         with _fp32_region(dy.device):
@@ -165,17 +146,7 @@ class NVFP4ConvTranspose2d(torch.autograd.Function):
                 #                                              @ D(W)_t (C_in, C_out)^T
                 gq, wdq = policy.dgrad_operands(roles, dy_nhwc, w2d,
                                                 w_saved if from_fwd else None)  # D(W): (C_in, K')
-                wd_taps = _per_tap(wdq, taps)  # (T, C_in, C_out)
-                a = torch.empty(n, h, wd, cout, device=dy.device)
-                acc, p = None, None
-                for t in range(taps):
-                    at = _tap(a, gq, g.window(t, h, wd, oh, ow), (1, 2))
-                    if acc is None:
-                        acc = gemm(at.view(m, cout), wd_taps[t])
-                    else:  # one reused product buffer; the sum runs in tap order
-                        p = gemm(at.view(m, cout), wd_taps[t], out=p if p is not None else
-                                 torch.empty_like(acc))
-                        acc.add_(p)
+                acc = gather_taps(gq, _per_tap(wdq, taps), g, (h, wd), (oh, ow))  # (M, C_in)
                 dx = _nchw(acc.view(n, h, wd, cin), ctx.dtypes[0], ctx.channels_last)
             if ctx.needs_input_grad[1]:
                 # wgrad: dW_t (C_out, C_in) = B(im2col_t(dY)^T) (C_out, Mp) @ A(X^T) (C_in, Mp)^T

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from nvfp4bench.quant import kernels, nvfp4
-from nvfp4bench.quant.gemm import ConvGeometry, axis_window
+from nvfp4bench.quant.gemm import ConvGeometry, axis_window, gemm
 from nvfp4bench.quant.nvfp4 import BLOCK
 from nvfp4bench.quant.roles import Columnwise, _token_buffer
 
@@ -233,3 +233,41 @@ def _per_tap(w2d: torch.Tensor, taps: int) -> torch.Tensor:
     """(R, taps * C) -> contiguous (taps, R, C): tap t's columns as one matrix."""
     r, k = w2d.shape
     return w2d.reshape(r, taps, k // taps).transpose(0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# The two tap loops (shared by Conv2d and ConvTranspose2d, each the other's adjoint)
+# --------------------------------------------------------------------------------------------
+def gather_taps(src: torch.Tensor, w_taps: torch.Tensor, g: ConvGeometry,
+                out_hw: tuple[int, int], in_hw: tuple[int, int]) -> torch.Tensor:
+    """``sum_t gemm(im2col_t(src), w_taps[t])``, summed in tap order: src (N, *in_hw, C) NHWC,
+    w_taps (T, R, C) -> fp32 (N * out_h * out_w, R). Conv2d fprop and ConvTranspose2d dgrad.
+
+    One tap of im2col exists at a time, in one reused buffer (``_tap``), and one reused product
+    buffer after the first tap."""
+    n, c = src.shape[0], src.shape[-1]
+    m = n * out_hw[0] * out_hw[1]
+    a = torch.empty(n, *out_hw, c, device=src.device)
+    acc, p = None, None
+    for t in range(g.taps):
+        at = _tap(a, src, g.window(t, *out_hw, *in_hw), (1, 2))
+        if acc is None:
+            acc = gemm(at.view(m, c), w_taps[t])
+        else:
+            p = gemm(at.view(m, c), w_taps[t], out=p if p is not None else torch.empty_like(acc))
+            acc.add_(p)
+    return acc
+
+
+def scatter_taps(a: torch.Tensor, w_taps: torch.Tensor, g: ConvGeometry,
+                 a_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+    """``sum_t col2im_t(gemm(a, w_taps[t]))``, scatter-added in tap order into zeros: a (M, K)
+    the tokens of an (N, *a_hw) grid, w_taps (T, R, K) -> fp32 (N, *out_hw, R). Conv2d dgrad and
+    ConvTranspose2d fprop. The parts of a product that fall on the padding are dropped."""
+    n, r = a.shape[0] // (a_hw[0] * a_hw[1]), w_taps.shape[1]
+    dst = torch.zeros(n, *out_hw, r, device=a.device)
+    p = torch.empty(a.shape[0], r, device=a.device)  # one reused product buffer
+    for t in range(g.taps):
+        _scatter_add(dst, gemm(a, w_taps[t], out=p).view(n, *a_hw, r),
+                     g.window(t, *a_hw, *out_hw), (1, 2))
+    return dst
