@@ -2,8 +2,9 @@
 
 ``python -m nvfp4bench.bench quant [--size 4096] [--device cpu|cuda] [--repeats N] [--json]``
     times ``fake_quantize`` of a ``size x size`` fp32 tensor (RN 1x16, RN 16x16, SR 1x16,
-    RHT + SR 1x16) on each quantizer backend (eager, compiled) and ``dst.copy_(x)`` of the same
-    tensor into an existing one, and prints each median with its ratio to the copy.
+    RHT + SR 1x16) on each of the quantizer's kernels (eager, compiled; ``--kernels``) and
+    ``dst.copy_(x)`` of the same tensor into an existing one, and prints each median with its
+    ratio to the copy.
 
 ``python -m nvfp4bench.bench train --arch cnn --scale small --recipes bf16,nvfp4_full,2d_rht_sr
 --image-size 128 --batch-size 8 --steps 5 [--device cuda] [--json]``
@@ -61,8 +62,8 @@ def _timed(fn, device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------
 # quant
 # --------------------------------------------------------------------------------------------
-def _quant_calls(x: torch.Tensor, backend: str, seed: int = 0) -> dict:
-    """case -> zero-argument callable running it on the kernels ``backend``; ``copy`` is the
+def _quant_calls(x: torch.Tensor, choice: str, seed: int = 0) -> dict:
+    """case -> zero-argument callable running it on the kernels ``choice``; ``copy`` is the
     yardstick."""
     dst = torch.empty_like(x)
     g = torch.Generator(x.device).manual_seed(seed)
@@ -70,35 +71,35 @@ def _quant_calls(x: torch.Tensor, backend: str, seed: int = 0) -> dict:
               "sr_1x16": {"sr": True, "generator": g},
               "rht_sr_1x16": {"rht": True, "sr": True, "generator": g}}
 
-    def on_backend(kw):
+    def on_kernels(kw):
         def call():
-            return kernels.fake_quantize(x, **kw, kernels=backend)
+            return kernels.fake_quantize(x, **kw, kernels=choice)
         return call
 
-    return {"copy": lambda: dst.copy_(x), **{case: on_backend(kw) for case, kw in kwargs.items()}}
+    return {"copy": lambda: dst.copy_(x), **{case: on_kernels(kw) for case, kw in kwargs.items()}}
 
 
-def run_quant(size: int, device: str, repeats: int, backends: list[str]) -> list[dict]:
-    """One row per (backend, case): median/min ms, first-call ms (compilation), ratio to copy.
+def run_quant(size: int, device: str, repeats: int, kernel_choices: list[str]) -> list[dict]:
+    """One row per (kernels, case): median/min ms, first-call ms (compilation), ratio to copy.
     The repeats interleave the cases, so that slow phases of a shared machine hit all alike."""
     dev = torch.device(device)
     x = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(dev)
     calls = {}
-    for backend in backends:
-        for case, fn in _quant_calls(x, backend).items():
+    for choice in kernel_choices:
+        for case, fn in _quant_calls(x, choice).items():
             if case != "copy" or not calls:
-                calls[(backend if case != "copy" else "-", case)] = fn
+                calls[(choice if case != "copy" else "-", case)] = fn
     first = {key: _timed(fn, dev) for key, fn in calls.items()}
     times = {key: [] for key in calls}
     for _ in range(repeats):
         for key, fn in calls.items():
             times[key].append(_timed(fn, dev))
     copy_ms = statistics.median(times[("-", "copy")])
-    return [{"case": case, "backend": backend, "size": size, "device": str(dev),
+    return [{"case": case, "kernels": choice, "size": size, "device": str(dev),
              "threads": torch.get_num_threads(), "median_ms": statistics.median(t),
-             "min_ms": min(t), "first_call_ms": first[(backend, case)],
+             "min_ms": min(t), "first_call_ms": first[(choice, case)],
              "ratio_to_copy": statistics.median(t) / copy_ms, "repeats": repeats}
-            for (backend, case), t in times.items()]
+            for (choice, case), t in times.items()]
 
 
 def _print_quant(rows: list[dict]) -> None:
@@ -106,10 +107,10 @@ def _print_quant(rows: list[dict]) -> None:
     print(f"fake_quantize of a {r0['size']}x{r0['size']} fp32 tensor on {r0['device']}, "
           f"torch {torch.__version__}, {r0['threads']} threads, median of {r0['repeats']}"
           f"{', THP_MEM_ALLOC_ENABLE=1' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else ''}")
-    print(f"{'case':<13}{'backend':<10}{'median ms':>10}{'min ms':>9}{'x copy':>8}"
+    print(f"{'case':<13}{'kernels':<10}{'median ms':>10}{'min ms':>9}{'x copy':>8}"
           f"{'1st call ms':>13}")
     for r in rows:
-        print(f"{r['case']:<13}{r['backend']:<10}{r['median_ms']:>10.1f}{r['min_ms']:>9.1f}"
+        print(f"{r['case']:<13}{r['kernels']:<10}{r['median_ms']:>10.1f}{r['min_ms']:>9.1f}"
               f"{r['ratio_to_copy']:>8.1f}{r['first_call_ms']:>13.0f}")
 
 
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quant", help="time fake_quantize against a plain copy")
     q.add_argument("--size", type=int, default=4096, help="square tensor side (multiple of 16)")
     q.add_argument("--repeats", type=int, default=10, help="timed calls per case (median)")
-    q.add_argument("--backends", default="eager,compiled",
+    q.add_argument("--kernels", default="eager,compiled",
                    help=f"comma-separated quantizer kernels, of {', '.join(kernels.KERNELS)}")
     t = sub.add_parser("train", help="time training steps per recipe")
     t.add_argument("--arch", default="cnn")
@@ -305,9 +306,9 @@ def _check_args(args) -> None:
                              f"got {args.size}")
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-        bad = [b for b in args.backends.split(",") if b not in kernels.KERNELS]
-        if bad or not args.backends:
-            raise ValueError(f"--backends: unknown {bad}; choose from {kernels.KERNELS}")
+        bad = [b for b in args.kernels.split(",") if b not in kernels.KERNELS]
+        if bad or not args.kernels:
+            raise ValueError(f"--kernels: unknown {bad}; choose from {kernels.KERNELS}")
     else:
         from nvfp4bench.models import ARCHS
         from nvfp4bench.quant.recipes import get_recipe
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.command == "quant":
-        rows = run_quant(args.size, args.device, args.repeats, args.backends.split(","))
+        rows = run_quant(args.size, args.device, args.repeats, args.kernels.split(","))
         printer = _print_quant
     else:
         rows = run_train(args)

@@ -4,11 +4,10 @@ import json
 import pytest
 
 from nvfp4bench import bench
-from nvfp4bench.quant import kernels
 
 
 def test_quant_prints_every_case_with_its_ratio_to_the_copy(capsys):
-    assert bench.main(["quant", "--size", "64", "--repeats", "2", "--backends", "eager",
+    assert bench.main(["quant", "--size", "64", "--repeats", "2", "--kernels", "eager",
                        "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["case"] for r in rows] == list(bench.QUANT_CASES)
@@ -35,7 +34,7 @@ def test_train_times_each_recipe_against_the_baseline(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["quant", "--size", "40"], "multiple of 16"),
-    (["quant", "--backends", "eager,fast"], "--backends"),
+    (["quant", "--kernels", "eager,fast"], "--kernels"),
     (["quant", "--device", "tpu"], "cpu or cuda"),
     (["train", "--recipes", "nvfp4_fast"], "unknown recipe"),
     (["train", "--arch", "mlp"], "--arch"),
