@@ -193,8 +193,8 @@ class TrainingCase:
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         torch.manual_seed(seed)  # the same initial weights for every recipe
         self.model = build_model(arch, scale, image_size=image_size)
-        quantize_model(self.model, recipe, generator=torch.Generator(self.device).manual_seed(seed),
-                       kernels=quant_kernels)
+        quantize_model(self.model, recipe, kernels=quant_kernels,
+                       generator=torch.Generator(self.device).manual_seed(seed))
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(seed)

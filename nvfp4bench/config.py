@@ -6,8 +6,8 @@ and weight decay come from ``OPTIMIZERS`` (a table per architecture), the number
 ``DEFAULT_EPOCHS`` (or ``SYNTHETIC_EPOCHS`` on the embedded synthetic dataset, see below), the
 image size from the data store.
 
-Defaults (docs/protocol.md "Training"): batch 32, at most 100 epochs, ReduceLROnPlateau(factor 0.5,
-patience 10) on the validation loss, gradient clipping at norm 1.0, early stopping on the
+Defaults (docs/protocol.md "Training"): batch 32, at most 100 epochs, ReduceLROnPlateau(factor
+0.5, patience 10) on the validation loss, gradient clipping at norm 1.0, early stopping on the
 validation loss (patience 20, min delta 0.001, never before epoch 40), seed 2026.
 
 Embedded synthetic dataset (``--data`` not given): the default run must finish in minutes on a
@@ -67,7 +67,7 @@ class RunConfig:
     recipe: str = "nvfp4_full"
     backend: str = "emulator"
     quantize_attention: bool = False
-    quant_kernels: str = "auto"  # quant.kernels.KERNELS: eager, compiled, or auto (compile big tensors)
+    quant_kernels: str = "auto"  # quant.kernels.KERNELS: eager, compiled, auto (compile big ones)
     # data
     data: str | None = None  # None: the embedded synthetic dataset (built on first use)
     fold: int = 0

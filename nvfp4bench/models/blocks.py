@@ -18,10 +18,10 @@ Attention is written out so that it can be instrumented or quantized by a module
     p       = softmax(logits)                      # rows sum to 1
     out     = proj(av(p, v))                       # (..., T, D)
 
-``qk`` and ``av`` are ``nvfp4bench.quant.linear.Matmul`` modules (plain ``torch.matmul``); quantization
-with ``quantize_attention=True`` swaps them for ``QuantizedMatmul``. The leading dimensions ``...``
-are free, so a windowed attention passes ``(B, windows, N, D)`` and a bias of shape
-``(windows, heads, N, N)`` that broadcasts over the batch.
+``qk`` and ``av`` are ``nvfp4bench.quant.linear.Matmul`` modules (plain ``torch.matmul``);
+quantization with ``quantize_attention=True`` swaps them for ``QuantizedMatmul``. The leading
+dimensions ``...`` are free, so a windowed attention passes ``(B, windows, N, D)`` and a bias of
+shape ``(windows, heads, N, N)`` that broadcasts over the batch.
 
 Dropout 0.1 follows the position embedding, the attention projection and both MLP linears (the
 attention probabilities themselves are not dropped); drop-path (stochastic depth) grows linearly

@@ -22,5 +22,5 @@ from nvfp4bench.quant.swap import high_precision, quantizable_layers, quantize_m
 from nvfp4bench.quant.twins import quantized
 
 __all__ = ["NVFP4Tensor", "RECIPES", "STUDY_RECIPES", "Recipe", "dequantize", "fake_quantize",
-           "get_recipe", "high_precision", "pack", "quantizable_layers", "quantize", "quantize_model",
-           "quantized"]
+           "get_recipe", "high_precision", "pack", "quantizable_layers", "quantize",
+           "quantize_model", "quantized"]
