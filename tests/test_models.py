@@ -272,9 +272,9 @@ def test_quantized_attention_trains(arch, size):
 @pytest.mark.parametrize("scale, size, window, shifts", [
     ("tiny", 256, 4, (0, 2)),     # 16 x 16 grid, 4 x 4 windows, odd blocks shifted by 2
     ("small", 256, 8, (0, 4)),
-    ("base", 256, 16, (0, 0)),    # one window covers the grid: global, no shift
-    ("small", 64, 4, (0, 0)),     # window 8 clipped to the 4 x 4 grid
-    ("tiny", 32, 2, (0, 0)),      # 2 x 2 grid
+    ("base", 256, 16, (0, 8)),    # one window covers the grid: odd blocks still shift (study)
+    ("small", 64, 4, (0, 2)),     # window 8 clipped to the 4 x 4 grid
+    ("tiny", 32, 2, (0, 1)),      # 2 x 2 grid
 ])
 def test_swin_windows_are_clipped_to_the_grid_and_shift_on_odd_blocks(scale, size, window,
                                                                       shifts):
@@ -314,12 +314,83 @@ def test_window_partition_and_merge_are_inverse():
 
 def test_window_attention_covering_the_grid_equals_global_attention_with_its_bias():
     torch.manual_seed(0)
-    win = WindowAttention(32, 2, grid=4, window=4, shifted=True).eval()
+    win = WindowAttention(32, 2, grid=4, window=4, shifted=False).eval()
     assert win.shift == 0
     ref = Attention(32, 2).eval()
     ref.load_state_dict(win.state_dict(), strict=False)
     x = torch.randn(3, 16, 32)
     assert torch.allclose(win(x), ref(x, win.relative_bias()), atol=1e-6)
+
+
+def _study_allowed_pairs(grid, window, shift):
+    """(T, T) bool, in image token order: may query q attend to key k? From the study's definition,
+    written independently of swin.py: unshifted, q and k share a w x w window; shifted, the
+    grid is cut at s, s + w, s + 2w, ... on each axis (the first s rows / columns, which the roll
+    wraps to the far end, forming their own band), and q and k must share a band on both axes."""
+    r = torch.arange(grid)
+    band = (r // window) if shift == 0 else torch.where(r < shift, -1, (r - shift) // window)
+    rows, cols = band.repeat_interleave(grid), band.repeat(grid)   # token t = (t // g, t % g)
+    return (rows[:, None] == rows[None, :]) & (cols[:, None] == cols[None, :])
+
+
+def _model_allowed_pairs(attn):
+    """(T, T) bool from a WindowAttention's windows, roll and mask, in image token order."""
+    g, w, s = attn.grid, attn.window, attn.shift
+    n = g // w
+    allowed = torch.zeros(g * g, g * g, dtype=torch.bool)
+    mask = attn.attn_mask if attn.attn_mask is not None else torch.zeros(n * n, w * w, w * w)
+    for win in range(n * n):
+        i, j = torch.arange(w * w) // w, torch.arange(w * w) % w    # position in the window
+        r = ((win // n) * w + i + s) % g                            # rolled by -s: undo it
+        c = ((win % n) * w + j + s) % g
+        t = r * g + c
+        allowed[t[:, None], t[None, :]] = mask[win] == 0
+    assert set(mask.unique().tolist()) <= {0.0, MASK_VALUE}
+    return allowed
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("size", [256, 128, 64, 32])
+def test_swin_masks_exactly_the_studys_token_pairs_in_every_block(scale, size):
+    """Every block of every scale: even blocks attend within their windows, odd blocks within
+    the shifted bands, also where one window covers the grid (base at 256 px: 4 quadrants)."""
+    with torch.device("meta"):
+        model = build_model("swin", scale, image_size=size)
+    for i, block in enumerate(model.blocks):
+        a = block.attn
+        expected = _study_allowed_pairs(a.grid, a.window, a.window // 2 if i % 2 else 0)
+        assert torch.equal(_model_allowed_pairs(a), expected), (scale, size, i)
+
+
+def test_swin_base_at_256px_odd_blocks_attend_within_rolled_8x8_quadrants():
+    with torch.device("meta"):
+        model = build_model("swin", "base")
+    even, odd = model.blocks[0].attn, model.blocks[1].attn
+    assert (even.window, even.shift, even.attn_mask) == (16, 0, None)  # global
+    assert (odd.window, odd.shift) == (16, 8)
+    allowed = _model_allowed_pairs(odd)
+    assert allowed.float().mean().item() == 0.25                      # 75 % masked
+    quadrant = lambda t: (t // 16 < 8, t % 16 < 8)                      # noqa: E731
+    t = torch.arange(256)
+    for q in (0, 7, 8 * 16 + 8, 255):
+        same = [(quadrant(k) == quadrant(q)) for k in t.tolist()]
+        assert allowed[q].tolist() == same
+
+
+def test_shifted_window_over_the_whole_grid_mixes_only_within_a_quadrant():
+    """Functional: perturbing key token k changes query q's output iff the study allows (q, k)."""
+    torch.manual_seed(0)
+    attn = WindowAttention(32, 2, grid=4, window=4, shifted=True).eval()
+    assert attn.shift == 2
+    x = torch.randn(1, 16, 32)
+    expected = _study_allowed_pairs(4, 4, 2)
+    with torch.no_grad():
+        base = attn(x)
+        for k in range(16):
+            xp = x.clone()
+            xp[0, k] += 1.0
+            changed = (attn(xp) - base)[0].abs().amax(-1) > 1e-6          # (T,) per query
+            assert changed.tolist() == expected[:, k].tolist(), k
 
 
 def test_shifted_window_attention_gives_no_weight_across_regions():
