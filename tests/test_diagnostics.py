@@ -76,11 +76,13 @@ def test_scaled_up_logits_collapse_and_uniform_attention_does_not(arch, size):
             nn.init.normal_(block.attn.qkv.weight, std=1.0)
     _scale_queries(sharp, 100.0)
     flat = _tiny(arch, size)
-    _scale_queries(flat, 0.0)      # q = 0: every logit equal (Swin: and no relative bias;
-    #                                at 64 px its window covers the 4 x 4 grid, so no shift mask)
+    _scale_queries(flat, 0.0)      # q = 0: every logit equal (Swin: and no relative bias,
+    #                                and no shift mask: at 64 px the window covers the grid)
     if arch == "swin":
         for block in flat.blocks:
             nn.init.zeros_(block.attn.relative_position_bias_table)
+            if block.attn.attn_mask is not None:
+                block.attn.attn_mask.zero_()
     collapsed = attention_diagnostics(sharp, x)
     uniform = attention_diagnostics(flat, x)
     assert len(collapsed) == len(sharp.blocks)

@@ -478,3 +478,33 @@ def test_a_refused_layer_leaves_the_model_untouched():
     with pytest.raises(ValueError, match="200"):
         quantize_model(model, "nvfp4_full")
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+# ------------------------------------------------------------------------------------------------
+# attention dropout (the study's p 0.1 on the softmax probabilities)
+# ------------------------------------------------------------------------------------------------
+def _probs_seen_by_av(model, x):
+    seen = []
+    hooks = [b.attn.av.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+             for b in model.blocks]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_attention_probabilities_are_dropped_in_train_mode_only(arch):
+    model = _tiny(arch, 64)
+    assert all(b.attn.attn_drop.p == 0.1 for b in model.blocks)
+    x = _images(2, 64)
+    torch.manual_seed(5)
+    train = _probs_seen_by_av(model.train(), x)
+    zeros = torch.cat([p.flatten() == 0 for p in train]).float().mean().item()
+    assert 0.07 < zeros < 0.13                         # ~10 % of the probabilities dropped
+    for p in _probs_seen_by_av(model.eval(), x):        # eval: the softmax itself
+        assert (p > 0).all() and torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5)
+    # train: the kept ones are rescaled by 1 / 0.9, so a row sums to 1 only on average
+    rows = torch.cat([p.sum(-1).flatten() for p in train])
+    assert abs(rows.mean().item() - 1.0) < 0.05 and rows.std().item() > 0.01

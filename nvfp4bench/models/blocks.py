@@ -15,7 +15,7 @@ Attention is written out so that it can be instrumented or quantized by a module
 
     q, k, v = split(qkv(x))                        # (..., heads, T, head_dim) each
     logits  = qk(q * head_dim**-0.5, k^T) + bias   # (..., heads, T, T)
-    p       = softmax(logits)                      # rows sum to 1
+    p       = dropout(softmax(logits))             # rows sum to 1 (before the dropout)
     out     = proj(av(p, v))                       # (..., T, D)
 
 ``qk`` and ``av`` are ``nvfp4bench.layers.Matmul`` modules (plain ``torch.matmul``); quantization
@@ -23,9 +23,10 @@ with ``quantize_attention=True`` swaps them for ``QuantizedMatmul``. The leading
 are free, so a windowed attention passes ``(B, windows, N, D)`` and a bias of shape
 ``(windows, heads, N, N)`` that broadcasts over the batch.
 
-Dropout 0.1 follows the position embedding, the attention projection and both MLP linears (the
-attention probabilities themselves are not dropped); drop-path (stochastic depth) grows linearly
-from 0 at the first block to 0.1 at the last.
+Dropout 0.1 (the study's) drops the attention probabilities (train mode only; ``av`` receives the
+dropped, rescaled probabilities) and follows the position embedding, the attention projection and
+both MLP linears; drop-path (stochastic depth) grows linearly from 0 at the first block to 0.1 at
+the last.
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.qk = Matmul()
         self.av = Matmul()
+        self.attn_drop = nn.Dropout(dropout)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
@@ -95,7 +97,7 @@ class Attention(nn.Module):
         logits = self.qk(q * self.scale, k.transpose(-2, -1))            # (..., h, T, T)
         if bias is not None:
             logits = logits + bias
-        probs = logits.softmax(dim=-1)                                   # (..., h, T, T)
+        probs = self.attn_drop(logits.softmax(dim=-1))                   # (..., h, T, T)
         out = self.av(probs, v)                                          # (..., h, T, d)
         out = out.transpose(-3, -2).flatten(-2)                          # (..., T, D)
         return self.proj_drop(self.proj(out))
