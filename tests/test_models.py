@@ -92,9 +92,10 @@ def _cnn_count(stages, c, cin=3, k=16):
 def _trunk_count(d, depth, hidden, tokens, cin=3, patch=16):
     block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
     decoder, ch = 0, d
-    for _ in range(4):  # ConvT(k2) with bias + GroupNorm(2 per channel)
-        decoder += ch * (ch // 2) * 4 + ch // 2 + 2 * (ch // 2)
-        ch //= 2
+    for i in range(1, 5):  # ConvT(k2) with bias + GroupNorm(2 per channel), never below 8
+        out = max(8, d // 2 ** i)
+        decoder += ch * out * 4 + out + 2 * out
+        ch = out
     decoder += ch + 1  # 1x1 conv
     embed = cin * d * patch * patch + d + 2 * d  # patch conv + LayerNorm
     return embed + tokens * d + depth * block + 2 * d + decoder
@@ -119,7 +120,44 @@ def test_parameter_counts_at_256px_match_the_spec_and_the_study(arch, scale):
         model = build_model(arch, scale)
     n = count_parameters(model)
     assert n == _expected_count(arch, scale)
-    assert abs(n / STUDY_PARAMETERS[arch][scale] - 1) < 0.01
+    assert n == STUDY_PARAMETERS[arch][scale]
+
+
+def test_parameter_counts_are_the_studys_exact_numbers():
+    assert STUDY_PARAMETERS == {
+        "cnn": {"tiny": 530_753, "small": 3_684_481, "base": 13_674_529},
+        "vit": {"tiny": 494_473, "small": 3_634_921, "base": 13_880_777},
+        "swin": {"tiny": 496_305, "small": 3_646_687, "base": 13_987_513}}
+
+
+@pytest.mark.parametrize("arch, scale, channels, groups", [
+    ("vit", "tiny", [32, 16, 8, 8], [8, 8, 8, 8]),        # D = 64: the last stage max(8, 4)
+    ("swin", "tiny", [32, 16, 8, 8], [8, 8, 8, 8]),
+    ("vit", "small", [96, 48, 24, 12], [8, 8, 8, 6]),     # 12: largest divisor <= 8 is 6
+    ("swin", "small", [96, 48, 24, 12], [8, 8, 8, 6]),
+    ("vit", "base", [224, 112, 56, 28], [8, 8, 8, 7]),    # 28 -> 7 (gcd(28, 8) would be 4)
+    ("swin", "base", [224, 112, 56, 28], [8, 8, 8, 7]),
+])
+def test_decoder_channels_and_groupnorm_groups_are_the_studys(arch, scale, channels, groups):
+    with torch.device("meta"):
+        model = build_model(arch, scale)
+    convs = [m for m in model.decoder.up if isinstance(m, nn.ConvTranspose2d)]
+    norms = [m for m in model.decoder.up if isinstance(m, nn.GroupNorm)]
+    assert [c.out_channels for c in convs] == channels
+    assert [c.in_channels for c in convs] == [ARCHS[arch][scale].dim] + channels[:-1]
+    assert [(c.kernel_size, c.stride) for c in convs] == [((2, 2), (2, 2))] * 4
+    assert [n.num_groups for n in norms] == groups
+    assert [n.num_channels for n in norms] == channels
+    assert model.decoder.head.in_channels == channels[-1]
+    assert (model.decoder.head.out_channels, model.decoder.head.kernel_size) == (1, (1, 1))
+
+
+def test_decoder_groups_is_the_largest_divisor_at_most_8():
+    from nvfp4bench.models.blocks import decoder_groups
+    for c in range(1, 200):
+        g = decoder_groups(c)
+        assert c % g == 0 and g <= 8
+        assert not any(c % h == 0 for h in range(g + 1, min(8, c) + 1)), c
 
 
 # ------------------------------------------------------------------------------------------------

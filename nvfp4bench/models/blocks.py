@@ -8,7 +8,7 @@ Both transformer families are the same isotropic trunk (protocol.md, "Architectu
       -> depth x Block:  x = x + drop_path(attn(LN(x)));  x = x + drop_path(mlp(LN(x)))
       -> LayerNorm
       -> TokenDecoder: tokens -> (B, D, H/16, W/16)
-           -> 4 x [ConvTranspose2d(k2, s2) -> GroupNorm -> GELU], channels D -> D/2 -> ... -> D/16
+           -> 4 x [ConvTranspose2d(k2, s2) -> GroupNorm -> GELU], channels max(8, D / 2^i)
            -> Conv2d(1x1) -> one logit per pixel (B, 1, H, W)
 
 Attention is written out so that it can be instrumented or quantized by a module swap::
@@ -40,6 +40,7 @@ from nvfp4bench.layers import Matmul
 PATCH = 16            # patch size: a 256 px image is a 16 x 16 token grid
 DECODER_STAGES = 4    # log2(PATCH) upsampling stages of the token decoder
 DECODER_GROUPS = 8    # GroupNorm groups in the decoder (fewer when the channels need it)
+DECODER_MIN_CHANNELS = 8  # no decoder stage is narrower (the study's max(8, D / 2^i))
 INIT_STD = 0.02       # truncated-normal std of linears, position embeddings and CLS
 # Module-name patterns (fnmatch) of the layers every NVFP4 recipe quantizes in ViT and Swin
 # (protocol.md), and of the attention matmuls, quantized only with quantize_attention=True.
@@ -149,27 +150,33 @@ class PatchEmbed(nn.Module):
 
 
 def decoder_groups(channels: int, max_groups: int = DECODER_GROUPS) -> int:
-    """GroupNorm groups of a decoder stage: gcd(channels, 8), so the groups always divide it."""
-    return math.gcd(channels, max_groups)
+    """GroupNorm groups of a decoder stage: the largest divisor of ``channels`` that is at most
+    ``max_groups`` (the study's rule; 12 channels -> 6 groups, 28 -> 7, 8 -> 8)."""
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+
+
+def decoder_channels(dim: int, stages: int = DECODER_STAGES) -> list[int]:
+    """Output channels of each decoder stage: ``max(8, dim // 2^i)`` for i = 1..stages (the
+    study's; tiny, D = 64: 32, 16, 8, 8)."""
+    return [max(DECODER_MIN_CHANNELS, dim // 2 ** i) for i in range(1, stages + 1)]
 
 
 class TokenDecoder(nn.Module):
     """Token grid -> per-pixel logits: 4 x [ConvT(k2, s2) -> GroupNorm -> GELU], then a 1x1 conv.
 
-    Channels halve at every stage (D -> D/2 -> D/4 -> D/8 -> D/16); the spatial size doubles, so a
-    g x g token grid becomes a 16g x 16g map: (B, D, g, g) -> (B, 1, 16g, 16g).
+    Channels halve at every stage but never go below 8 (``decoder_channels``: D -> max(8, D/2)
+    -> ... -> max(8, D/16)); GroupNorm takes ``decoder_groups`` groups. The spatial size doubles,
+    so a g x g token grid becomes a 16g x 16g map: (B, D, g, g) -> (B, 1, 16g, 16g).
     """
 
     def __init__(self, dim: int, stages: int = DECODER_STAGES):
         super().__init__()
         layers: list[nn.Module] = []
         ch = dim
-        for _ in range(stages):
-            if ch % 2:
-                raise ValueError(f"TokenDecoder: width {dim} cannot be halved {stages} times")
-            layers += [nn.ConvTranspose2d(ch, ch // 2, kernel_size=2, stride=2),
-                       nn.GroupNorm(decoder_groups(ch // 2), ch // 2), nn.GELU()]
-            ch //= 2
+        for out in decoder_channels(dim, stages):
+            layers += [nn.ConvTranspose2d(ch, out, kernel_size=2, stride=2),
+                       nn.GroupNorm(decoder_groups(out), out), nn.GELU()]
+            ch = out
         self.up = nn.Sequential(*layers)
         self.head = nn.Conv2d(ch, 1, kernel_size=1)
         init_logit_prior(self.head)

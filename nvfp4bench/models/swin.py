@@ -20,7 +20,7 @@ window of 8 or 16 becomes 4, shifted by 2 on odd blocks. The relative-position t
 from the clipped window.
 
 Scales (protocol.md): the ViT widths / depths / MLP ratios with heads 4 / 6 / 14 and windows
-4 / 8 / 16 (16 = the whole grid at 256 px). Parameters at 256 px, 3 channels: tiny 496,161,
+4 / 8 / 16 (16 = the whole grid at 256 px). Parameters at 256 px, 3 channels: tiny 496,305,
 small 3,646,687, base 13,987,513.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ The position embedding has 1 + (image_size / 16)^2 rows: it is sized from ``imag
 model is built, so one model serves one input size (32 px: a 2 x 2 grid, 5 tokens with CLS).
 
 Scales (protocol.md), width / depth / heads / MLP ratio, and parameters at 256 px with 3 channels:
-tiny 64/10/2/3 (494,329), small 192/9/6/3 (3,634,921), base 448/8/14/2 (13,880,777).
+tiny 64/10/2/3 (494,473), small 192/9/6/3 (3,634,921), base 448/8/14/2 (13,880,777).
 """
 from __future__ import annotations
 
