@@ -1,5 +1,7 @@
 """Models: shapes at every size, parameter counts, the quantized-layer lists, a smoke test over
-every arch x recipe, shared parameters, Swin window machinery."""
+every arch x recipe, shared parameters, Swin window machinery, the study's initialisation."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -498,14 +500,121 @@ def test_same_seeds_give_the_same_bits_under_a_stochastic_rounding_recipe():
 
 
 @pytest.mark.parametrize("arch", ["cnn", "vit", "swin"])
-def test_output_starts_at_the_tumour_prior(arch):
-    """The head's bias is logit(TUMOUR_PRIOR), so a fresh model predicts ~1 % tumour, not 50 %."""
+def test_opt_in_head_prior_starts_the_output_at_the_tumour_prior_and_changes_nothing_else(arch):
+    """head_prior=p sets the head's bias to logit(p), shifting every output logit by logit(p) -
+    bias; every other parameter is the default init's, bit for bit, for the same seed."""
     from nvfp4bench.models.blocks import TUMOUR_PRIOR
     torch.manual_seed(0)
-    model = build_model(arch, "tiny", image_size=32).eval()
+    plain = build_model(arch, "tiny", image_size=32).eval()
+    torch.manual_seed(0)
+    model = build_model(arch, "tiny", image_size=32, head_prior=TUMOUR_PRIOR).eval()
+    head = model.get_submodule(type(model).HEAD)
+    assert (head.bias == math.log(0.01 / 0.99)).all() and head.bias.numel() == 1
+    for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        assert torch.equal(p, q) or p is head.bias, name
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        probs = torch.sigmoid(model(torch.randn(2, 3, 32, 32)))
-    assert TUMOUR_PRIOR / 4 < probs.mean().item() < TUMOUR_PRIOR * 4
+        shift = model(x) - plain(x) + plain.get_submodule(type(plain).HEAD).bias
+    assert torch.allclose(shift, torch.full_like(shift, math.log(0.01 / 0.99)), atol=1e-4)
+    with pytest.raises(ValueError, match="probability"):
+        build_model(arch, "tiny", image_size=32, head_prior=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# initialisation: the study's, per layer type
+# ------------------------------------------------------------------------------------------------
+def _fan_in(w):
+    """PyTorch's fan_in: weight.shape[1] x receptive field (also for a ConvTranspose2d)."""
+    return w.shape[1] * (w[0, 0].numel() if w.dim() > 2 else 1)
+
+
+def _kurtosis(t):
+    z = (t.flatten().double() - t.mean()) / t.std()
+    return (z ** 4).mean().item()
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_cnn_init_is_kaiming_normal_relu_zero_bias_and_batchnorm_1_0(scale):
+    torch.manual_seed(0)
+    model = build_model("cnn", scale)
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == 2 * ARCHS["cnn"][scale].stages and len(norms) == len(convs) - 1
+    for m in convs:
+        assert (m.bias == 0).all()
+        expected = math.sqrt(2.0 / _fan_in(m.weight))             # kaiming normal, gain sqrt(2)
+        assert abs(m.weight.std().item() / expected - 1) < 0.1, m
+        assert abs(m.weight.mean().item()) < 0.1 * expected
+    # normal, not uniform (PyTorch's default is uniform with std 1/sqrt(3 fan_in))
+    assert 2.8 < _kurtosis(torch.cat([m.weight.flatten() / math.sqrt(2.0 / _fan_in(m.weight))
+                                      for m in convs])) < 3.2
+    assert model.head.weight.shape == (2 * ARCHS["cnn"][scale].channels, 1, 4, 4)
+    assert (model.head.bias == 0).all()                          # the CNN head starts at 0
+    for m in norms:
+        assert (m.weight == 1).all() and (m.bias == 0).all()
+
+
+def _default_bound(m):
+    """PyTorch's default init of Linear / Conv: kaiming_uniform(a=sqrt 5) -> U(+-1/sqrt(fan_in)),
+    the bias U(+-1/sqrt(fan_in)) too."""
+    return 1.0 / math.sqrt(_fan_in(m.weight))
+
+
+def _check_pytorch_default(mods):
+    for m in mods:
+        b = _default_bound(m)
+        assert m.weight.abs().max() <= b and m.bias.abs().max() <= b, m
+        assert m.bias.abs().max() > 0, m
+    pooled = torch.cat([m.weight.flatten() / _default_bound(m) for m in mods])
+    assert abs(pooled.std().item() - 1 / math.sqrt(3)) < 0.02     # U(-1, 1): std 1/sqrt(3)
+    assert 1.7 < _kurtosis(pooled) < 1.9                           # uniform: 1.8
+
+
+def _check_trunc_normal_002(tensors):
+    pooled = torch.cat([t.flatten() for t in tensors])
+    assert abs(pooled.std().item() / 0.02 - 1) < 0.05
+    assert pooled.abs().max() <= 2.0                               # trunc_normal_'s bounds +-2
+    assert 2.8 < _kurtosis(pooled) < 3.2                            # normal (bounds at 100 std)
+
+
+def _transformer_layers(model):
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))]
+    assert len(linears) == 4 * len(model.blocks) and len(convs) == 6   # patch, 4 ConvT, head
+    return linears, convs, norms
+
+
+def test_vit_init_linears_and_convs_at_pytorch_default_pos_and_cls_trunc_normal():
+    torch.manual_seed(0)
+    model = build_model("vit", "tiny", image_size=64)
+    linears, convs, norms = _transformer_layers(model)
+    _check_pytorch_default(linears)
+    _check_pytorch_default(convs)
+    _check_trunc_normal_002([model.pos_embed, model.cls_token])
+    for m in norms:
+        assert (m.weight == 1).all() and (m.bias == 0).all()
+
+
+def test_swin_init_linears_trunc_normal_zero_bias_convs_at_pytorch_default():
+    torch.manual_seed(0)
+    model = build_model("swin", "tiny", image_size=64)
+    linears, convs, norms = _transformer_layers(model)
+    _check_trunc_normal_002([m.weight for m in linears])
+    assert all((m.bias == 0).all() for m in linears)
+    _check_trunc_normal_002([model.pos_embed])
+    _check_trunc_normal_002([b.attn.relative_position_bias_table for b in model.blocks])
+    _check_pytorch_default(convs)
+    for m in norms:
+        assert (m.weight == 1).all() and (m.bias == 0).all()
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_transformer_classifier_is_at_pytorch_default_not_a_tumour_prior(arch):
+    torch.manual_seed(0)
+    head = build_model(arch, "tiny", image_size=32).decoder.head
+    assert head.weight.shape == (1, 8, 1, 1)
+    assert 0 < head.bias.abs().item() <= 1 / math.sqrt(8)          # U(+-1/sqrt(fan_in))
 
 
 def test_a_refused_layer_leaves_the_model_untouched():

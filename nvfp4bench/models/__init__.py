@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nvfp4bench.models import cnn, swin, vit
+from nvfp4bench.models.blocks import init_logit_prior
 from nvfp4bench.recipes import Recipe, get_recipe
 
 SCALES: tuple[str, ...] = ("tiny", "small", "base")
@@ -45,12 +46,14 @@ STUDY_PARAMETERS: dict[str, dict[str, int]] = {
 ORIGINALS_ATTR = "_nvfp4_originals"  # name -> the high-precision module a backend replaced
 
 
-def build_model(arch: str, scale: str, *, image_size: int = 256, in_channels: int = 3
-                ) -> nn.Module:
+def build_model(arch: str, scale: str, *, image_size: int = 256, in_channels: int = 3,
+                head_prior: float | None = None) -> nn.Module:
     """A fresh ``arch`` model at ``scale``; ``forward((B, in_channels, S, S)) -> (B, 1, S, S)``.
 
     Transformers are built for ``image_size`` (position embeddings, Swin windows); the CNN takes
-    any size. Initialisation draws from torch's global RNG: seed it (``torch.manual_seed``) first.
+    any size. Initialisation is the study's and draws from torch's global RNG: seed it
+    (``torch.manual_seed``) first. ``head_prior`` (opt-in, a deviation from the study): start the
+    one-logit layer's bias at logit(head_prior) (``blocks.init_logit_prior``); nothing else changes.
     """
     if arch not in FAMILIES:
         raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(FAMILIES)}")
@@ -61,7 +64,10 @@ def build_model(arch: str, scale: str, *, image_size: int = 256, in_channels: in
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    return FAMILIES[arch](ARCHS[arch][scale], image_size=image_size, in_channels=in_channels)
+    model = FAMILIES[arch](ARCHS[arch][scale], image_size=image_size, in_channels=in_channels)
+    if head_prior is not None:
+        init_logit_prior(model.get_submodule(type(model).HEAD), head_prior)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -41,13 +41,13 @@ PATCH = 16            # patch size: a 256 px image is a 16 x 16 token grid
 DECODER_STAGES = 4    # log2(PATCH) upsampling stages of the token decoder
 DECODER_GROUPS = 8    # GroupNorm groups in the decoder (fewer when the channels need it)
 DECODER_MIN_CHANNELS = 8  # no decoder stage is narrower (the study's max(8, D / 2^i))
-INIT_STD = 0.02       # truncated-normal std of linears, position embeddings and CLS
+INIT_STD = 0.02       # truncated-normal std: position embeddings, CLS, Swin's linears and bias table
 # Module-name patterns (fnmatch) of the layers every NVFP4 recipe quantizes in ViT and Swin
 # (protocol.md), and of the attention matmuls, quantized only with quantize_attention=True.
 TRANSFORMER_QUANTIZED = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1",
                          "blocks.*.mlp.fc2")
 TRANSFORMER_ATTENTION_MATMULS = ("blocks.*.attn.qk", "blocks.*.attn.av")
-TUMOUR_PRIOR = 0.01   # the output logit starts at this probability (see init_logit_prior)
+TUMOUR_PRIOR = 0.01   # the opt-in head prior's usual value (see init_logit_prior)
 
 
 class DropPath(nn.Module):
@@ -178,8 +178,7 @@ class TokenDecoder(nn.Module):
                        nn.GroupNorm(decoder_groups(out), out), nn.GELU()]
             ch = out
         self.up = nn.Sequential(*layers)
-        self.head = nn.Conv2d(ch, 1, kernel_size=1)
-        init_logit_prior(self.head)
+        self.head = nn.Conv2d(ch, 1, kernel_size=1)  # PyTorch's default init, as the study's
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         # tokens: (B, T, D) with T = gh * gw
@@ -195,18 +194,23 @@ def drop_path_rates(depth: int, max_rate: float) -> list[float]:
 
 
 def init_logit_prior(head: nn.Module, prior: float = TUMOUR_PRIOR) -> None:
-    """Start the one-logit head at the tumour prior: bias = log(prior / (1 - prior)).
+    """Start the one-logit head at a prior probability: bias = log(prior / (1 - prior)).
 
-    Tumour pixels are ~1 % of a slice. With a zero bias the model starts at probability ~0.5
-    everywhere, and at the study's learning rates the transformers spend thousands of steps only
-    lowering that level (RetinaNet's prior initialisation; it adds no parameter and leaves the
-    weights' initialisation as it is). Every architecture and recipe starts this way.
+    Opt-in, off by default (``build_model(head_prior=...)``, ``--head-prior``; the study starts
+    the CNN's head bias at 0 and the transformers' classifier at PyTorch's default). Tumour pixels
+    are ~1 % of a slice; with the study's init the model starts near probability 0.5 everywhere,
+    and at the study's learning rates the transformers spend many steps only lowering that level
+    (RetinaNet's prior initialisation; it adds no parameter, draws nothing from the RNG and leaves
+    every other weight as it is).
     """
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"head prior must be a probability in (0, 1), got {prior!r}")
     nn.init.constant_(head.bias, math.log(prior / (1.0 - prior)))
 
 
 def init_transformer_weights(module: nn.Module) -> None:
-    """timm-style init: linears truncated-normal(0.02) with zero bias; LayerNorm 1/0."""
+    """The study's Swin init: linears truncated-normal(0.02) (bounds +-2, i.e. +-100 std) with zero
+    bias; LayerNorm 1/0. (Its ViT leaves the linears at PyTorch's default.)"""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=INIT_STD)
         if module.bias is not None:

@@ -162,6 +162,7 @@ class Swin(nn.Module):
 
     QUANTIZED = TRANSFORMER_QUANTIZED
     ATTENTION_MATMULS = TRANSFORMER_ATTENTION_MATMULS
+    HEAD = "decoder.head"  # the one-logit layer (build_model's opt-in head_prior)
 
     def __init__(self, config: SwinConfig, *, image_size: int = 256, in_channels: int = 3):
         super().__init__()
@@ -179,6 +180,9 @@ class Swin(nn.Module):
             for i, rate in enumerate(drop_path_rates(config.depth, config.drop_path)))
         self.norm = nn.LayerNorm(d)
         self.decoder = TokenDecoder(d)
+        # the study's init: linears truncated-normal(0.02) with zero bias, LayerNorm 1/0, the
+        # position embedding and bias tables truncated-normal(0.02), convolutions at PyTorch's
+        # default
         self.apply(init_transformer_weights)
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
 

@@ -19,8 +19,7 @@ from torch import nn
 
 from nvfp4bench.models.blocks import (INIT_STD, TRANSFORMER_ATTENTION_MATMULS, TRANSFORMER_QUANTIZED,
                                       Attention, Block, PatchEmbed, TokenDecoder,
-                                      check_input, drop_path_rates, init_transformer_weights,
-                                      token_grid)
+                                      check_input, drop_path_rates, token_grid)
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,7 @@ class ViT(nn.Module):
 
     QUANTIZED = TRANSFORMER_QUANTIZED
     ATTENTION_MATMULS = TRANSFORMER_ATTENTION_MATMULS
+    HEAD = "decoder.head"  # the one-logit layer (build_model's opt-in head_prior)
 
     def __init__(self, config: ViTConfig, *, image_size: int = 256, in_channels: int = 3):
         super().__init__()
@@ -61,7 +61,8 @@ class ViT(nn.Module):
             for rate in drop_path_rates(config.depth, config.drop_path))
         self.norm = nn.LayerNorm(d)
         self.decoder = TokenDecoder(d)
-        self.apply(init_transformer_weights)
+        # the study's init: every layer at PyTorch's default, position embedding and CLS
+        # truncated-normal(0.02)
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
         nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
 
