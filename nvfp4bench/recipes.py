@@ -50,7 +50,7 @@ class Recipe:
     disable_2d_quantization: bool = True
     disable_rht: bool = True
     disable_stochastic_rounding: bool = True
-    # High-precision compute dtype of a baseline; None: the run's own (fp32 on CPU, bf16 on CUDA).
+    # High-precision compute dtype of a baseline; None: the run's own (``--precision``).
     compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -95,9 +95,12 @@ def _baseline(name: str, dtype: str | None, description: str, study_id: int | No
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    _baseline("bf16", None, "baseline, no NVFP4 (high precision: bf16 on CUDA, fp32 on CPU)", 0),
-    _baseline("fp16", "fp16", "baseline, no NVFP4, fp16 autocast", None),
-    _baseline("fp32", "fp32", "baseline, no NVFP4, fp32", None),
+    # The study's baseline [0] runs in the run's own high precision (--precision), so its name
+    # claims none; fp16 and fp32 are extras that pin one.
+    _baseline("baseline", None, "no NVFP4, in the run's high precision (--precision: fp32 on "
+              "the CPU, the run's autocast on CUDA)", 0),
+    _baseline("fp16", "fp16", "baseline, no NVFP4, fp16 autocast (an extra)", None),
+    _baseline("fp32", "fp32", "baseline, no NVFP4, fp32 (an extra)", None),
     Recipe("nvfp4_full", 1, "NVFP4 fwd + bwd, quantized gradients, 1-D weights, RN, no RHT"),
     Recipe("fwd_only", 2, "NVFP4 fwd; bwd on the original high-precision operands (STE)",
            backward_override="high_precision"),

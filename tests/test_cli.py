@@ -126,7 +126,7 @@ def test_precision_comes_from_the_option_the_recipe_or_the_device():
     from nvfp4bench.train import resolve_device, resolve_precision
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", get_recipe("nvfp4_full"), cpu) == "fp32"
-    assert resolve_precision("auto", get_recipe("bf16"), cuda) == "bf16"
+    assert resolve_precision("auto", get_recipe("baseline"), cuda) == "bf16"
     assert resolve_precision("fp16", get_recipe("2d_rht"), cuda) == "fp16"
     assert resolve_precision("auto", get_recipe("fp16"), cpu) == "fp16"
     assert resolve_precision("fp32", get_recipe("fp32"), cuda) == "fp32"

@@ -182,9 +182,9 @@ def test_measure_is_finite_json_ready_and_leaves_the_model_as_it_was(arch, recip
 
 
 def test_measure_of_a_baseline_has_no_gradients_but_the_sqnr_nvfp4_would_have():
-    model = quantize_model(_tiny("vit"), "bf16")
+    model = quantize_model(_tiny("vit"), "baseline")
     x, y = _batch()
-    out = measure(model, x, y, bce, "bf16")
+    out = measure(model, x, y, bce, "baseline")
     assert out["gradients"] == {} and out["summary"]["gradient_cosine"] is None
     assert len(out["sqnr"]) == 4 * len(model.blocks)
     assert all(v["input_db"] > 10 for v in out["sqnr"].values())

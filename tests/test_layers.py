@@ -560,7 +560,7 @@ def test_axis_window_is_the_set_of_outputs_that_read_real_input():
 
 def test_baseline_recipes_return_the_module_itself():
     layer = nn.Linear(32, 16)
-    for name in ("bf16", "fp16", "fp32"):
+    for name in ("baseline", "fp16", "fp32"):
         assert quantized(layer, name) is layer
 
 

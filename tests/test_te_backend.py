@@ -183,7 +183,7 @@ class _TwoLinears(nn.Module):
 
 def test_quantize_model_baseline_and_refusals_leave_model_untouched():
     model = _TwoLinears()
-    out = te_backend.quantize_model(model, get_recipe("bf16"), layer_names=["fc1", "fc2"])
+    out = te_backend.quantize_model(model, get_recipe("baseline"), layer_names=["fc1", "fc2"])
     assert out is model and model.backend_layers == {"te": [], "emulator": []}
     assert type(model.fc1) is nn.Linear
     with pytest.raises(ValueError, match="layer_names"):
@@ -212,7 +212,7 @@ def test_models_registry_hands_te_its_layer_names():
     with pytest.raises(TEUnavailable, match="not installed"):
         models.quantize_model(model, "nvfp4_full", backend="te")
     assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
-    base = models.quantize_model(models.build_model("vit", "tiny", image_size=32), "bf16",
+    base = models.quantize_model(models.build_model("vit", "tiny", image_size=32), "baseline",
                                  backend="te")
     assert base.quantized_layers == []
 
