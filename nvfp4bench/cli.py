@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size in pixels (default: the data store's own size)")
     g.add_argument("--head-prior", type=_probability, default=None, metavar="P",
                    help="start the one-logit head's bias at logit(P), e.g. 0.01 (a tumour "
-                        "prior; not the study's init, which is off by default)")
+                        "prior; a deviation from the study; default: off, the study's init)")
 
     g = parser.add_argument_group("quantization")
     g.add_argument("--recipe", choices=list(RECIPES), required=True, metavar="RECIPE",
