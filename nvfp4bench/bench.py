@@ -6,11 +6,11 @@
     ``dst.copy_(x)`` of the same tensor into an existing one, and prints each median with its
     ratio to the copy.
 
-``python -m nvfp4bench.bench train --arch cnn --scale small --recipes bf16,nvfp4_full,2d_rht_sr
+``python -m nvfp4bench.bench train --arch cnn --scale small --recipes baseline,nvfp4_full,2d_rht_sr
 --image-size 128 --batch-size 8 --steps 5 [--device cuda] [--json]``
     times training steps (forward, BCE loss on random data, backward, AdamW step) for each recipe,
     after warm-up steps, the recipes taking turns step by step, and prints the median step, its
-    ratio to the unquantized baseline of the same compute dtype (recipe ``bf16``: fp32 on the CPU,
+    ratio to the unquantized baseline of the same compute dtype (recipe ``baseline``: fp32 on the CPU,
     bf16 autocast on CUDA), the peak memory of one step, and the seconds of training steps in one
     epoch of ``--epoch-slices`` slices (default 3,929, the slice count of the study's LGG set):
     median step x ceil(slices / batch), evaluation not included.
@@ -41,7 +41,7 @@ import torch
 from nvfp4bench.quant import kernels, nvfp4
 
 EPOCH_SLICES = 3929  # slices per epoch for the epoch-time column (the LGG set's slice count)
-BASELINE_RECIPE = "bf16"  # no NVFP4, the device's high precision (fp32 on CPU, bf16 on CUDA)
+BASELINE_RECIPE = "baseline"  # no NVFP4, the device's high precision (fp32 on CPU, bf16 on CUDA)
 QUANT_CASES = ("copy", "rn_1x16", "rn_16x16", "sr_1x16", "rht_sr_1x16")
 
 

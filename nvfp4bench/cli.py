@@ -52,6 +52,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in (0, 1), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     archs, scales = _registry()
     recipes = "\n".join(f"  {name:<11} {r.description}" for name, r in RECIPES.items())
@@ -71,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", choices=scales, required=True, help="model scale")
     g.add_argument("--image-size", type=_positive_int, default=None,
                    help="input size in pixels (default: the data store's own size)")
+    g.add_argument("--head-prior", type=_probability, default=None, metavar="P",
+                   help="start the one-logit head's bias at logit(P), e.g. 0.01 (a tumour "
+                        "prior; a deviation from the study; default: off, the study's init)")
 
     g = parser.add_argument_group("quantization")
     g.add_argument("--recipe", choices=list(RECIPES), required=True, metavar="RECIPE",

@@ -63,6 +63,7 @@ class RunConfig:
     arch: str
     scale: str
     image_size: int | None = None  # None: the data store's own size
+    head_prior: float | None = None  # opt-in, not the study's: head bias starts at logit(p)
     # quantization
     recipe: str = "nvfp4_full"
     backend: str = "emulator"

@@ -893,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--epochs 30 --image-size 128 --data DIR --out DIR --batch-size 16 --device cuda; "
                "see `python -m nvfp4bench --help`.\n\nExamples:\n"
                "  bash run_all.sh --dry-run\n"
-               "  bash run_all.sh --archs cnn,swin --scales tiny --recipes bf16,2d_rht_sr "
+               "  bash run_all.sh --archs cnn,swin --scales tiny --recipes baseline,2d_rht_sr "
                "--folds 0,1 --epochs 5\n"
                "  bash run_all.sh --gpus 0,1,2,3 --data data/brats\n"
                "  bash run_all.sh --slurm --partition gpu --time 04:00:00 --gpus-per-task 1 "

@@ -4,7 +4,7 @@ Reads every ``OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json`` under
 writes, per dataset, to ``--out`` (default ``RESULTS_DIR/report``):
 
 * ``report.md``: mean, sd, 95 % CI and n of the test metrics per arch x scale x recipe; each
-  recipe against the baseline (``--baseline``, default bf16) on ``--metric`` (default auprc),
+  recipe against the baseline (``--baseline``, default baseline) on ``--metric`` (default auprc),
   paired per (fold, seed): % of baseline with its CI, mean difference, paired Cohen's d, Wilcoxon
   signed-rank p and its Holm correction over the recipes of one arch x scale; Kendall's W of the
   recipe ranking over folds; the missing cells (expected from the grid of the archs, scales,
@@ -573,7 +573,7 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def build_report(results_dir, out_dir=None, *, baseline: str = "bf16", metric: str = "auprc",
+def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metric: str = "auprc",
                  recipe: str | None = None, figures: bool = True) -> dict:
     """Read the cells, write report.md and the CSVs (and figures); return what was computed."""
     root = Path(results_dir)
@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and figures.")
     p.add_argument("results_dir", help="the --out directory of the runs (e.g. results/)")
     p.add_argument("--out", default=None, help="where to write (default RESULTS_DIR/report)")
-    p.add_argument("--baseline", default="bf16", help="recipe the others are compared with")
+    p.add_argument("--baseline", default="baseline", help="recipe the others are compared with")
     p.add_argument("--metric", default="auprc", help="test metric of the comparison, ranking "
                                                      "and figures (default auprc)")
     p.add_argument("--recipe", default=None, help="recipe of the cross-validation bar chart "

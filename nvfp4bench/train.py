@@ -236,7 +236,7 @@ def build_quantized_model(cell: Cell, sr_generator: torch.Generator) -> nn.Modul
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed(c.arch, c.scale, c.seed))
         model = build_model(c.arch, c.scale, image_size=c.image_size,
-                            in_channels=int(cell.store.channels))
+                            in_channels=int(cell.store.channels), head_prior=c.head_prior)
     model = model.to(cell.device)
     model = quantize_model(model, cell.recipe, c.backend, generator=sr_generator,
                            quantize_attention=c.quantize_attention, kernels=c.quant_kernels)

@@ -69,6 +69,17 @@ def test_parse_config_defaults_are_the_studys():
     assert (cnn.optimizer, cnn.lr, cnn.weight_decay) == ("adamax", 5e-4, 0.0)
     assert parse_config([*CELL, "--data", "x"]).resolved().epochs == 100
     assert set(OPTIMIZERS) == set(ARCHS)
+    assert c.head_prior is None  # the study's init; the tumour prior is opt-in
+
+
+def test_head_prior_is_an_opt_in_recorded_option(capsys):
+    c = parse_config([*CELL, "--head-prior", "0.01"])
+    assert c.head_prior == 0.01 and c.to_dict()["head_prior"] == 0.01
+    assert results.config_hash(c) != results.config_hash(parse_config(CELL))
+    for bad in ("0", "1", "-0.5", "nan"):
+        with pytest.raises(SystemExit):
+            parse_config([*CELL, "--head-prior", bad])
+    assert "--head-prior: must be a probability" in capsys.readouterr().err
 
 
 def test_config_hash_follows_the_options_that_change_the_result():
@@ -115,7 +126,7 @@ def test_precision_comes_from_the_option_the_recipe_or_the_device():
     from nvfp4bench.train import resolve_device, resolve_precision
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", get_recipe("nvfp4_full"), cpu) == "fp32"
-    assert resolve_precision("auto", get_recipe("bf16"), cuda) == "bf16"
+    assert resolve_precision("auto", get_recipe("baseline"), cuda) == "bf16"
     assert resolve_precision("fp16", get_recipe("2d_rht"), cuda) == "fp16"
     assert resolve_precision("auto", get_recipe("fp16"), cpu) == "fp16"
     assert resolve_precision("fp32", get_recipe("fp32"), cuda) == "fp32"

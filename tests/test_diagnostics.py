@@ -77,11 +77,13 @@ def test_scaled_up_logits_collapse_and_uniform_attention_does_not(arch, size):
             nn.init.normal_(block.attn.qkv.weight, std=1.0)
     _scale_queries(sharp, 100.0)
     flat = _tiny(arch, size)
-    _scale_queries(flat, 0.0)      # q = 0: every logit equal (Swin: and no relative bias;
-    #                                at 64 px its window covers the 4 x 4 grid, so no shift mask)
+    _scale_queries(flat, 0.0)      # q = 0: every logit equal (Swin: and no relative bias,
+    #                                and no shift mask: at 64 px the window covers the grid)
     if arch == "swin":
         for block in flat.blocks:
             nn.init.zeros_(block.attn.relative_position_bias_table)
+            if block.attn.attn_mask is not None:
+                block.attn.attn_mask.zero_()
     collapsed = attention_diagnostics(sharp, x)
     uniform = attention_diagnostics(flat, x)
     assert len(collapsed) == len(sharp.blocks)
@@ -181,9 +183,9 @@ def test_measure_is_finite_json_ready_and_leaves_the_model_as_it_was(arch, recip
 
 
 def test_measure_of_a_baseline_has_no_gradients_but_the_sqnr_nvfp4_would_have():
-    model = quantize_model(_tiny("vit"), "bf16")
+    model = quantize_model(_tiny("vit"), "baseline")
     x, y = _batch()
-    out = measure(model, x, y, bce, "bf16")
+    out = measure(model, x, y, bce, "baseline")
     assert out["gradients"] == {} and out["summary"]["gradient_cosine"] is None
     assert len(out["sqnr"]) == 4 * len(model.blocks)
     assert all(v["input_db"] > 10 for v in out["sqnr"].values())

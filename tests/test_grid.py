@@ -38,7 +38,7 @@ def fake_resolver(out: Path):
 
 
 def fake_targets(tmp_path: Path, n_recipes=2, n_folds=2, forward=()):
-    cells = build_cells(["cnn"], ["tiny"], ["bf16", "nvfp4_full", "fwd_only", "2d_rht"][:n_recipes],
+    cells = build_cells(["cnn"], ["tiny"], ["baseline", "nvfp4_full", "fwd_only", "2d_rht"][:n_recipes],
                         list(range(n_folds)), [2026])
     resolve = fake_resolver(tmp_path / "out")
     return [resolve(c, list(forward)) for c in cells]
@@ -83,7 +83,7 @@ def test_dry_run_lists_the_360_cells_of_the_study(tmp_path, capsys):
 
 
 def test_dry_run_narrowed_and_seeds(tmp_path, capsys):
-    args = ["--dry-run", "--archs", "cnn,swin", "--scales", "tiny", "--recipes", "bf16,2d_rht_sr",
+    args = ["--dry-run", "--archs", "cnn,swin", "--scales", "tiny", "--recipes", "baseline,2d_rht_sr",
             "--folds", "0,1", "--seeds", "2026,2027", "--out", str(tmp_path), "--epochs", "1"]
     assert grid.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -92,7 +92,7 @@ def test_dry_run_narrowed_and_seeds(tmp_path, capsys):
 
 
 def test_build_cells_is_the_full_product_without_repeats():
-    cells = build_cells(["cnn", "vit"], ["tiny", "base"], ["bf16", "sr_only", "fwd_rht"], [0, 3],
+    cells = build_cells(["cnn", "vit"], ["tiny", "base"], ["baseline", "sr_only", "fwd_rht"], [0, 3],
                         [1, 2])
     assert len(cells) == len(set(cells)) == 2 * 2 * 3 * 2 * 2
     assert cells[0].scale == "tiny" and cells[-1].scale == "base"  # cheapest first (per seed)
@@ -101,7 +101,7 @@ def test_build_cells_is_the_full_product_without_repeats():
 @pytest.mark.parametrize("args, message", [
     (["--archs", "cnn,resnet"], "unknown arch resnet"),
     (["--folds", "0,7"], "unknown fold 7"),
-    (["--recipes", "bf16,bf16"], "repeated"),
+    (["--recipes", "baseline,baseline"], "repeated"),
     (["--arch", "cnn"], "--arch selects cells; use --archs"),
     (["--", "--fold", "1"], "--fold selects cells; use --folds"),
     (["--resume"], "the grid resumes interrupted cells itself"),
@@ -120,8 +120,8 @@ def test_bad_options_exit_2_with_a_message(args, message, tmp_path, capsys):
 def test_forwarded_options_reach_the_cell_and_its_hash(tmp_path):
     ns, forward = grid.split_argv(["--archs", "cnn", "--epochs", "3", "--", "--lr", "0.01"])
     assert forward == ["--epochs", "3", "--lr", "0.01"]
-    a = grid.resolve(Cell("cnn", "tiny", "bf16", 0, 2026), forward + ["--out", str(tmp_path)])
-    b = grid.resolve(Cell("cnn", "tiny", "bf16", 0, 2026), ["--out", str(tmp_path)])
+    a = grid.resolve(Cell("cnn", "tiny", "baseline", 0, 2026), forward + ["--out", str(tmp_path)])
+    b = grid.resolve(Cell("cnn", "tiny", "baseline", 0, 2026), ["--out", str(tmp_path)])
     assert a.argv[-6:] == ("--epochs", "3", "--lr", "0.01", "--out", str(tmp_path))
     assert a.result == b.result and a.config_hash != b.config_hash
     assert a.result.name == "fold0_seed2026.json" and a.lock.name == "fold0_seed2026.lock"
@@ -533,7 +533,7 @@ def tiny_store(tmp_path_factory):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PDEATHSIG")
 def test_real_tiny_grid_killed_and_restarted(tmp_path, tiny_store):
     out = tmp_path / "results"
-    args = grid_cmd("--archs", "cnn", "--scales", "tiny", "--recipes", "bf16,nvfp4_full",
+    args = grid_cmd("--archs", "cnn", "--scales", "tiny", "--recipes", "baseline,nvfp4_full",
                     "--folds", "0,1", "--epochs", "1", "--image-size", "32", "--batch-size", "32",
                     "--jobs", "2",
                     "--data", str(tiny_store), "--out", str(out), "--no-progress",

@@ -75,11 +75,6 @@ def pad_tokens(t):
     return F.pad(t.float(), (0, -t.shape[1] % 16))
 
 
-def rot32(t):
-    r, k = t.shape
-    return (t.view(r, k // 16, 16) @ nvfp4.rht_matrix()).view(r, k)
-
-
 class Reference:
     """B, D, A of each recipe (layers.py's docstring, written again from the spec's table)."""
 
@@ -103,14 +98,13 @@ class Reference:
         return Q(w2d.t())
 
     def grad_cols(self, dyt, amax=None):  # wgrad's dY^T, (N, Mp)
-        mode = self.r.backward_override
-        if mode is None:
+        if self.r.backward_override is None:
             return self._grad_q(dyt, rht=self.r.rht, amax=None if self.r.rht else amax)
-        return rot32(dyt) if (mode == "dequantized" and self.r.rht) else dyt
+        return dyt  # unquantized: an RHT would cancel (fwd_rht)
 
     def act_cols(self, xt, xqt, amax=None):  # wgrad's X^T, (K, Mp)
         mode = self.r.backward_override
-        if mode is None or (mode == "dequantized" and self.r.rht):
+        if mode is None:
             return Q(xt, rht=self.r.rht, amax=None if self.r.rht else amax)
         return xqt if mode == "dequantized" else xt
 
@@ -376,20 +370,23 @@ def assert_close(a, e, what):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_fwd_only_backward_is_the_high_precision_gradient(case):
-    """fwd_only = autograd of the straight-through view y = f(X, W) + (f(QX, QW) - f(X, W))."""
+@pytest.mark.parametrize("recipe", ["fwd_only", "fwd_rht"])
+def test_fwd_only_backward_is_the_high_precision_gradient(recipe, case):
+    """fwd_only and fwd_rht (the study's forward-only recipes 2 and 7) = autograd of the
+    straight-through view y = f(X, W) + (f(QX, QW) - f(X, W)): dX = dY W, dW = dY^T X to fp32
+    rounding; QW in 1x16 blocks (fwd_only) or 16x16 tiles (fwd_rht)."""
     layer, x = make_case(case)
     dy = output_grad(layer, x)
-    y, dx, dw, db = run_layer(quantized(layer, "fwd_only"), x, dy)
+    y, dx, dw, db = run_layer(quantized(layer, recipe), x, dy)
     layer.zero_grad()
-    xq, wq = fake_quantized_operands(layer, x, "fwd_only")
+    xq, wq = fake_quantized_operands(layer, x, recipe)
     xr = x.clone().requires_grad_()
     hp = functional(layer, xr, layer.weight)
     yr = hp + (functional(layer, xq, wq) - hp).detach()
     yr.backward(dy)
     for what, a, e in (("output", y, yr.detach()), ("input grad", dx, xr.grad),
                        ("weight grad", dw, layer.weight.grad), ("bias grad", db, layer.bias.grad)):
-        assert_close(a, e, f"fwd_only {case[0]} {what}")
+        assert_close(a, e, f"{recipe} {case[0]} {what}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -405,6 +402,36 @@ def test_chain_rule_backward_is_autograd_through_the_dequantized_operands(case):
     for what, a, e in (("output", y, yr.detach()), ("input grad", dx, xq.grad),
                        ("weight grad", dw, wq.grad), ("bias grad", db, layer.bias.grad)):
         assert_close(a, e, f"chain_rule {case[0]} {what}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fwd_rht_is_fwd_only_with_16x16_weight_tiles_in_the_forward(case):
+    """Recipe 7: its forward is 2d_rht's (16x16 weight tiles, RN; differs from fwd_only's 1x16),
+    its backward fwd_only's bit for bit (the RHT of unquantized operands cancels: none is run)."""
+    layer, x = make_case(case)
+    dy = output_grad(layer, x)
+    rht7, fwd2, rht4 = (run_layer(quantized(layer, r), x, dy)
+                        for r in ("fwd_rht", "fwd_only", "2d_rht"))
+    assert_bits(rht7[0], rht4[0], f"{case[0]} output = 2d_rht's")
+    assert not torch.equal(rht7[0], fwd2[0]), f"{case[0]}: the weight tiles must matter"
+    for i, what in ((1, "input grad"), (2, "weight grad"), (3, "bias grad")):
+        assert_bits(rht7[i], fwd2[i], f"{case[0]} {what} = fwd_only's")
+
+
+def test_forward_only_linear_gradients_are_dy_w_and_dyt_x():
+    """The done-when of issue 15, spelled out on one Linear: dX = dY W and dW = dY^T X (fp32);
+    chain_rule instead dX = dY Q(W), dW = dY^T Q(X)."""
+    torch.manual_seed(3)
+    layer, x, dy = nn.Linear(64, 32), torch.randn(48, 64), torch.randn(48, 32)
+    w = layer.weight.detach()
+    for recipe in ("fwd_only", "fwd_rht"):
+        _, dx, dw, _ = run_layer(quantized(layer, recipe), x, dy)
+        assert_close(dx, dy @ w, f"{recipe} dX")
+        assert_close(dw, dy.t() @ x, f"{recipe} dW")
+    _, dx, dw, _ = run_layer(quantized(layer, "chain_rule"), x, dy)
+    assert_close(dx, dy @ Q(w), "chain_rule dX")
+    assert_close(dw, dy.t() @ Q(x), "chain_rule dW")
+    assert not torch.allclose(dx, dy @ w, rtol=1e-3)  # the two definitions do differ here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +560,7 @@ def test_axis_window_is_the_set_of_outputs_that_read_real_input():
 
 def test_baseline_recipes_return_the_module_itself():
     layer = nn.Linear(32, 16)
-    for name in ("bf16", "fp16", "fp32"):
+    for name in ("baseline", "fp16", "fp32"):
         assert quantized(layer, name) is layer
 
 

@@ -1,5 +1,7 @@
 """Models: shapes at every size, parameter counts, the quantized-layer lists, a smoke test over
-every arch x recipe, shared parameters, Swin window machinery."""
+every arch x recipe, shared parameters, Swin window machinery, the study's initialisation."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -93,9 +95,10 @@ def _cnn_count(stages, c, cin=3, k=16):
 def _trunk_count(d, depth, hidden, tokens, cin=3, patch=16):
     block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
     decoder, ch = 0, d
-    for _ in range(4):  # ConvT(k2) with bias + GroupNorm(2 per channel)
-        decoder += ch * (ch // 2) * 4 + ch // 2 + 2 * (ch // 2)
-        ch //= 2
+    for i in range(1, 5):  # ConvT(k2) with bias + GroupNorm(2 per channel), never below 8
+        out = max(8, d // 2 ** i)
+        decoder += ch * out * 4 + out + 2 * out
+        ch = out
     decoder += ch + 1  # 1x1 conv
     embed = cin * d * patch * patch + d + 2 * d  # patch conv + LayerNorm
     return embed + tokens * d + depth * block + 2 * d + decoder
@@ -120,7 +123,44 @@ def test_parameter_counts_at_256px_match_the_spec_and_the_study(arch, scale):
         model = build_model(arch, scale)
     n = count_parameters(model)
     assert n == _expected_count(arch, scale)
-    assert abs(n / STUDY_PARAMETERS[arch][scale] - 1) < 0.01
+    assert n == STUDY_PARAMETERS[arch][scale]
+
+
+def test_parameter_counts_are_the_studys_exact_numbers():
+    assert STUDY_PARAMETERS == {
+        "cnn": {"tiny": 530_753, "small": 3_684_481, "base": 13_674_529},
+        "vit": {"tiny": 494_473, "small": 3_634_921, "base": 13_880_777},
+        "swin": {"tiny": 496_305, "small": 3_646_687, "base": 13_987_513}}
+
+
+@pytest.mark.parametrize("arch, scale, channels, groups", [
+    ("vit", "tiny", [32, 16, 8, 8], [8, 8, 8, 8]),        # D = 64: the last stage max(8, 4)
+    ("swin", "tiny", [32, 16, 8, 8], [8, 8, 8, 8]),
+    ("vit", "small", [96, 48, 24, 12], [8, 8, 8, 6]),     # 12: largest divisor <= 8 is 6
+    ("swin", "small", [96, 48, 24, 12], [8, 8, 8, 6]),
+    ("vit", "base", [224, 112, 56, 28], [8, 8, 8, 7]),    # 28 -> 7 (gcd(28, 8) would be 4)
+    ("swin", "base", [224, 112, 56, 28], [8, 8, 8, 7]),
+])
+def test_decoder_channels_and_groupnorm_groups_are_the_studys(arch, scale, channels, groups):
+    with torch.device("meta"):
+        model = build_model(arch, scale)
+    convs = [m for m in model.decoder.up if isinstance(m, nn.ConvTranspose2d)]
+    norms = [m for m in model.decoder.up if isinstance(m, nn.GroupNorm)]
+    assert [c.out_channels for c in convs] == channels
+    assert [c.in_channels for c in convs] == [ARCHS[arch][scale].dim] + channels[:-1]
+    assert [(c.kernel_size, c.stride) for c in convs] == [((2, 2), (2, 2))] * 4
+    assert [n.num_groups for n in norms] == groups
+    assert [n.num_channels for n in norms] == channels
+    assert model.decoder.head.in_channels == channels[-1]
+    assert (model.decoder.head.out_channels, model.decoder.head.kernel_size) == (1, (1, 1))
+
+
+def test_decoder_groups_is_the_largest_divisor_at_most_8():
+    from nvfp4bench.models.blocks import decoder_groups
+    for c in range(1, 200):
+        g = decoder_groups(c)
+        assert c % g == 0 and g <= 8
+        assert not any(c % h == 0 for h in range(g + 1, min(8, c) + 1)), c
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,9 +318,9 @@ def test_quantized_attention_trains(arch, size):
 @pytest.mark.parametrize("scale, size, window, shifts", [
     ("tiny", 256, 4, (0, 2)),     # 16 x 16 grid, 4 x 4 windows, odd blocks shifted by 2
     ("small", 256, 8, (0, 4)),
-    ("base", 256, 16, (0, 0)),    # one window covers the grid: global, no shift
-    ("small", 64, 4, (0, 0)),     # window 8 clipped to the 4 x 4 grid
-    ("tiny", 32, 2, (0, 0)),      # 2 x 2 grid
+    ("base", 256, 16, (0, 8)),    # one window covers the grid: odd blocks still shift (study)
+    ("small", 64, 4, (0, 2)),     # window 8 clipped to the 4 x 4 grid
+    ("tiny", 32, 2, (0, 1)),      # 2 x 2 grid
 ])
 def test_swin_windows_are_clipped_to_the_grid_and_shift_on_odd_blocks(scale, size, window,
                                                                       shifts):
@@ -320,12 +360,83 @@ def test_window_partition_and_merge_are_inverse():
 
 def test_window_attention_covering_the_grid_equals_global_attention_with_its_bias():
     torch.manual_seed(0)
-    win = WindowAttention(32, 2, grid=4, window=4, shifted=True).eval()
+    win = WindowAttention(32, 2, grid=4, window=4, shifted=False).eval()
     assert win.shift == 0
     ref = Attention(32, 2).eval()
     ref.load_state_dict(win.state_dict(), strict=False)
     x = torch.randn(3, 16, 32)
     assert torch.allclose(win(x), ref(x, win.relative_bias()), atol=1e-6)
+
+
+def _study_allowed_pairs(grid, window, shift):
+    """(T, T) bool, in image token order: may query q attend to key k? From the study's definition,
+    written independently of swin.py: unshifted, q and k share a w x w window; shifted, the
+    grid is cut at s, s + w, s + 2w, ... on each axis (the first s rows / columns, which the roll
+    wraps to the far end, forming their own band), and q and k must share a band on both axes."""
+    r = torch.arange(grid)
+    band = (r // window) if shift == 0 else torch.where(r < shift, -1, (r - shift) // window)
+    rows, cols = band.repeat_interleave(grid), band.repeat(grid)   # token t = (t // g, t % g)
+    return (rows[:, None] == rows[None, :]) & (cols[:, None] == cols[None, :])
+
+
+def _model_allowed_pairs(attn):
+    """(T, T) bool from a WindowAttention's windows, roll and mask, in image token order."""
+    g, w, s = attn.grid, attn.window, attn.shift
+    n = g // w
+    allowed = torch.zeros(g * g, g * g, dtype=torch.bool)
+    mask = attn.attn_mask if attn.attn_mask is not None else torch.zeros(n * n, w * w, w * w)
+    for win in range(n * n):
+        i, j = torch.arange(w * w) // w, torch.arange(w * w) % w    # position in the window
+        r = ((win // n) * w + i + s) % g                            # rolled by -s: undo it
+        c = ((win % n) * w + j + s) % g
+        t = r * g + c
+        allowed[t[:, None], t[None, :]] = mask[win] == 0
+    assert set(mask.unique().tolist()) <= {0.0, MASK_VALUE}
+    return allowed
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("size", [256, 128, 64, 32])
+def test_swin_masks_exactly_the_studys_token_pairs_in_every_block(scale, size):
+    """Every block of every scale: even blocks attend within their windows, odd blocks within
+    the shifted bands, also where one window covers the grid (base at 256 px: 4 quadrants)."""
+    with torch.device("meta"):
+        model = build_model("swin", scale, image_size=size)
+    for i, block in enumerate(model.blocks):
+        a = block.attn
+        expected = _study_allowed_pairs(a.grid, a.window, a.window // 2 if i % 2 else 0)
+        assert torch.equal(_model_allowed_pairs(a), expected), (scale, size, i)
+
+
+def test_swin_base_at_256px_odd_blocks_attend_within_rolled_8x8_quadrants():
+    with torch.device("meta"):
+        model = build_model("swin", "base")
+    even, odd = model.blocks[0].attn, model.blocks[1].attn
+    assert (even.window, even.shift, even.attn_mask) == (16, 0, None)  # global
+    assert (odd.window, odd.shift) == (16, 8)
+    allowed = _model_allowed_pairs(odd)
+    assert allowed.float().mean().item() == 0.25                      # 75 % masked
+    quadrant = lambda t: (t // 16 < 8, t % 16 < 8)                      # noqa: E731
+    t = torch.arange(256)
+    for q in (0, 7, 8 * 16 + 8, 255):
+        same = [(quadrant(k) == quadrant(q)) for k in t.tolist()]
+        assert allowed[q].tolist() == same
+
+
+def test_shifted_window_over_the_whole_grid_mixes_only_within_a_quadrant():
+    """Functional: perturbing key token k changes query q's output iff the study allows (q, k)."""
+    torch.manual_seed(0)
+    attn = WindowAttention(32, 2, grid=4, window=4, shifted=True).eval()
+    assert attn.shift == 2
+    x = torch.randn(1, 16, 32)
+    expected = _study_allowed_pairs(4, 4, 2)
+    with torch.no_grad():
+        base = attn(x)
+        for k in range(16):
+            xp = x.clone()
+            xp[0, k] += 1.0
+            changed = (attn(xp) - base)[0].abs().amax(-1) > 1e-6          # (T,) per query
+            assert changed.tolist() == expected[:, k].tolist(), k
 
 
 def test_shifted_window_attention_gives_no_weight_across_regions():
@@ -394,14 +505,121 @@ def test_same_seeds_give_the_same_bits_under_a_stochastic_rounding_recipe():
 
 
 @pytest.mark.parametrize("arch", ["cnn", "vit", "swin"])
-def test_output_starts_at_the_tumour_prior(arch):
-    """The head's bias is logit(TUMOUR_PRIOR), so a fresh model predicts ~1 % tumour, not 50 %."""
+def test_opt_in_head_prior_starts_the_output_at_the_tumour_prior_and_changes_nothing_else(arch):
+    """head_prior=p sets the head's bias to logit(p), shifting every output logit by logit(p) -
+    bias; every other parameter is the default init's, bit for bit, for the same seed."""
     from nvfp4bench.models.blocks import TUMOUR_PRIOR
     torch.manual_seed(0)
-    model = build_model(arch, "tiny", image_size=32).eval()
+    plain = build_model(arch, "tiny", image_size=32).eval()
+    torch.manual_seed(0)
+    model = build_model(arch, "tiny", image_size=32, head_prior=TUMOUR_PRIOR).eval()
+    head = model.get_submodule(type(model).HEAD)
+    assert (head.bias == math.log(0.01 / 0.99)).all() and head.bias.numel() == 1
+    for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        assert torch.equal(p, q) or p is head.bias, name
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        probs = torch.sigmoid(model(torch.randn(2, 3, 32, 32)))
-    assert TUMOUR_PRIOR / 4 < probs.mean().item() < TUMOUR_PRIOR * 4
+        shift = model(x) - plain(x) + plain.get_submodule(type(plain).HEAD).bias
+    assert torch.allclose(shift, torch.full_like(shift, math.log(0.01 / 0.99)), atol=1e-4)
+    with pytest.raises(ValueError, match="probability"):
+        build_model(arch, "tiny", image_size=32, head_prior=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# initialisation: the study's, per layer type
+# ------------------------------------------------------------------------------------------------
+def _fan_in(w):
+    """PyTorch's fan_in: weight.shape[1] x receptive field (also for a ConvTranspose2d)."""
+    return w.shape[1] * (w[0, 0].numel() if w.dim() > 2 else 1)
+
+
+def _kurtosis(t):
+    z = (t.flatten().double() - t.mean()) / t.std()
+    return (z ** 4).mean().item()
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_cnn_init_is_kaiming_normal_relu_zero_bias_and_batchnorm_1_0(scale):
+    torch.manual_seed(0)
+    model = build_model("cnn", scale)
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == 2 * ARCHS["cnn"][scale].stages and len(norms) == len(convs) - 1
+    for m in convs:
+        assert (m.bias == 0).all()
+        expected = math.sqrt(2.0 / _fan_in(m.weight))             # kaiming normal, gain sqrt(2)
+        assert abs(m.weight.std().item() / expected - 1) < 0.1, m
+        assert abs(m.weight.mean().item()) < 0.1 * expected
+    # normal, not uniform (PyTorch's default is uniform with std 1/sqrt(3 fan_in))
+    assert 2.8 < _kurtosis(torch.cat([m.weight.flatten() / math.sqrt(2.0 / _fan_in(m.weight))
+                                      for m in convs])) < 3.2
+    assert model.head.weight.shape == (2 * ARCHS["cnn"][scale].channels, 1, 4, 4)
+    assert (model.head.bias == 0).all()                          # the CNN head starts at 0
+    for m in norms:
+        assert (m.weight == 1).all() and (m.bias == 0).all()
+
+
+def _default_bound(m):
+    """PyTorch's default init of Linear / Conv: kaiming_uniform(a=sqrt 5) -> U(+-1/sqrt(fan_in)),
+    the bias U(+-1/sqrt(fan_in)) too."""
+    return 1.0 / math.sqrt(_fan_in(m.weight))
+
+
+def _check_pytorch_default(mods):
+    for m in mods:
+        b = _default_bound(m)
+        assert m.weight.abs().max() <= b and m.bias.abs().max() <= b, m
+        assert m.bias.abs().max() > 0, m
+    pooled = torch.cat([m.weight.flatten() / _default_bound(m) for m in mods])
+    assert abs(pooled.std().item() - 1 / math.sqrt(3)) < 0.02     # U(-1, 1): std 1/sqrt(3)
+    assert 1.7 < _kurtosis(pooled) < 1.9                           # uniform: 1.8
+
+
+def _check_trunc_normal_002(tensors):
+    pooled = torch.cat([t.flatten() for t in tensors])
+    assert abs(pooled.std().item() / 0.02 - 1) < 0.05
+    assert pooled.abs().max() <= 2.0                               # trunc_normal_'s bounds +-2
+    assert 2.8 < _kurtosis(pooled) < 3.2                            # normal (bounds at 100 std)
+
+
+def _transformer_layers(model):
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))]
+    assert len(linears) == 4 * len(model.blocks) and len(convs) == 6   # patch, 4 ConvT, head
+    return linears, convs, norms
+
+
+def test_vit_init_linears_and_convs_at_pytorch_default_pos_and_cls_trunc_normal():
+    torch.manual_seed(0)
+    model = build_model("vit", "tiny", image_size=64)
+    linears, convs, norms = _transformer_layers(model)
+    _check_pytorch_default(linears)
+    _check_pytorch_default(convs)
+    _check_trunc_normal_002([model.pos_embed, model.cls_token])
+    for m in norms:
+        assert (m.weight == 1).all() and (m.bias == 0).all()
+
+
+def test_swin_init_linears_trunc_normal_zero_bias_convs_at_pytorch_default():
+    torch.manual_seed(0)
+    model = build_model("swin", "tiny", image_size=64)
+    linears, convs, norms = _transformer_layers(model)
+    _check_trunc_normal_002([m.weight for m in linears])
+    assert all((m.bias == 0).all() for m in linears)
+    _check_trunc_normal_002([model.pos_embed])
+    _check_trunc_normal_002([b.attn.relative_position_bias_table for b in model.blocks])
+    _check_pytorch_default(convs)
+    for m in norms:
+        assert (m.weight == 1).all() and (m.bias == 0).all()
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_transformer_classifier_is_at_pytorch_default_not_a_tumour_prior(arch):
+    torch.manual_seed(0)
+    head = build_model(arch, "tiny", image_size=32).decoder.head
+    assert head.weight.shape == (1, 8, 1, 1)
+    assert 0 < head.bias.abs().item() <= 1 / math.sqrt(8)          # U(+-1/sqrt(fan_in))
 
 
 def test_a_refused_layer_leaves_the_model_untouched():
@@ -412,3 +630,33 @@ def test_a_refused_layer_leaves_the_model_untouched():
     with pytest.raises(ValueError, match="200"):
         quantize_model(model, "nvfp4_full")
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+# ------------------------------------------------------------------------------------------------
+# attention dropout (the study's p 0.1 on the softmax probabilities)
+# ------------------------------------------------------------------------------------------------
+def _probs_seen_by_av(model, x):
+    seen = []
+    hooks = [b.attn.av.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+             for b in model.blocks]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_attention_probabilities_are_dropped_in_train_mode_only(arch):
+    model = _tiny(arch, 64)
+    assert all(b.attn.attn_drop.p == 0.1 for b in model.blocks)
+    x = _images(2, 64)
+    torch.manual_seed(5)
+    train = _probs_seen_by_av(model.train(), x)
+    zeros = torch.cat([p.flatten() == 0 for p in train]).float().mean().item()
+    assert 0.07 < zeros < 0.13                         # ~10 % of the probabilities dropped
+    for p in _probs_seen_by_av(model.eval(), x):        # eval: the softmax itself
+        assert (p > 0).all() and torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5)
+    # train: the kept ones are rescaled by 1 / 0.9, so a row sums to 1 only on average
+    rows = torch.cat([p.sum(-1).flatten() for p in train])
+    assert abs(rows.mean().item() - 1.0) < 0.05 and rows.std().item() > 0.01

@@ -10,7 +10,7 @@ from scipy import stats as sst
 
 from nvfp4bench import report as R
 
-RECIPES = ("bf16", "nvfp4_full", "2d_rht_sr")
+RECIPES = ("baseline", "nvfp4_full", "2d_rht_sr")
 ARCHS = ("cnn", "vit")
 FOLDS = range(5)
 SEED = 2026
@@ -22,7 +22,7 @@ def _value(arch, recipe, fold, metric):
     """Deterministic, distinct values per cell."""
     rng = np.random.default_rng(zlib.crc32(f"{arch}|{recipe}|{fold}|{metric}".encode()))
     base = {"auprc": 0.7, "recall": 0.8, "dice": 0.6, "hd95_mean": 12.0}[metric]
-    shift = {"bf16": 0.0, "nvfp4_full": -0.05, "2d_rht_sr": -0.01}[recipe]
+    shift = {"baseline": 0.0, "nvfp4_full": -0.05, "2d_rht_sr": -0.01}[recipe]
     return float(base + shift * (1 if metric != "hd95_mean" else -40) + rng.normal(0, 0.02))
 
 
@@ -84,7 +84,7 @@ def test_paired_comparison_against_scipy_with_holm(results, tmp_path):
     assert set(rows) == {"nvfp4_full", "2d_rht_sr"}
     folds = [f for f in FOLDS if f != 2]                     # fold 2 failed for nvfp4_full
     x = np.array([_value("cnn", "nvfp4_full", f, "auprc") for f in folds])
-    y = np.array([_value("cnn", "bf16", f, "auprc") for f in folds])
+    y = np.array([_value("cnn", "baseline", f, "auprc") for f in folds])
     r = rows["nvfp4_full"]
     assert r["n_pairs"] == 4
     assert r["wilcoxon_p"] == pytest.approx(sst.wilcoxon(x - y).pvalue)
@@ -130,10 +130,10 @@ def test_report_names_missing_failed_and_synthetic(results, tmp_path):
 
 
 def test_mismatched_content_and_unreadable_files_are_reported(results, tmp_path):
-    wrong = _cell("cnn", "bf16", 0)
+    wrong = _cell("cnn", "baseline", 0)
     wrong["config"]["recipe"] = "fwd_only"
-    _write(results, "cnn", "tiny", "bf16", 0, 7, wrong)               # path says bf16, seed 7
-    bad = results / "synthetic" / "cnn" / "tiny" / "bf16" / "fold1_seed7.json"
+    _write(results, "cnn", "tiny", "baseline", 0, 7, wrong)               # path says baseline, seed 7
+    bad = results / "synthetic" / "cnn" / "tiny" / "baseline" / "fold1_seed7.json"
     bad.write_text("{not json")
     out = R.build_report(results, tmp_path / "rep", figures=False)
     assert any("disagrees with its path" in p and "fwd_only" in p for p in out["problems"])
@@ -149,13 +149,13 @@ def test_cli_errors_exit_nonzero_without_traceback(results, tmp_path, capsys):
     assert R.main([str(tmp_path / "empty")]) == 2
     assert "no cell results" in capsys.readouterr().err
     assert R.main([str(results), "--baseline", "fp32"]) == 2
-    assert "present: 2d_rht_sr, bf16, nvfp4_full" in capsys.readouterr().err
+    assert "present: 2d_rht_sr, baseline, nvfp4_full" in capsys.readouterr().err
     assert R.main([str(results), "--metric", "nope"]) == 2
     assert "available:" in capsys.readouterr().err
     assert R.main([str(results), "--out", str(tmp_path / "cli"), "--metric", "dice",
                    "--no-figures"]) == 0
     assert "29 cells" in capsys.readouterr().out
-    assert "Dice (soft, per image): each recipe against `bf16`" in \
+    assert "Dice (soft, per image): each recipe against `baseline`" in \
         (tmp_path / "cli" / "report.md").read_text()
 
 
@@ -178,10 +178,10 @@ def test_figures_are_written_with_matplotlib(results, tmp_path):
 def test_cells_run_with_different_options_or_data_are_flagged(results, tmp_path):
     out = R.build_report(results, tmp_path / "rep", figures=False)
     assert "should not be compared" not in (tmp_path / "rep" / "report.md").read_text()
-    odd = _cell("vit", "bf16", 4)
+    odd = _cell("vit", "baseline", 4)
     odd["config"]["epochs"] = 2
     odd["data"]["fingerprint"] = "xyz"
-    _write(results, "vit", "tiny", "bf16", 4, SEED, odd)
+    _write(results, "vit", "tiny", "baseline", 4, SEED, odd)
     out = R.build_report(results, tmp_path / "rep", figures=False)
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "should not be compared" in text

@@ -107,7 +107,7 @@ def _dump(jobdir_parent: Path):
 def test_grid_as_slurm_job_arrays(cluster, tiny_store, tmp_path):
     env, _ = cluster
     out = tmp_path / "results"
-    grid = ["--archs", "cnn", "--scales", "tiny", "--recipes", "bf16,nvfp4_full",
+    grid = ["--archs", "cnn", "--scales", "tiny", "--recipes", "baseline,nvfp4_full",
             "--epochs", "1", "--image-size", "32", "--batch-size", "32", "--data", str(tiny_store),
             "--out", str(out), "--no-progress", "--no-diagnostics"]
     dump = _dump(out / "slurm")

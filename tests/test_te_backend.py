@@ -58,11 +58,6 @@ def test_recipe_mapping_every_recipe(name):
     if not recipe.quantized:
         assert te_backend.te_recipe_kwargs(recipe) is None
         return
-    if recipe.backward_override is not None and not recipe.disable_rht:
-        with pytest.raises(TEUnavailable, match="RHT") as info:
-            te_backend.te_recipe_kwargs(recipe)
-        assert name in str(info.value) and "emulator" in str(info.value)
-        return
     kwargs = te_backend.te_recipe_kwargs(recipe)
     assert kwargs == {"disable_rht": recipe.disable_rht,
                       "disable_stochastic_rounding": recipe.disable_stochastic_rounding,
@@ -81,8 +76,10 @@ def test_recipe_mapping_known_answers():
         "dequantized"
     assert te_backend.te_recipe_kwargs(get_recipe("fwd_only"))["backward_override"] == \
         "high_precision"
-    with pytest.raises(TEUnavailable, match="fwd_rht"):
-        te_backend.te_recipe_kwargs(get_recipe("fwd_rht"))
+    # recipe 7: the high-precision backward override with 2-D weights (its RHT flag cancels)
+    assert te_backend.te_recipe_kwargs(get_recipe("fwd_rht")) == {
+        "disable_rht": False, "disable_stochastic_rounding": True,
+        "disable_2d_quantization": False, "backward_override": "high_precision"}
 
 
 def test_constructor_kwargs_pin_environment_defaults():
@@ -157,8 +154,6 @@ def test_precision_refusal_and_preflight_order():
         with pytest.raises(TEUnavailable, match="bf16"):
             te_backend.check_precision(dtype)
     assert te_backend.preflight(get_recipe("fp32"), None) is None  # baselines need no TE
-    with pytest.raises(TEUnavailable, match="fwd_rht"):
-        te_backend.preflight(get_recipe("fwd_rht"))
     with pytest.raises(TEUnavailable, match="bf16"):  # checked before looking for TE
         te_backend.preflight(get_recipe("nvfp4_full"), torch.float16)
 
@@ -189,10 +184,8 @@ class _TwoLinears(nn.Module):
 
 def test_quantize_model_baseline_and_refusals_leave_model_untouched():
     model = _TwoLinears()
-    assert te_linear.swap(model, get_recipe("bf16"), ["fc1", "fc2"]) == {}
+    assert te_linear.swap(model, get_recipe("baseline"), ["fc1", "fc2"]) == {}
     assert type(model.fc1) is nn.Linear
-    with pytest.raises(TEUnavailable, match="fwd_rht"):
-        te_linear.swap(model, get_recipe("fwd_rht"), ["fc1"])
     assert type(model.fc1) is nn.Linear and type(model.fc2) is nn.Linear
 
 
@@ -218,7 +211,7 @@ def test_models_registry_hands_te_its_layer_names():
     with pytest.raises(TEUnavailable, match="not installed"):
         swap.quantize_model(model, "nvfp4_full", backend="te")
     assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
-    base = swap.quantize_model(models.build_model("vit", "tiny", image_size=32), "bf16",
+    base = swap.quantize_model(models.build_model("vit", "tiny", image_size=32), "baseline",
                                backend="te")
     assert base.quantized_layers == []
 

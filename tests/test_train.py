@@ -121,12 +121,12 @@ def test_same_config_and_seed_give_identical_metrics(store, tmp_path):
 
 def test_every_recipe_starts_from_the_same_weights(store, tmp_path):
     weights = {}
-    for recipe in ("bf16", "nvfp4_full", "2d_rht_sr"):
+    for recipe in ("baseline", "nvfp4_full", "2d_rht_sr"):
         cell = setup(_config(store, tmp_path, arch="swin", recipe=recipe))
         model = build_quantized_model(cell, torch.Generator().manual_seed(0))
         weights[recipe] = [p.detach().clone() for p in model.parameters()]
-    assert len(weights["bf16"]) == len(weights["2d_rht_sr"])
-    for a, b, c in zip(weights["bf16"], weights["nvfp4_full"], weights["2d_rht_sr"]):
+    assert len(weights["baseline"]) == len(weights["2d_rht_sr"])
+    for a, b, c in zip(weights["baseline"], weights["nvfp4_full"], weights["2d_rht_sr"]):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert init_seed("swin", "tiny", 2026) != init_seed("swin", "small", 2026)
 

@@ -8,14 +8,14 @@ Both transformer families are one isotropic trunk (docs/protocol.md, "Architectu
       -> depth x Block:  x = x + drop_path(attn(LN(x)));  x = x + drop_path(mlp(LN(x)))
       -> LayerNorm
       -> TokenDecoder: tokens -> (B, D, H/16, W/16)
-           -> 4 x [ConvTranspose2d(k2, s2) -> GroupNorm -> GELU], channels D -> D/2 -> ... -> D/16
+           -> 4 x [ConvTranspose2d(k2, s2) -> GroupNorm -> GELU], channels max(8, D / 2^i)
            -> Conv2d(1x1) -> one logit per pixel (B, 1, H, W)
 
 Attention is written out so that it can be instrumented or quantized by a module swap::
 
     q, k, v = split(qkv(x))                        # (..., heads, T, head_dim) each
     logits  = qk(q * head_dim**-0.5, k^T) + bias   # (..., heads, T, T)
-    p       = softmax(logits)                      # rows sum to 1
+    p       = dropout(softmax(logits))             # rows sum to 1 (before the dropout)
     out     = proj(av(p, v))                       # (..., T, D)
 
 ``qk`` and ``av`` are ``nvfp4bench.quant.linear.Matmul`` modules (plain ``torch.matmul``);
@@ -23,9 +23,10 @@ quantization with ``quantize_attention=True`` swaps them for ``QuantizedMatmul``
 dimensions ``...`` are free, so a windowed attention passes ``(B, windows, N, D)`` and a bias of
 shape ``(windows, heads, N, N)`` that broadcasts over the batch.
 
-Dropout 0.1 follows the position embedding, the attention projection and both MLP linears (the
-attention probabilities themselves are not dropped); drop-path (stochastic depth) grows linearly
-from 0 at the first block to 0.1 at the last.
+Dropout 0.1 (the study's) drops the attention probabilities (train mode only; ``av`` receives the
+dropped, rescaled probabilities) and follows the position embedding, the attention projection and
+both MLP linears; drop-path (stochastic depth) grows linearly from 0 at the first block to 0.1 at
+the last.
 """
 from __future__ import annotations
 
@@ -39,13 +40,14 @@ from nvfp4bench.quant.linear import Matmul
 PATCH = 16            # patch size: a 256 px image is a 16 x 16 token grid
 DECODER_STAGES = 4    # log2(PATCH) upsampling stages of the token decoder
 DECODER_GROUPS = 8    # GroupNorm groups in the decoder (fewer when the channels need it)
-INIT_STD = 0.02       # truncated-normal std of linears, position embeddings and CLS
+DECODER_MIN_CHANNELS = 8  # no decoder stage is narrower (the study's max(8, D / 2^i))
+INIT_STD = 0.02       # truncated-normal std: position embeddings, CLS, Swin's linears and bias table
 # Module-name patterns (fnmatch) of the layers every NVFP4 recipe quantizes in ViT and Swin
 # (docs/protocol.md), and of the attention matmuls, quantized only with quantize_attention=True.
 TRANSFORMER_QUANTIZED = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1",
                          "blocks.*.mlp.fc2")
 TRANSFORMER_ATTENTION_MATMULS = ("blocks.*.attn.qk", "blocks.*.attn.av")
-TUMOUR_PRIOR = 0.01   # the output logit starts at this probability (see init_logit_prior)
+TUMOUR_PRIOR = 0.01   # the opt-in head prior's usual value (see init_logit_prior)
 
 
 class DropPath(nn.Module):
@@ -86,6 +88,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.qk = Matmul()
         self.av = Matmul()
+        self.attn_drop = nn.Dropout(dropout)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
@@ -95,7 +98,7 @@ class Attention(nn.Module):
         logits = self.qk(q * self.scale, k.transpose(-2, -1))            # (..., h, T, T)
         if bias is not None:
             logits = logits + bias
-        probs = logits.softmax(dim=-1)                                   # (..., h, T, T)
+        probs = self.attn_drop(logits.softmax(dim=-1))                   # (..., h, T, T)
         out = self.av(probs, v)                                          # (..., h, T, d)
         out = out.transpose(-3, -2).flatten(-2)                          # (..., T, D)
         return self.proj_drop(self.proj(out))
@@ -147,30 +150,35 @@ class PatchEmbed(nn.Module):
 
 
 def decoder_groups(channels: int, max_groups: int = DECODER_GROUPS) -> int:
-    """GroupNorm groups of a decoder stage: gcd(channels, 8), so the groups always divide it."""
-    return math.gcd(channels, max_groups)
+    """GroupNorm groups of a decoder stage: the largest divisor of ``channels`` that is at most
+    ``max_groups`` (the study's rule; 12 channels -> 6 groups, 28 -> 7, 8 -> 8)."""
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+
+
+def decoder_channels(dim: int, stages: int = DECODER_STAGES) -> list[int]:
+    """Output channels of each decoder stage: ``max(8, dim // 2^i)`` for i = 1..stages (the
+    study's; tiny, D = 64: 32, 16, 8, 8)."""
+    return [max(DECODER_MIN_CHANNELS, dim // 2 ** i) for i in range(1, stages + 1)]
 
 
 class TokenDecoder(nn.Module):
     """Token grid -> per-pixel logits: 4 x [ConvT(k2, s2) -> GroupNorm -> GELU], then a 1x1 conv.
 
-    Channels halve at every stage (D -> D/2 -> D/4 -> D/8 -> D/16); the spatial size doubles, so a
-    g x g token grid becomes a 16g x 16g map: (B, D, g, g) -> (B, 1, 16g, 16g).
+    Channels halve at every stage but never go below 8 (``decoder_channels``: D -> max(8, D/2)
+    -> ... -> max(8, D/16)); GroupNorm takes ``decoder_groups`` groups. The spatial size doubles,
+    so a g x g token grid becomes a 16g x 16g map: (B, D, g, g) -> (B, 1, 16g, 16g).
     """
 
     def __init__(self, dim: int, stages: int = DECODER_STAGES):
         super().__init__()
         layers: list[nn.Module] = []
         ch = dim
-        for _ in range(stages):
-            if ch % 2:
-                raise ValueError(f"TokenDecoder: width {dim} cannot be halved {stages} times")
-            layers += [nn.ConvTranspose2d(ch, ch // 2, kernel_size=2, stride=2),
-                       nn.GroupNorm(decoder_groups(ch // 2), ch // 2), nn.GELU()]
-            ch //= 2
+        for out in decoder_channels(dim, stages):
+            layers += [nn.ConvTranspose2d(ch, out, kernel_size=2, stride=2),
+                       nn.GroupNorm(decoder_groups(out), out), nn.GELU()]
+            ch = out
         self.up = nn.Sequential(*layers)
-        self.head = nn.Conv2d(ch, 1, kernel_size=1)
-        init_logit_prior(self.head)
+        self.head = nn.Conv2d(ch, 1, kernel_size=1)  # PyTorch's default init, as the study's
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         # tokens: (B, T, D) with T = gh * gw
@@ -186,18 +194,23 @@ def drop_path_rates(depth: int, max_rate: float) -> list[float]:
 
 
 def init_logit_prior(head: nn.Module, prior: float = TUMOUR_PRIOR) -> None:
-    """Start the one-logit head at the tumour prior: bias = log(prior / (1 - prior)).
+    """Start the one-logit head at a prior probability: bias = log(prior / (1 - prior)).
 
-    Tumour pixels are ~1 % of a slice. With a zero bias the model starts at probability ~0.5
-    everywhere, and at the study's learning rates the transformers spend thousands of steps only
-    lowering that level (RetinaNet's prior initialisation; it adds no parameter and leaves the
-    weights' initialisation as it is). Every architecture and recipe starts this way.
+    Opt-in, off by default (``build_model(head_prior=...)``, ``--head-prior``; the study starts
+    the CNN's head bias at 0 and the transformers' classifier at PyTorch's default). Tumour pixels
+    are ~1 % of a slice; with the study's init the model starts near probability 0.5 everywhere,
+    and at the study's learning rates the transformers spend many steps only lowering that level
+    (RetinaNet's prior initialisation; it adds no parameter, draws nothing from the RNG and leaves
+    every other weight as it is).
     """
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"head prior must be a probability in (0, 1), got {prior!r}")
     nn.init.constant_(head.bias, math.log(prior / (1.0 - prior)))
 
 
 def init_transformer_weights(module: nn.Module) -> None:
-    """timm-style init: linears truncated-normal(0.02) with zero bias; LayerNorm 1/0."""
+    """The study's Swin init: linears truncated-normal(0.02) (bounds +-2, i.e. +-100 std) with zero
+    bias; LayerNorm 1/0. (Its ViT leaves the linears at PyTorch's default.)"""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=INIT_STD)
         if module.bias is not None:

@@ -17,6 +17,10 @@ spec gives the study's counts at 256 px, 3 channels: tiny 4 x 64 -> 530,753; sma
 Any input size works: ``n`` stride-2 stages need sides that are multiples of 2^n (and at least 2^n),
 so a smaller or odd-sized input is zero-padded at the bottom / right to the next multiple and the
 logits are cropped back to (B, 1, H, W). The base model (7 stages) at 32 px runs on a 128 px canvas.
+
+Initialisation (the study's): every convolution, the head included, kaiming-normal for ReLU
+(std = sqrt(2 / fan_in), fan_in = weight.shape[1] * kh * kw, PyTorch's convention also for a
+ConvTranspose2d) with zero bias; BatchNorm weight 1, bias 0.
 """
 from __future__ import annotations
 
@@ -26,8 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from nvfp4bench.models.blocks import init_logit_prior
 
 KERNEL, STRIDE, PADDING = 4, 2, 1
 
@@ -69,6 +71,17 @@ class UpStage(nn.Module):
         return self.drop(torch.cat([x, skip], dim=1))   # (B, 2c, 2h, 2w)
 
 
+def init_cnn_weights(module: nn.Module) -> None:
+    """The study's CNN init: convolutions kaiming-normal (relu, fan_in) with zero bias; BN 1 / 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class UNet(nn.Module):
     """The CNN family; ``forward(x) -> (B, 1, H, W)`` logits for any H, W."""
 
@@ -76,6 +89,7 @@ class UNet(nn.Module):
     # but the first encoder conv (stem), the bottleneck conv and the last decoder layer (head).
     QUANTIZED = ("down.*.conv", "up.*.conv")
     ATTENTION_MATMULS: tuple[str, ...] = ()
+    HEAD = "head"  # the one-logit layer (build_model's opt-in head_prior)
 
     def __init__(self, config: CNNConfig, *, image_size: int = 256, in_channels: int = 3):
         super().__init__()
@@ -89,7 +103,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(UpStage(c if j == 0 else 2 * c, c, p)
                                 for j in range(config.stages - 1))
         self.head = nn.ConvTranspose2d(2 * c, 1, KERNEL, STRIDE, PADDING)
-        init_logit_prior(self.head)
+        self.apply(init_cnn_weights)
 
     @property
     def multiple(self) -> int:

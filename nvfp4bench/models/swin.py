@@ -12,12 +12,15 @@ Window attention (Liu et al. 2021), per block, with window side w and N = w^2 to
     mask:  -100 where the two tokens came from different regions of the rolled grid, 0 otherwise
     -> softmax, @ v, proj -> merge windows -> roll back by (+s, +s)
 
-with shift s = w // 2. The window is clipped to the token grid: at 64 px (g = 4) a window of 8 or 16
-becomes 4; when one window covers the whole grid the shift is disabled (it would be a plain rotation
-of a global attention). The relative-position table is sized from the clipped window.
+with shift s = w // 2 on every odd block, as the study's code does, also when one window covers the
+whole grid: the base scale's window 16 at 256 px is global in its even blocks, and its odd blocks
+attend within the four rolled 8 x 8 quadrants (the mask forbids 75 % of the token pairs). The
+window is clipped to the token grid (an extension: the study runs 256 px only): at 64 px (g = 4) a
+window of 8 or 16 becomes 4, shifted by 2 on odd blocks. The relative-position table is sized
+from the clipped window.
 
 Scales (docs/protocol.md): the ViT widths / depths / MLP ratios with heads 4 / 6 / 14 and windows
-4 / 8 / 16 (16 = global at 256 px). Parameters at 256 px, 3 channels: tiny 496,161,
+4 / 8 / 16 (16 = the whole grid at 256 px). Parameters at 256 px, 3 channels: tiny 496,305,
 small 3,646,687, base 13,987,513.
 """
 from __future__ import annotations
@@ -102,6 +105,9 @@ def shift_mask(grid: int, window: int, shift: int) -> torch.Tensor:
 class WindowAttention(Attention):
     """Attention within w x w windows of a g x g token grid, optionally shifted by w // 2.
 
+    A shifted layer rolls and masks also when w = g (the study's rule): its window then holds the
+    four rolled quadrants of the grid, and the mask keeps each token within its own quadrant.
+
     ``forward(x)``: x (B, T, D), T = g^2 -> (B, T, D). The parent's qkv / qk / av / proj do the
     work on (B, nW, N, D) windows; this class adds the relative position bias and the mask.
     """
@@ -114,7 +120,7 @@ class WindowAttention(Attention):
                              f"{window}; use an image size whose grid (image_size / 16) is a "
                              f"multiple of the window, or at most the window")
         self.grid, self.window = grid, window
-        self.shift = window // 2 if shifted and window < grid else 0
+        self.shift = window // 2 if shifted else 0
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window - 1) ** 2, heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=INIT_STD)
@@ -156,6 +162,7 @@ class Swin(nn.Module):
 
     QUANTIZED = TRANSFORMER_QUANTIZED
     ATTENTION_MATMULS = TRANSFORMER_ATTENTION_MATMULS
+    HEAD = "decoder.head"  # the one-logit layer (build_model's opt-in head_prior)
 
     def __init__(self, config: SwinConfig, *, image_size: int = 256, in_channels: int = 3):
         super().__init__()
@@ -173,6 +180,9 @@ class Swin(nn.Module):
             for i, rate in enumerate(drop_path_rates(config.depth, config.drop_path)))
         self.norm = nn.LayerNorm(d)
         self.decoder = TokenDecoder(d)
+        # the study's init: linears truncated-normal(0.02) with zero bias, LayerNorm 1/0, the
+        # position embedding and bias tables truncated-normal(0.02), convolutions at PyTorch's
+        # default
         self.apply(init_transformer_weights)
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
 

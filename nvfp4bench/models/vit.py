@@ -7,8 +7,8 @@
 The position embedding has 1 + (image_size / 16)^2 rows: it is sized from ``image_size`` when the
 model is built, so one model serves one input size (32 px: a 2 x 2 grid, 5 tokens with CLS).
 
-Scales (docs/protocol.md), width / depth / heads / MLP ratio, parameters at 256 px, 3 channels:
-tiny 64/10/2/3 (494,329), small 192/9/6/3 (3,634,921), base 448/8/14/2 (13,880,777).
+Scales (docs/protocol.md), width / depth / heads / MLP ratio, and parameters at 256 px with 3 channels:
+tiny 64/10/2/3 (494,473), small 192/9/6/3 (3,634,921), base 448/8/14/2 (13,880,777).
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from torch import nn
 
 from nvfp4bench.models.blocks import (INIT_STD, TRANSFORMER_ATTENTION_MATMULS, TRANSFORMER_QUANTIZED,
                                       Attention, Block, PatchEmbed, TokenDecoder,
-                                      check_input, drop_path_rates, init_transformer_weights,
-                                      token_grid)
+                                      check_input, drop_path_rates, token_grid)
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,7 @@ class ViT(nn.Module):
 
     QUANTIZED = TRANSFORMER_QUANTIZED
     ATTENTION_MATMULS = TRANSFORMER_ATTENTION_MATMULS
+    HEAD = "decoder.head"  # the one-logit layer (build_model's opt-in head_prior)
 
     def __init__(self, config: ViTConfig, *, image_size: int = 256, in_channels: int = 3):
         super().__init__()
@@ -61,7 +61,8 @@ class ViT(nn.Module):
             for rate in drop_path_rates(config.depth, config.drop_path))
         self.norm = nn.LayerNorm(d)
         self.decoder = TokenDecoder(d)
-        self.apply(init_transformer_weights)
+        # the study's init: every layer at PyTorch's default, position embedding and CLS
+        # truncated-normal(0.02)
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
         nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
 

@@ -18,15 +18,17 @@ Every linear layer runs three GEMMs (docs/nvfp4.md section 3)::
   precision; dgrad uses the forward's dequantized W, wgrad the forward's dequantized X.
 - ``"high_precision"``: the original high-precision W and X (a straight-through estimator).
 
-``fwd_rht`` [7] is the one recipe the study left loosely defined. Ours: as ``chain_rule``, but the
-wgrad takes X from an RHT-rotated columnwise RN copy (X^T rotated along the token axis in 16-token
-tiles, quantized 1x16, dequantized), and dY^T is rotated in high precision by the same R, so R
-cancels inside the GEMM (R R^T = I) and only X's quantization differs. That is
-``backward_override="dequantized"`` with ``disable_rht=False`` (and 2-D weights,
-``disable_2d_quantization=False``, as the study's table has it).
+The study's code sets, per recipe id: ``forward_only = id in [2, 7]``, ``chain_rule = id == 3``,
+2-D weights and RHT for 4, 5 and 7, SR for 5 and 6. So ``fwd_rht`` [7] is ``fwd_only`` [2] with
+16x16 weight tiles in the forward: its backward is the high-precision dX = dY W, dW = dY^T X
+(``backward_override="high_precision"``), and it quantizes no gradient. Its RHT flag is on, as
+the study sets it, but the RHT acts on quantized wgrad operands only: rotating two unquantized
+operands by the same orthogonal R changes nothing, dY^T R (X^T R)^T = dY^T R R^T X = dY^T X
+(R R^T = I), so in any recipe with a ``backward_override`` the RHT flag is a no-op (in the
+emulator and in TE alike, neither of which rotates there).
 
 Switch combinations that would be silently ignored are refused: SR with a backward that does not
-quantize gradients, the RHT with the high-precision backward, and any switch on a baseline.
+quantize gradients, and any switch on a baseline.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class Recipe:
     disable_2d_quantization: bool = True
     disable_rht: bool = True
     disable_stochastic_rounding: bool = True
-    # High-precision compute dtype of a baseline; None: the run's own (fp32 on CPU, bf16 on CUDA).
+    # High-precision compute dtype of a baseline; None: the run's own (``--precision``).
     compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -67,9 +69,6 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: stochastic rounding applies to quantized "
                              f"gradients only; backward_override={self.backward_override!r} "
                              f"keeps them in high precision")
-        if self.backward_override == "high_precision" and not self.disable_rht:
-            raise ValueError(f"recipe {self.name!r}: the RHT applies to quantized wgrad operands; "
-                             f"the high-precision backward has none")
 
     @property
     def quantizes_gradients(self) -> bool:
@@ -83,6 +82,7 @@ class Recipe:
 
     @property
     def rht(self) -> bool:
+        """The RHT flag; it rotates quantized wgrad operands only (a no-op with an override)."""
         return self.quantized and not self.disable_rht
 
     @property
@@ -95,9 +95,12 @@ def _baseline(name: str, dtype: str | None, description: str, study_id: int | No
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    _baseline("bf16", None, "baseline, no NVFP4 (high precision: bf16 on CUDA, fp32 on CPU)", 0),
-    _baseline("fp16", "fp16", "baseline, no NVFP4, fp16 autocast", None),
-    _baseline("fp32", "fp32", "baseline, no NVFP4, fp32", None),
+    # The study's baseline [0] runs in the run's own high precision (--precision), so its name
+    # claims none; fp16 and fp32 are extras that pin one.
+    _baseline("baseline", None, "no NVFP4, in the run's high precision (--precision: fp32 on "
+              "the CPU, the run's autocast on CUDA)", 0),
+    _baseline("fp16", "fp16", "baseline, no NVFP4, fp16 autocast (an extra)", None),
+    _baseline("fp32", "fp32", "baseline, no NVFP4, fp32 (an extra)", None),
     Recipe("nvfp4_full", 1, "NVFP4 fwd + bwd, quantized gradients, 1-D weights, RN, no RHT"),
     Recipe("fwd_only", 2, "NVFP4 fwd; bwd on the original high-precision operands (STE)",
            backward_override="high_precision"),
@@ -110,9 +113,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            disable_2d_quantization=False, disable_rht=False, disable_stochastic_rounding=False),
     Recipe("sr_only", 6, "NVFP4 fwd + bwd, quantized gradients with SR, 1-D weights, no RHT",
            disable_stochastic_rounding=False),
-    Recipe("fwd_rht", 7, "NVFP4 fwd (16x16 weights); chain-rule bwd, wgrad X from an RHT-rotated "
-           "RN copy", backward_override="dequantized", disable_2d_quantization=False,
-           disable_rht=False),
+    # RHT on as the study sets it; with unquantized wgrad operands it cancels (R R^T = I)
+    Recipe("fwd_rht", 7, "NVFP4 fwd with 16x16 weights; bwd on the original high-precision "
+           "operands, as fwd_only (its RHT cancels)", backward_override="high_precision",
+           disable_2d_quantization=False, disable_rht=False),
 )}
 
 # The eight recipes of the study, in its order: the grid's default.

@@ -21,12 +21,12 @@ tokens, in 16-token tiles, when ``recipe.rht``):
         D(W)  = Q_w(W)              2-D: the forward's 16x16 copy itself (its exact transpose)
               = Q_N(W)              1-D: a fresh copy of the high-precision W, 1x16 along N
         B(dY^T) = Q_sr(dY^T H),  A(X^T) = Q(X^T H)       (H H^T = I cancels in the GEMM)
-    "dequantized" (chain_rule; fwd_rht when recipe.rht)
+    "dequantized" (chain_rule)
         B = identity (high-precision dY), D(W) = Q_w(W) the forward's copy, A(X^T) = Q(X)^T
-        fwd_rht: A(X^T) = Q(X^T H) (RN) and B(dY^T) = dY^T H in fp32, so that
-                 B A^T = dY^T H Q(X^T H)^T: H cancels, only X's rounding differs
-    "high_precision" (fwd_only)
+    "high_precision" (fwd_only; fwd_rht, whose forward uses 16x16 weight tiles)
         B, D, A = identity: dY times the original W and X (straight-through estimator)
+    With an override no wgrad operand is quantized, so the RHT is not applied: rotating both
+    unquantized operands by H would cancel in the GEMM (H H^T = I).
 
 Each weight is quantized once per forward: the fprop copy is saved for dgrad (2-D and chain
 rule); a 1-D recipe's dgrad needs its own copy along N, made in backward from W. The forward's
@@ -54,9 +54,9 @@ Choices made here
   the fp32 parameter directly. Rounding W to bf16 first would change about 0.5-0.8 % of the
   E2M1 codes and 1.6-2.3 % of the block scales (measured against TE's source by the te helper).
   The high-precision parts of the backward follow the same rule, as TE does:
-  fwd_only's dgrad multiplies the parameter itself (fp32; TE's high_precision dgrad reads the
-  saved parameter) and its wgrad the layer's input in the compute dtype (TE saves the original
-  bf16 input); chain_rule / fwd_rht multiply the forward's dequantized copies, kept in fp32 as
+  fwd_only's and fwd_rht's dgrad multiplies the parameter itself (fp32; TE's high_precision dgrad
+  reads the saved parameter) and their wgrad the layer's input in the compute dtype (TE saves the
+  original bf16 input); chain_rule multiplies the forward's dequantized copies, kept in fp32 as
   docs/nvfp4.md section 2 says (TE dequantizes them to bf16: a documented difference, see the te
   backend). dY is used in the dtype it arrives in (bf16 under autocast).
 - Convolution outputs and input gradients keep the input's memory format (channels_last or NCHW).
@@ -104,25 +104,17 @@ def _tokens_last_cnhw(src_cnhw: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-def rotate_fp32(rows: torch.Tensor) -> torch.Tensor:
-    """``v @ R`` per 16-element tile of the last dim, fp32, no bf16 rounding: fwd_rht's dY."""
-    r, k = rows.shape
-    return torch.matmul(rows.view(r, k // BLOCK, BLOCK), nvfp4.rht_matrix(rows.device)).view(r, k)
-
-
 @dataclass(frozen=True)
 class Columnwise:
     """How a wgrad operand is made from its high-precision tokens-last copy (C, Mp).
 
     quantize: NVFP4, 1x16 blocks along the tokens (rotated first by the RHT when ``rht``; SR
-    when ``sr``); rotate_fp32: rotated by R in fp32 and not quantized (fwd_rht's dY^T); neither:
-    the high-precision values.
+    when ``sr``); otherwise the high-precision values.
     """
 
     quantize: bool = False
     rht: bool = False
     sr: bool = False
-    rotate_fp32: bool = False
     kernels: str = "eager"  # how fake_quantize runs (kernels.KERNELS): the same bits
 
     @property
@@ -134,8 +126,6 @@ class Columnwise:
     def apply(self, buf: torch.Tensor, generator=None, amax=None) -> torch.Tensor:
         """The operand from the tokens-last fp32 ``buf`` (one chunk of it: ``amax`` is then the
         whole tensor's, of the rotated tensor with the RHT; None: the chunk's own)."""
-        if self.rotate_fp32:
-            return rotate_fp32(buf)
         if not self.quantize:
             return buf
         return kernels.fake_quantize(buf, rht=self.rht, sr=self.sr, amax=amax,
@@ -227,14 +217,10 @@ class QuantizedGradients:
 
 
 class ChainRule:
-    """``"dequantized"``: dY in high precision times the forward's dequantized W and X.
-
-    With the RHT (fwd_rht) the wgrad instead multiplies (H dY^T in fp32) by a fresh RN copy
-    Q(H X^T): H cancels, only the rounding of X differs from the forward's.
-    """
+    """``"dequantized"``: dY in high precision times the forward's dequantized W and X."""
 
     def reads_forward_x(self, roles):
-        return not roles.rht
+        return True
 
     def reads_forward_w(self, roles):
         return True
@@ -243,13 +229,12 @@ class ChainRule:
         return dy.float(), wq.mT
 
     def wgrad_columns(self, roles):
-        if roles.rht:
-            return Columnwise(rotate_fp32=True), roles.activation_columns
         return HIGH_PRECISION, HIGH_PRECISION  # X^T: the forward's Q(X), read from ctx
 
 
 class StraightThrough:
-    """``"high_precision"``: the original W and X (the straight-through estimator)."""
+    """``"high_precision"``: the original W and X (the straight-through estimator); fwd_only,
+    and fwd_rht, whose forward differs only by its 16x16 weight tiles."""
 
     def reads_forward_x(self, roles):
         return False
