@@ -395,7 +395,7 @@ def _model_allowed_pairs(attn):
     return allowed
 
 
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("scale", SCALE_NAMES)
 @pytest.mark.parametrize("size", [256, 128, 64, 32])
 def test_swin_masks_exactly_the_studys_token_pairs_in_every_block(scale, size):
     """Every block of every scale: even blocks attend within their windows, odd blocks within
@@ -538,7 +538,7 @@ def _kurtosis(t):
     return (z ** 4).mean().item()
 
 
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("scale", SCALE_NAMES)
 def test_cnn_init_is_kaiming_normal_relu_zero_bias_and_batchnorm_1_0(scale):
     torch.manual_seed(0)
     model = build_model("cnn", scale)
