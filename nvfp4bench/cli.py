@@ -12,7 +12,7 @@ import math
 import sys
 
 from nvfp4bench.config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_SEED, OPTIMIZER_NAMES,
-                               OPTIMIZERS, PRECISIONS, SYNTHETIC_EPOCHS, RunConfig)
+                               OPTIMIZERS, PRECISIONS, SPLITS, SYNTHETIC_EPOCHS, RunConfig)
 from nvfp4bench import nvfp4
 from nvfp4bench.recipes import RECIPES
 
@@ -88,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default=None, metavar="DIR",
                    help="slice store built by data_prep.py (default: the embedded synthetic "
                         "dataset, built on first use)")
+    g.add_argument("--split", choices=SPLITS, default="kfold",
+                   help="the study's patient split: kfold = 5-fold cross-validation, holdout = "
+                        "its main protocol (80/10/10, one partition: --fold 0); both are in the "
+                        "store's folds.json (default: %(default)s)")
     g.add_argument("--fold", type=int, choices=range(5), required=True, metavar="{0..4}",
-                   help="cross-validation fold")
+                   help="cross-validation fold (0 with --split holdout)")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help="seed of the initial weights, shuffling, dropout, augmentation and "
                         "stochastic rounding (default: %(default)s)")
@@ -196,4 +200,4 @@ def _where(result: dict, config: RunConfig) -> str:
     from nvfp4bench.results import result_path
     c = result["config"]
     return str(result_path(config.out, result["data"]["name"], c["arch"], c["scale"],
-                           c["recipe"], c["fold"], c["seed"]))
+                           c["recipe"], c["fold"], c["seed"], split=c.get("split", "kfold")))

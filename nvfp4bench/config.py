@@ -47,6 +47,7 @@ SYNTHETIC_EPOCHS = 40  # the default on the embedded synthetic dataset (see the 
 DEFAULT_SEED = 2026
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("emulator", "te")
+SPLITS = ("kfold", "holdout")  # nvfp4bench.data.folds.PROTOCOLS
 
 # Options that never change the numbers a cell produces: left out of the config hash.
 # (The CPU thread count can change float summation order; bit-identical reruns on CPU need the
@@ -71,6 +72,7 @@ class RunConfig:
     quant_kernels: str = "auto"  # nvfp4.set_backend: eager, compiled, or auto (compile big tensors)
     # data
     data: str | None = None  # None: the embedded synthetic dataset (built on first use)
+    split: str = "kfold"  # the study's protocols (data/folds.py): kfold (5-fold CV) or holdout
     fold: int = 0
     seed: int = DEFAULT_SEED
     augment: bool = True
@@ -116,7 +118,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def result_path(self) -> Path:
-        """Where this cell's result JSON goes: OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json."""
+        """Where this cell's result JSON goes: OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json
+        (holdout_seed<s>.json for --split holdout)."""
         from nvfp4bench.results import dataset_name, result_path
         return result_path(self.out, dataset_name(self.data), self.arch, self.scale, self.recipe,
-                           self.fold, self.seed)
+                           self.fold, self.seed, split=self.split)

@@ -3,7 +3,7 @@
 ``run(config) -> dict`` does the whole job and returns the result JSON it wrote::
 
     store  = the slice store at --data (default: the embedded synthetic store, built on first use)
-    folds  = load_folds(store)[fold]                    patient-level train / val / test
+    folds  = load_folds(store, split)[fold]             the study's patient-level train / val / test
     model  = build_model(arch, scale) under a seed of (arch, scale, seed) only, so every recipe
              of one (arch, scale, seed) starts from the same weights (QAT from scratch);
              then quantize_model(model, recipe, generator=G_sr)
@@ -211,16 +211,17 @@ def setup(config: RunConfig) -> Cell:
             raise ValueError(f"--data {config.data}: no such directory (build a store with "
                              f"data_prep.py, or leave --data out for the synthetic one)")
     store = SliceStore(store_dir)
-    folds = load_folds(store_dir)
+    folds = load_folds(store_dir, split=config.split)
     if not 0 <= config.fold < len(folds):
-        raise ValueError(f"--fold {config.fold}: the store has folds 0..{len(folds) - 1}")
+        raise ValueError(f"--fold {config.fold}: the {config.split} split of the store has "
+                         f"fold{'s 0..' if len(folds) > 1 else ' '}{len(folds) - 1}")
     split = folds[config.fold]
     resolved = config.resolved()
     image_size = resolved.image_size or int(store.image_size)
     resolved = dataclasses.replace(resolved, image_size=image_size, precision=precision,
                                    device=str(device))
     json_path = results.result_path(config.out, store.name, config.arch, config.scale,
-                                    config.recipe, config.fold, config.seed)
+                                    config.recipe, config.fold, config.seed, split=config.split)
     ckpt_path, best_path = results.checkpoint_paths(json_path)
     return Cell(resolved, results.config_hash(config), recipe, device, precision, store, split,
                 json_path, ckpt_path, best_path)
@@ -424,7 +425,7 @@ def _data_block(cell: Cell) -> dict:
     return {"name": s.name, "synthetic": bool(s.synthetic), "fingerprint": s.fingerprint,
             "path": str(Path(s.path).resolve()),
             "image_size": int(s.image_size), "channels": int(s.channels),
-            "spacing": s.spacing, "fold": cell.config.fold,
+            "spacing": s.spacing, "split": cell.config.split, "fold": cell.config.fold,
             "patients": {p: list(cell.split[p]) for p in ("train", "val", "test")},
             "slices": {p: len(s.slice_indices(cell.split[p])) for p in ("train", "val", "test")}}
 
