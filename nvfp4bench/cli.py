@@ -120,15 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=_positive_int, default=20,
                    help="early-stopping patience in epochs (default: %(default)s)")
     g.add_argument("--min-delta", type=_non_negative_float, default=1e-3,
-                   help="early-stopping minimum improvement of the validation loss "
-                        "(default: %(default)s)")
+                   help="minimum improvement of the validation loss for a new best "
+                        "checkpoint and the early-stopping counter (default: %(default)s)")
     g.add_argument("--min-epochs", type=_non_negative_int, default=40,
-                   help="no early stop before this epoch (default: %(default)s)")
+                   help="no early stop at or before this epoch, the study's warmup "
+                        "(default: %(default)s)")
     g.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="high-precision compute: auto = fp32 on CPU, bf16 autocast on CUDA, or "
-                        "the baseline recipe's own; fp16 uses a GradScaler (default: %(default)s)")
+                   help="high-precision compute: auto = the study's fp16 autocast with a "
+                        "GradScaler on CUDA (bf16 with --backend te), fp32 on CPU, or the "
+                        "baseline recipe's own (default: %(default)s)")
     g.add_argument("--workers", type=_non_negative_int, default=0,
                    help="DataLoader worker processes (default: %(default)s)")
     g.add_argument("--threads", type=_positive_int, default=None,

@@ -6,9 +6,10 @@ and weight decay come from ``OPTIMIZERS`` (a table per architecture), the number
 ``DEFAULT_EPOCHS`` (or ``SYNTHETIC_EPOCHS`` on the embedded synthetic dataset, see below), the
 image size from the data store.
 
-Defaults (protocol.md "Training"): batch 32, at most 100 epochs, ReduceLROnPlateau(factor 0.5,
-patience 10) on the validation loss, gradient clipping at norm 1.0, early stopping on the
-validation loss (patience 20, min delta 0.001, never before epoch 40), seed 2026.
+Defaults (protocol.md "Training"): batch 32, at most 100 epochs, ReduceLROnPlateau(mode "max",
+factor 0.5, patience 10) stepped with minus the validation loss, gradient clipping at norm 1.0,
+best checkpoint and early stopping on the validation loss (improvement > min delta 0.001,
+patience 20, no stop at or before epoch 40: the study's warmup), seed 2026.
 
 Embedded synthetic dataset (``--data`` not given): the default run must finish in minutes on a
 2-core CPU, so it trains ``SYNTHETIC_EPOCHS`` = 40 epochs instead of 100. Measured for Swin tiny
