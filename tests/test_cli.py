@@ -115,7 +115,13 @@ def test_precision_comes_from_the_option_the_recipe_or_the_device():
     from nvfp4bench.train import resolve_device, resolve_precision
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", get_recipe("nvfp4_full"), cpu) == "fp32"
-    assert resolve_precision("auto", get_recipe("bf16"), cuda) == "bf16"
+    # the study's default on CUDA: fp16 autocast + GradScaler, for every recipe and the baseline
+    assert resolve_precision("auto", get_recipe("bf16"), cuda) == "fp16"
+    assert resolve_precision("auto", get_recipe("2d_rht_sr"), cuda) == "fp16"
+    # Transformer Engine's NVFP4 needs bf16: its default, and fp16 is refused there (te backend)
+    assert resolve_precision("auto", get_recipe("2d_rht_sr"), cuda, "te") == "bf16"
+    assert resolve_precision("auto", get_recipe("2d_rht_sr"), cpu, "te") == "fp32"
+    assert resolve_precision("bf16", get_recipe("nvfp4_full"), cuda) == "bf16"
     assert resolve_precision("fp16", get_recipe("2d_rht"), cuda) == "fp16"
     assert resolve_precision("auto", get_recipe("fp16"), cpu) == "fp16"
     assert resolve_precision("fp32", get_recipe("fp32"), cuda) == "fp32"
