@@ -159,22 +159,36 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _metrics_line(m: dict) -> str:
+    """AUPRC first (with the chance level: the pixel prevalence), then the study's soft scores,
+    then the per-patient ones beyond it."""
+    auprc, prev = m.get("auprc"), m.get("prevalence")
+    chance = (f" ({auprc / prev:.1f}x prevalence {prev:.4f})"
+              if auprc is not None and prev else "")
+    return (f"AUPRC {_fmt(auprc)}{chance}  soft Dice {_fmt(m.get('dice'))}  "
+            f"soft recall {_fmt(m.get('recall'))}  F2 {_fmt(m.get('f2'))}  | patient Dice "
+            f"{_fmt(m.get('patient_dice_mean'))}  lesion recall {_fmt(m.get('lesion_recall'))}")
+
+
 def summary(result: dict) -> str:
-    """A few lines for the terminal: where the JSON went and the headline numbers."""
+    """A few lines for the terminal: the headline test metrics first, then val, training, time."""
     c = result["config"]
     head = f"{c['arch']}/{c['scale']}/{c['recipe']} fold {c['fold']} seed {c['seed']}"
+    if c.get("split", "kfold") != "kfold":
+        head = f"{c['arch']}/{c['scale']}/{c['recipe']} {c['split']} seed {c['seed']}"
     if result["status"] != "complete":
         return f"{head}: FAILED: {str(result['error']).splitlines()[0]}"
     test, val, t = result["test"] or {}, result["val"] or {}, result["timing"] or {}
     data = result["data"]
+    skipped = sum(h.get("skipped_steps") or 0 for h in result["history"])
     lines = [f"{head}: complete (dataset {data['name']!r}"
              f"{', synthetic data' if data['synthetic'] else ''})",
+             f"  test {_metrics_line(test)}",
+             f"  val  {_metrics_line(val)}",
              f"  best epoch {result['best_epoch']} of {result['epochs_run']}"
              f"{' (early stop)' if result['stopped_early'] else ''}, "
-             f"val loss {_fmt(result['best_val_loss'])}",
-             f"  val  AUPRC {_fmt(val.get('auprc'))}",
-             f"  test AUPRC {_fmt(test.get('auprc'))}  soft Dice {_fmt(test.get('dice'))}  "
-             f"recall {_fmt(test.get('recall'))}",
+             f"val loss {_fmt(result['best_val_loss'])}"
+             f"{f', {skipped} steps skipped (non-finite loss)' if skipped else ''}",
              f"  {t.get('total_seconds', 0.0):.1f} s, median step "
              f"{_fmt(t.get('median_step_ms'))} ms"]
     return "\n".join(lines)

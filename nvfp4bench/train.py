@@ -297,7 +297,8 @@ def _autocast(cell: Cell):
 
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(logits.float().clamp(-20.0, 20.0))
+    """sigmoid of the fp32 logits, unclamped as the study's evaluation (its soft Dice sees them)."""
+    return torch.sigmoid(logits.float())
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cell: Cell, epoch: int,
