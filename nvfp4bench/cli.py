@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(default: per architecture)")
     g.add_argument("--grad-clip", type=_positive_float, default=1.0,
                    help="gradient-norm clipping (default: %(default)s)")
+    g.add_argument("--drop-last-single", action="store_true",
+                   help="drop the last training batch when it holds a single slice (BatchNorm "
+                        "cannot train on one value per channel, e.g. a CNN whose bottleneck is "
+                        "1x1 at small image sizes); off: the study keeps every batch")
     g.add_argument("--lr-factor", type=_positive_float, default=0.5,
                    help="ReduceLROnPlateau factor (default: %(default)s)")
     g.add_argument("--lr-patience", type=_non_negative_int, default=10,

@@ -84,6 +84,7 @@ class RunConfig:
     lr: float | None = None
     weight_decay: float | None = None
     grad_clip: float = 1.0
+    drop_last_single: bool = False  # drop a 1-slice last training batch (the study keeps it)
     lr_factor: float = 0.5
     lr_patience: int = 10
     patience: int = 20

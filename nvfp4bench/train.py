@@ -280,10 +280,11 @@ def make_loaders(cell: Cell, loader_generator: torch.Generator):
         if len(ds) == 0:
             raise ValueError(f"fold {c.fold}: the {part} partition has no slices")
     pin = cell.device.type == "cuda"
-    # A last batch of one slice breaks BatchNorm in training: drop it (only then).
+    # The study keeps every batch; --drop-last-single drops a last batch of one slice (BatchNorm
+    # cannot train on one value per channel).
     train = DataLoader(sets["train"], batch_size=c.batch_size, shuffle=True,
                        generator=loader_generator, num_workers=c.workers, pin_memory=pin,
-                       drop_last=len(sets["train"]) % c.batch_size == 1)
+                       drop_last=c.drop_last_single and len(sets["train"]) % c.batch_size == 1)
     val, test = (DataLoader(sets[p], batch_size=c.batch_size, shuffle=False,
                             num_workers=c.workers, pin_memory=pin) for p in ("val", "test"))
     return sets["train"], train, val, test

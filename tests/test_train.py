@@ -328,3 +328,13 @@ def test_results_and_checkpoints_are_readable_by_others(store, tmp_path):
                                result["config"]["seed"])
     for p in (path, *results.checkpoint_paths(path)):
         assert p.stat().st_mode & 0o777 == 0o644, p
+
+
+def test_a_last_batch_of_one_slice_is_kept_unless_asked(store, tmp_path):
+    """The study keeps every training batch; --drop-last-single drops a 1-slice last batch."""
+    from nvfp4bench.train import make_loaders
+    n = len(make_loaders(setup(_config(store, tmp_path)), torch.Generator())[0])
+    for drop, batches in ((False, 2), (True, 1)):
+        cell = setup(_config(store, tmp_path, batch_size=n - 1, drop_last_single=drop))
+        _, train, _, _ = make_loaders(cell, torch.Generator())
+        assert len(train) == batches
