@@ -248,9 +248,12 @@ def load_folds(store_dir: str | Path, n_folds: int = N_FOLDS, seed: int = SPLIT_
     path = folds_path(store_dir, n_folds, seed)
     if path.exists() and not _is_current(path):
         old = path.with_name(path.name + ".v1")
-        os.replace(path, old)
-        print(f"nvfp4bench: {path} held nvfp4bench's former folds; kept as {old.name}, replaced "
-              f"by the study's splits", file=sys.stderr)
+        try:
+            os.replace(path, old)
+            print(f"nvfp4bench: {path} held nvfp4bench's former folds; kept as {old.name}, "
+                  f"replaced by the study's splits", file=sys.stderr)
+        except FileNotFoundError:  # another process moved it first
+            pass
     if not path.exists():
         write_folds(store_dir, n_folds, seed)
     proto = _validated(path, store, n_folds, seed)["protocols"].get(split)
