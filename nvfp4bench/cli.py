@@ -12,7 +12,7 @@ import math
 import sys
 
 from nvfp4bench.config import (DEFAULT_EPOCHS, DEFAULT_SEED, OPTIMIZER_NAMES,
-                               OPTIMIZERS, PRECISIONS, SYNTHETIC_EPOCHS, RunConfig)
+                               OPTIMIZERS, PRECISIONS, SPLITS, SYNTHETIC_EPOCHS, RunConfig)
 from nvfp4bench.quant import kernels
 from nvfp4bench.quant.backends import BACKENDS
 from nvfp4bench.quant.recipes import RECIPES
@@ -99,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default=None, metavar="DIR",
                    help="slice store built by data_prep.py (default: the embedded synthetic "
                         "dataset, built on first use)")
+    g.add_argument("--split", choices=SPLITS, default="kfold",
+                   help="the study's patient split: kfold = 5-fold cross-validation, holdout = "
+                        "its main protocol (80/10/10, one partition: --fold 0); both are in the "
+                        "store's folds.json (default: %(default)s)")
     g.add_argument("--fold", type=int, choices=range(5), required=True, metavar="{0..4}",
-                   help="cross-validation fold")
+                   help="cross-validation fold (0 with --split holdout)")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help="seed of the initial weights, shuffling, dropout, augmentation and "
                         "stochastic rounding (default: %(default)s)")
@@ -120,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(default: per architecture)")
     g.add_argument("--grad-clip", type=_positive_float, default=1.0,
                    help="gradient-norm clipping (default: %(default)s)")
+    g.add_argument("--drop-last-single", action="store_true",
+                   help="drop the last training batch when it holds a single slice (BatchNorm "
+                        "cannot train on one value per channel, e.g. a CNN whose bottleneck is "
+                        "1x1 at small image sizes); off: the study keeps every batch")
     g.add_argument("--lr-factor", type=_positive_float, default=0.5,
                    help="ReduceLROnPlateau factor (default: %(default)s)")
     g.add_argument("--lr-patience", type=_non_negative_int, default=10,
@@ -127,15 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=_positive_int, default=20,
                    help="early-stopping patience in epochs (default: %(default)s)")
     g.add_argument("--min-delta", type=_non_negative_float, default=1e-3,
-                   help="early-stopping minimum improvement of the validation loss "
-                        "(default: %(default)s)")
+                   help="minimum improvement of the validation loss for a new best "
+                        "checkpoint and the early-stopping counter (default: %(default)s)")
     g.add_argument("--min-epochs", type=_non_negative_int, default=40,
-                   help="no early stop before this epoch (default: %(default)s)")
+                   help="no early stop at or before this epoch, the study's warmup "
+                        "(default: %(default)s)")
     g.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="high-precision compute: auto = fp32 on CPU, bf16 autocast on CUDA, or "
-                        "the baseline recipe's own; fp16 uses a GradScaler (default: %(default)s)")
+                   help="high-precision compute: auto = the study's fp16 autocast with a "
+                        "GradScaler on CUDA (bf16 with --backend te), fp32 on CPU, or the "
+                        "baseline recipe's own (default: %(default)s)")
     g.add_argument("--workers", type=_non_negative_int, default=0,
                    help="DataLoader worker processes (default: %(default)s)")
     g.add_argument("--threads", type=_positive_int, default=None,
@@ -164,22 +174,36 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _metrics_line(m: dict) -> str:
+    """AUPRC first (with the chance level: the pixel prevalence), then the study's soft scores,
+    then the per-patient ones beyond it."""
+    auprc, prev = m.get("auprc"), m.get("prevalence")
+    chance = (f" ({auprc / prev:.1f}x prevalence {prev:.4f})"
+              if auprc is not None and prev else "")
+    return (f"AUPRC {_fmt(auprc)}{chance}  soft Dice {_fmt(m.get('dice'))}  "
+            f"soft recall {_fmt(m.get('recall'))}  F2 {_fmt(m.get('f2'))}  | patient Dice "
+            f"{_fmt(m.get('patient_dice_mean'))}  lesion recall {_fmt(m.get('lesion_recall'))}")
+
+
 def summary(result: dict) -> str:
-    """A few lines for the terminal: where the JSON went and the headline numbers."""
+    """A few lines for the terminal: the headline test metrics first, then val, training, time."""
     c = result["config"]
     head = f"{c['arch']}/{c['scale']}/{c['recipe']} fold {c['fold']} seed {c['seed']}"
+    if c.get("split", "kfold") != "kfold":
+        head = f"{c['arch']}/{c['scale']}/{c['recipe']} {c['split']} seed {c['seed']}"
     if result["status"] != "complete":
         return f"{head}: FAILED: {str(result['error']).splitlines()[0]}"
     test, val, t = result["test"] or {}, result["val"] or {}, result["timing"] or {}
     data = result["data"]
+    skipped = sum(h.get("skipped_steps") or 0 for h in result["history"])
     lines = [f"{head}: complete (dataset {data['name']!r}"
              f"{', synthetic data' if data['synthetic'] else ''})",
+             f"  test {_metrics_line(test)}",
+             f"  val  {_metrics_line(val)}",
              f"  best epoch {result['best_epoch']} of {result['epochs_run']}"
              f"{' (early stop)' if result['stopped_early'] else ''}, "
-             f"val loss {_fmt(result['best_val_loss'])}",
-             f"  val  AUPRC {_fmt(val.get('auprc'))}",
-             f"  test AUPRC {_fmt(test.get('auprc'))}  soft Dice {_fmt(test.get('dice'))}  "
-             f"recall {_fmt(test.get('recall'))}",
+             f"val loss {_fmt(result['best_val_loss'])}"
+             f"{f', {skipped} steps skipped (non-finite loss)' if skipped else ''}",
              f"  {t.get('total_seconds', 0.0):.1f} s, median step "
              f"{_fmt(t.get('median_step_ms'))} ms"]
     return "\n".join(lines)
@@ -207,4 +231,4 @@ def _where(result: dict, config: RunConfig) -> str:
     from nvfp4bench.results import result_path
     c = result["config"]
     return str(result_path(config.out, result["data"]["name"], c["arch"], c["scale"],
-                           c["recipe"], c["fold"], c["seed"]))
+                           c["recipe"], c["fold"], c["seed"], split=c.get("split", "kfold")))

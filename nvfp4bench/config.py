@@ -6,9 +6,10 @@ and weight decay come from ``OPTIMIZERS`` (a table per architecture), the number
 ``DEFAULT_EPOCHS`` (or ``SYNTHETIC_EPOCHS`` on the embedded synthetic dataset, see below), the
 image size from the data store.
 
-Defaults (docs/protocol.md "Training"): batch 32, at most 100 epochs, ReduceLROnPlateau(factor
-0.5, patience 10) on the validation loss, gradient clipping at norm 1.0, early stopping on the
-validation loss (patience 20, min delta 0.001, never before epoch 40), seed 2026.
+Defaults (docs/protocol.md "Training"): batch 32, at most 100 epochs, ReduceLROnPlateau(mode "max",
+factor 0.5, patience 10) stepped with minus the validation loss, gradient clipping at norm 1.0,
+best checkpoint and early stopping on the validation loss (improvement > min delta 0.001,
+patience 20, no stop at or before epoch 40: the study's warmup), seed 2026.
 
 Embedded synthetic dataset (``--data`` not given): the default run must finish in minutes on a
 2-core CPU, so it trains ``SYNTHETIC_EPOCHS`` = 40 epochs instead of 100. Measured for Swin tiny
@@ -46,6 +47,7 @@ DEFAULT_EPOCHS = 100  # the study's maximum
 SYNTHETIC_EPOCHS = 40  # the default on the embedded synthetic dataset (see the docstring)
 DEFAULT_SEED = 2026
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SPLITS = ("kfold", "holdout")  # nvfp4bench.data.folds.PROTOCOLS
 
 # Options that never change the numbers a cell produces: left out of the config hash.
 # (The CPU thread count can change float summation order; bit-identical reruns on CPU need the
@@ -71,6 +73,7 @@ class RunConfig:
     quant_kernels: str = "auto"  # quant.kernels.KERNELS: eager, compiled, auto (compile big ones)
     # data
     data: str | None = None  # None: the embedded synthetic dataset (built on first use)
+    split: str = "kfold"  # the study's protocols (data/folds.py): kfold (5-fold CV) or holdout
     fold: int = 0
     seed: int = DEFAULT_SEED
     augment: bool = True
@@ -81,6 +84,7 @@ class RunConfig:
     lr: float | None = None
     weight_decay: float | None = None
     grad_clip: float = 1.0
+    drop_last_single: bool = False  # drop a 1-slice last training batch (the study keeps it)
     lr_factor: float = 0.5
     lr_patience: int = 10
     patience: int = 20
@@ -116,7 +120,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def result_path(self) -> Path:
-        """Where this cell's result JSON goes: OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json."""
+        """Where this cell's result JSON goes: OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json
+        (holdout_seed<s>.json for --split holdout)."""
         from nvfp4bench.results import dataset_name, result_path
         return result_path(self.out, dataset_name(self.data), self.arch, self.scale, self.recipe,
-                           self.fold, self.seed)
+                           self.fold, self.seed, split=self.split)

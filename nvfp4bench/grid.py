@@ -4,6 +4,13 @@
 
     cells = seeds x scales x folds x archs x recipes          (1 x 3 x 5 x 3 x 8 = 360 by default)
 
+``--preset`` picks one of the study's three run matrices instead (``PRESETS``; options given
+beside it narrow or change it): ``holdout`` (--split holdout, 3 archs x 3 scales x 8 recipes, seed
+2026: 72 cells), ``multiseed`` (--split holdout, swin and cnn x 3 scales x 8 recipes x seeds
+2026-2035: 480), ``cv`` (5-fold CV, swin and cnn at the middle scale, the baseline and 2d_rht_sr,
+i.e. the recipes with study ids 0 and 5: 20). ``--split holdout`` is forwarded to every cell and
+has one partition (fold 0).
+
 and one cell is one ``python -m nvfp4bench --arch A --scale S --recipe R --fold K --seed N
 [forwarded options]`` subprocess, so a crash of one cell never takes the grid down.
 
@@ -77,6 +84,36 @@ POLL_S = 10.0  # how often a worker looks again at cells held by other workers
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # what children need on PYTHONPATH
 # Options that name the cell; the grid sets them, so they may not be forwarded.
 CELL_OPTIONS = ("--arch", "--scale", "--recipe", "--fold", "--seed", "--resume")
+SPLITS = ("kfold", "holdout")  # nvfp4bench.data.folds.PROTOCOLS
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One run matrix of the study (its README and main.py). None: the grid's default (all)."""
+
+    description: str
+    split: str = "kfold"
+    archs: tuple[str, ...] | None = None
+    scales: tuple[str, ...] | None = None
+    recipe_ids: tuple[int, ...] | None = None  # the study's recipe ids (recipes.Recipe.study_id)
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+
+    def recipes(self) -> tuple[str, ...]:
+        """Registry names of the preset's recipes, in study-id order."""
+        from nvfp4bench.quant.recipes import RECIPES, STUDY_RECIPES
+        if self.recipe_ids is None:
+            return STUDY_RECIPES
+        return tuple(n for n in STUDY_RECIPES if RECIPES[n].study_id in self.recipe_ids)
+
+
+PRESETS: dict[str, Preset] = {
+    "holdout": Preset("the study's main runs: patient hold-out, 3 archs x 3 scales x 8 recipes, "
+                      "seed 2026", split="holdout"),
+    "multiseed": Preset("hold-out, swin and cnn x 3 scales x 8 recipes x seeds 2026-2035",
+                        split="holdout", archs=("swin", "cnn"), seeds=tuple(range(2026, 2036))),
+    "cv": Preset("5-fold CV, swin and cnn at the middle scale, recipes 0 and 5 (baseline, "
+                 "2d_rht_sr)", archs=("swin", "cnn"), scales=("small",), recipe_ids=(0, 5)),
+}
 
 
 def log(msg: str) -> None:
@@ -893,21 +930,29 @@ def build_parser() -> argparse.ArgumentParser:
                "--epochs 30 --image-size 128 --data DIR --out DIR --batch-size 16 --device cuda; "
                "see `python -m nvfp4bench --help`.\n\nExamples:\n"
                "  bash run_all.sh --dry-run\n"
+               "  bash run_all.sh --preset holdout --gpus 0,1 --data data/lgg\n"
                "  bash run_all.sh --archs cnn,swin --scales tiny --recipes baseline,2d_rht_sr "
                "--folds 0,1 --epochs 5\n"
                "  bash run_all.sh --gpus 0,1,2,3 --data data/brats\n"
                "  bash run_all.sh --slurm --partition gpu --time 04:00:00 --gpus-per-task 1 "
                "--data data/brats")
     g = p.add_argument_group("grid")
-    g.add_argument("--archs", type=_csv("arch", archs), default=archs,
+    g.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="one of the study's run matrices: "
+                        + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items())
+                        + " (default: the full 5-fold grid); the options below change it")
+    g.add_argument("--split", choices=SPLITS, default=None,
+                   help="the cells' patient split, forwarded to each (default: kfold, or the "
+                        "preset's); holdout has one partition, fold 0")
+    g.add_argument("--archs", type=_csv("arch", archs), default=None,
                    help=f"comma list (default: all: {','.join(archs)})")
-    g.add_argument("--scales", type=_csv("scale", scales), default=scales,
+    g.add_argument("--scales", type=_csv("scale", scales), default=None,
                    help=f"comma list (default: all: {','.join(scales)})")
-    g.add_argument("--recipes", type=_csv("recipe", list(RECIPES)), default=STUDY_RECIPES,
+    g.add_argument("--recipes", type=_csv("recipe", list(RECIPES)), default=None,
                    help=f"comma list (default: the study's 8: {','.join(STUDY_RECIPES)})")
-    g.add_argument("--folds", type=_csv("fold", FOLDS, int), default=FOLDS,
-                   help="comma list (default: 0,1,2,3,4)")
-    g.add_argument("--seeds", type=_csv("seed", None, int), default=DEFAULT_SEEDS,
+    g.add_argument("--folds", type=_csv("fold", FOLDS, int), default=None,
+                   help="comma list (default: 0,1,2,3,4; 0 with --split holdout)")
+    g.add_argument("--seeds", type=_csv("seed", None, int), default=None,
                    help=f"comma list (default: {','.join(map(str, DEFAULT_SEEDS))})")
     g.add_argument("--dry-run", action="store_true",
                    help="list the cells with their state and stop (last line: `N cells`)")
@@ -957,6 +1002,9 @@ def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
             parser.error(f"{name} selects cells; use {name}s to choose them")
     if ns.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {ns.jobs}")
+    _apply_preset(ns, parser)
+    if ns.split != "kfold":
+        forward = ["--split", ns.split, *forward]
     if ns.slurm and (ns.gpus or ns.jobs != 1):
         parser.error("--gpus and --jobs spread a local run; with --slurm, each array task is "
                      "one cell: ask for its GPU with --gpus-per-task 1")
@@ -966,6 +1014,21 @@ def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if slurm_only and not ns.slurm:
         parser.error(f"{', '.join(slurm_only)} only apply with --slurm")
     return ns, forward
+
+
+def _apply_preset(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill the cell axes left unset from --preset (or the full grid's defaults)."""
+    archs, scales = _registry()
+    preset = PRESETS[ns.preset] if ns.preset else Preset("the full grid")
+    ns.split = ns.split or preset.split
+    ns.archs = ns.archs or preset.archs or archs
+    ns.scales = ns.scales or preset.scales or scales
+    ns.recipes = ns.recipes or preset.recipes()
+    ns.seeds = ns.seeds or preset.seeds
+    if ns.folds is None:
+        ns.folds = (0,) if ns.split == "holdout" else FOLDS
+    elif ns.split == "holdout" and tuple(ns.folds) != (0,):
+        parser.error("--split holdout has one partition: --folds 0 (or leave --folds out)")
 
 
 def plan(ns: argparse.Namespace, forward: Sequence[str],

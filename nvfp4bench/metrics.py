@@ -18,8 +18,16 @@ The study's metrics, pooled over every pixel of the evaluation set
   TP = sum p t, FP = sum p (1 - t), FN = sum (1 - p) t;
   recall = TP / (TP + FN), precision = TP / (TP + FP),
   F2 = 5 TP / (5 TP + 4 FN + FP) (= 5 P R / (4 P + R)), IoU = TP / (TP + FP + FN).
-* Soft Dice per image, averaged over images: (2 sum p t + s) / (sum p + sum t + s), smoothing s = 1
-  (one pixel) by default.
+  As the study does, these pooled scores and AUPRC see the probabilities clipped to
+  [1e-7, 1 - 1e-7] in float32 (``PROB_CLIP``): every pixel below 1e-7 ties at 1e-7 for AUPRC.
+* ``dice``, the study's soft Dice: per image (2 sum p t + eps) / (sum p + sum t + eps) with
+  eps = 1e-6 on the unclipped probabilities, averaged as the study averages it: the mean over the
+  evaluation batches (one ``update`` call each; batch 32, in store order) of each batch's mean.
+  A tumour-free slice with (near-)empty prediction mass m scores eps / (m + eps), about 0 (e.g.
+  m = 4096 pixels x sigmoid(-20) = 8.4e-6 gives 0.11), not 1.
+* ``dice_s1``, ours: the same per-image formula with smoothing s = 1 (one pixel), averaged over
+  images, so a tumour-free slice with empty prediction scores ~1 and predicted mass m scores
+  1 / (m + 1).
 * Confusion counts at threshold 0.5: a pixel is predicted positive when p >= 0.5 (logit >= 0).
 
 Beyond the study: per patient, on the re-stacked volume
@@ -54,9 +62,7 @@ hallucinated in a tumour-free patient is therefore a failure that counts in ever
 that silently drops out. Lesion recall is null for a patient without lesions (there is nothing to
 detect; its false-positive components still count), and the pooled lesion recall is
 sum(n_detected) / sum(n_lesions) over all patients (null when no patient has a lesion).
-Soft Dice per image with the default smoothing s = 1 is defined for every image: an empty target
-with (near-)zero probabilities scores ~1, any predicted mass m on an empty target scores
-1 / (m + 1).
+Both soft Dice scores are defined for every image (see above for the empty target).
 With s = 0, an image where both sum p and sum t are 0 scores 1.0 (the table's first row).
 Pooled soft scores whose denominator is 0 (e.g. recall of a set without a positive pixel) and
 AUPRC of a set without a positive pixel are null. (scikit-learn returns 0.0 there, with a warning.)
@@ -71,7 +77,9 @@ import torch
 from scipy import ndimage
 
 THRESHOLD = 0.5          # hard prediction: p >= THRESHOLD
-DICE_SMOOTH = 1.0        # soft Dice smoothing s, in pixels
+DICE_SMOOTH = 1.0        # our soft Dice (dice_s1) smoothing s, in pixels
+STUDY_DICE_EPS = 1e-6    # the study's soft Dice smoothing (common/loss.py dice_coef_metric)
+PROB_CLIP = 1e-7         # the study clips probabilities to [c, 1 - c] before the pooled metrics
 PERCENTILE = 95.0        # HD95
 # AveragePrecision merges its per-batch tables once they hold more entries than this (or than the
 # merged table): amortised O(N log N), and a bounded number of small tensors in flight.
@@ -372,12 +380,14 @@ class SegmentationMeter:
 
     def __init__(self, *, from_logits: bool = False, threshold: float = THRESHOLD,
                  dice_smooth: float = DICE_SMOOTH, store=None, spacing=None,
-                 patient_metrics: bool = True) -> None:
+                 patient_metrics: bool = True, clip: float | None = PROB_CLIP) -> None:
         self.from_logits, self.threshold, self.dice_smooth = from_logits, threshold, dice_smooth
+        self.clip = clip
         self.store, self.spacing, self.patient_metrics = store, spacing, patient_metrics
         self._ap = AveragePrecision()
         self._tp = self._fp = self._fn = 0.0
         self._dice_sum, self._n_images = 0.0, 0
+        self._study_dice_batches: list[float] = []
         self._conf = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
         self._slices: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         self._slice_shape: tuple[int, ...] | None = None
@@ -396,12 +406,16 @@ class SegmentationMeter:
             raise ValueError("outputs must be (B, 1, H, W) or (B, H, W), got "
                              f"{tuple(outputs.shape)}")
         probs = torch.sigmoid(outputs) if self.from_logits else outputs
-        self._ap.update(probs, targets)
-        tp, fp, fn = soft_counts(probs, targets)
+        pooled = probs if self.clip is None else probs.clamp(self.clip, 1 - self.clip)
+        self._ap.update(pooled, targets)
+        tp, fp, fn = soft_counts(pooled, targets)
         self._tp, self._fp, self._fn = self._tp + tp, self._fp + fp, self._fn + fn
         dice = dice_per_image(probs, targets, self.dice_smooth)
         self._dice_sum += float(dice.sum())
         self._n_images += dice.numel()
+        if dice.numel():
+            study = dice_per_image(probs, targets, STUDY_DICE_EPS)
+            self._study_dice_batches.append(float(study.mean()))
         for key, value in confusion(probs, targets, self.threshold).items():
             self._conf[key] += value
         if self.patient_metrics:
@@ -456,7 +470,8 @@ class SegmentationMeter:
         distance transform and a labelling per patient); computed here otherwise."""
         n_pixels = sum(self._conf.values())
         out = {"auprc": self._ap.compute(), **scores_from_soft_counts(self._tp, self._fp, self._fn),
-               "dice": self._dice_sum / self._n_images if self._n_images else None,
+               "dice": _mean(self._study_dice_batches),
+               "dice_s1": self._dice_sum / self._n_images if self._n_images else None,
                **self._conf, "n_pixels": n_pixels, "n_images": self._n_images,
                "prevalence": (self._conf["tp"] + self._conf["fn"]) / n_pixels if n_pixels else None}
         if patients is None:

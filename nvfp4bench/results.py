@@ -5,6 +5,7 @@ Layout (docs/interfaces.md "Results")::
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json       the result
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.ckpt.pt    last-epoch training state
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.best.pt    best-epoch model weights
+    (``holdout_seed<s>`` instead of ``fold<k>_seed<s>`` for ``--split holdout``)
 
 A cell is done when its JSON has ``status == "complete"`` and the ``config_hash`` of the options
 that change the numbers (everything but the output directory, --resume, the worker count and the
@@ -56,9 +57,12 @@ def data_identity(data) -> str | None:
 
 
 def result_path(out_dir, dataset: str, arch: str, scale: str, recipe: str, fold: int,
-                seed: int) -> Path:
-    """OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json"""
-    return Path(out_dir) / dataset / arch / scale / recipe / f"fold{int(fold)}_seed{int(seed)}.json"
+                seed: int, split: str = "kfold") -> Path:
+    """OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json (k-fold CV), or
+    .../holdout_seed<s>.json for the hold-out split (its only partition)."""
+    name = f"holdout_seed{int(seed)}.json" if split == "holdout" else \
+        f"fold{int(fold)}_seed{int(seed)}.json"
+    return Path(out_dir) / dataset / arch / scale / recipe / name
 
 
 def checkpoint_paths(json_path) -> tuple[Path, Path]:

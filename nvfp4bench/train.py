@@ -3,19 +3,33 @@
 ``run(config) -> dict`` does the whole job and returns the result JSON it wrote::
 
     store  = the slice store at --data (default: the embedded synthetic store, built on first use)
-    folds  = load_folds(store)[fold]                    patient-level train / val / test
+    folds  = load_folds(store, split)[fold]             the study's patient-level train / val / test
     model  = build_model(arch, scale) under a seed of (arch, scale, seed) only, so every recipe
              of one (arch, scale, seed) starts from the same weights (QAT from scratch);
              then quantize_model(model, recipe, generator=G_sr)
     each epoch:  train (BCE + Tversky, grad clip 1.0) -> validate (loss, AUPRC)
-                 -> ReduceLROnPlateau(val loss) -> early stopping (val loss) -> checkpoint
+                 -> ReduceLROnPlateau(mode "max") stepped with minus the val loss
+                 -> best checkpoint / early stopping (val loss) -> checkpoint
     at the end:  reload the best-val-loss weights, evaluate val and test with every metric of
                  docs/protocol.md, measure the diagnostics, write the JSON.
 
-Best checkpoint and early stopping, both on the validation loss L_e of epoch e (1-based):
-the best weights are those of the lowest L_e (strictly lower replaces); the stopping counter resets
-when L_e < best_stop - min_delta (best_stop then becomes L_e) and training stops after epoch e when
-the counter reaches ``patience`` and e >= ``min_epochs``.
+The study's loop (common/utils.py of its release), step by step:
+
+* validation loss L_e of epoch e (1-based) = the mean over validation batches of each batch's mean
+  loss (the study's average: a smaller last batch weighs as much as a full one);
+* ReduceLROnPlateau(mode="max", factor 0.5, patience 10, its default relative threshold 1e-4)
+  stepped with -L_e (in mode "max" on negative values the threshold makes an epoch count as better
+  when L_e < best * (1 + 1e-4), not the "min" mode's L_e < best * (1 - 1e-4));
+* epoch e improves when L_e < best - min_delta (best = the last improving epoch's loss, inf before
+  epoch 1): it becomes the best checkpoint and resets the patience counter; any other epoch (a NaN
+  loss included) increments it. Training stops after epoch e when e > ``min_epochs`` (the study's
+  warmup) and the counter >= ``patience``;
+* a training batch whose loss is NaN or infinite is skipped (no backward, no step) and counted in
+  the epoch's ``skipped_steps``; the epoch's training loss is the mean of the per-batch losses of
+  the other batches. Only an epoch with every batch skipped fails the cell (the study's loop would
+  go on to the next epoch without validating). A step whose gradient norm is not finite is left to
+  the GradScaler (fp16, which skips it); without a scaler (fp32, bf16) it is skipped here the same
+  way; both are counted in ``nonfinite_grad_steps``.
 
 Randomness, all explicit and checkpointed: the model init (fork of the global RNG seeded by
 (arch, scale, seed)), the dropout / drop-path draws (global RNG forked and seeded by (seed,
@@ -24,8 +38,8 @@ DataLoader), stochastic rounding (a torch.Generator given to the quantized layer
 (a function of (seed, epoch, index) in SliceDataset). So a cell killed after epoch k and resumed
 ends with the same weights and metrics as one run straight through (CPU, bit for bit).
 
-A non-finite training or validation loss (or gradient norm without a GradScaler) stops the cell:
-its JSON gets ``status: "failed"`` and the error, no metrics.
+A cell fails (JSON ``status: "failed"`` with the reason, no metrics) when a whole epoch's batches
+have a non-finite loss, or when no epoch ever had a finite validation loss (no best checkpoint).
 
 Checkpoints (results.checkpoint_paths) hold only tensors and plain containers and are read back
 with ``torch.load(weights_only=True)``.
@@ -63,14 +77,18 @@ OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
 # --precision name -> autocast dtype (None: no autocast, fp32 everywhere)
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# high-precision compute when neither --precision nor the recipe sets it
-DEVICE_PRECISION: dict[str, str] = {"cpu": "fp32", "cuda": "bf16"}
+# high-precision compute when neither --precision nor the recipe sets it: the study's fp16 autocast
+# with a GradScaler on CUDA (its "Baseline (FP16)"), fp32 on the CPU
+DEVICE_PRECISION: dict[str, str] = {"cpu": "fp32", "cuda": "fp16"}
+# backends that need their own default (Transformer Engine's NVFP4 runs under bf16 only)
+BACKEND_PRECISION: dict[str, str] = {"te": "bf16"}
 # pooled pixel metrics recorded every epoch (SegmentationMeter keys)
 VAL_METRICS = ("auprc", "dice", "recall", "precision", "f2", "iou")
 
 
 class NonFiniteError(RuntimeError):
-    """A loss or gradient norm became NaN or infinite: the cell stops and is marked failed."""
+    """Every training batch of an epoch had a non-finite loss, or no epoch had a finite
+    validation loss: the cell stops and is marked failed."""
 
 
 # --------------------------------------------------------------------------- small pure helpers
@@ -101,8 +119,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, recipe: Recipe, device: torch.device) -> str:
-    """The high-precision compute dtype: --precision, else the recipe's, else the device's.
+def resolve_precision(precision: str, recipe: Recipe, device: torch.device,
+                      backend: str = "emulator") -> str:
+    """The high-precision compute dtype: --precision, else the recipe's, else the backend's (te:
+    bf16), else the device's (fp16 autocast + GradScaler on CUDA, fp32 on CPU).
 
     A baseline recipe that fixes its dtype (fp16, fp32) cannot be run at another precision.
     """
@@ -113,6 +133,8 @@ def resolve_precision(precision: str, recipe: Recipe, device: torch.device) -> s
         return recipe.compute_dtype
     if precision != "auto":
         return precision
+    if device.type == "cuda" and backend in BACKEND_PRECISION:
+        return BACKEND_PRECISION[backend]
     return DEVICE_PRECISION[device.type]
 
 
@@ -121,29 +143,35 @@ def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def make_scheduler(optimizer, config: RunConfig):
+    """The study's ReduceLROnPlateau: mode "max", stepped with minus the validation loss."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=config.lr_factor, patience=config.lr_patience)
+
+
 @dataclass
 class EarlyStopping:
-    """Early stopping and best-checkpoint bookkeeping on the validation loss (module docstring)."""
+    """The study's best checkpoint and early stopping on the validation loss (module docstring):
+    improved = L_e < best - min_delta; stop after epoch e when e > min_epochs and the epochs
+    without improvement reach ``patience``."""
 
     patience: int
     min_delta: float
     min_epochs: int
-    best_loss: float = math.inf  # lowest validation loss: the kept checkpoint
+    best_loss: float = math.inf  # the last improving epoch's validation loss: the kept checkpoint
     best_epoch: int | None = None
-    stop_loss: float = math.inf  # reference of the patience counter
     bad_epochs: int = 0
     stopped: bool = False
 
     def update(self, epoch: int, val_loss: float) -> bool:
-        """Record epoch ``epoch`` (1-based); True when its weights are the new best."""
-        improved = val_loss < self.best_loss
+        """Record epoch ``epoch`` (1-based); True when it improves (its weights are the new best).
+        A NaN loss never improves."""
+        improved = val_loss < self.best_loss - self.min_delta
         if improved:
-            self.best_loss, self.best_epoch = val_loss, epoch
-        if val_loss < self.stop_loss - self.min_delta:
-            self.stop_loss, self.bad_epochs = val_loss, 0
+            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
         else:
             self.bad_epochs += 1
-        self.stopped = epoch >= self.min_epochs and self.bad_epochs >= self.patience
+        self.stopped = epoch > self.min_epochs and self.bad_epochs >= self.patience
         return improved
 
     def state_dict(self) -> dict:
@@ -202,7 +230,7 @@ def setup(config: RunConfig) -> Cell:
 
     recipe = get_recipe(config.recipe)
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, recipe, device)
+    precision = resolve_precision(config.precision, recipe, device, config.backend)
     # the backend's refusals come first: before any data or model is built
     get_backend(config.backend).preflight(recipe, device, AUTOCAST_DTYPES[precision])
     if config.data is None:
@@ -213,16 +241,17 @@ def setup(config: RunConfig) -> Cell:
             raise ValueError(f"--data {config.data}: no such directory (build a store with "
                              f"data_prep.py, or leave --data out for the synthetic one)")
     store = SliceStore(store_dir)
-    folds = load_folds(store_dir)
+    folds = load_folds(store_dir, split=config.split)
     if not 0 <= config.fold < len(folds):
-        raise ValueError(f"--fold {config.fold}: the store has folds 0..{len(folds) - 1}")
+        raise ValueError(f"--fold {config.fold}: the {config.split} split of the store has "
+                         f"fold{'s 0..' if len(folds) > 1 else ' '}{len(folds) - 1}")
     split = folds[config.fold]
     resolved = config.resolved()
     image_size = resolved.image_size or int(store.image_size)
     resolved = dataclasses.replace(resolved, image_size=image_size, precision=precision,
                                    device=str(device))
     json_path = results.result_path(config.out, store.name, config.arch, config.scale,
-                                    config.recipe, config.fold, config.seed)
+                                    config.recipe, config.fold, config.seed, split=config.split)
     ckpt_path, best_path = results.checkpoint_paths(json_path)
     return Cell(resolved, results.config_hash(config), recipe, device, precision, store, split,
                 json_path, ckpt_path, best_path)
@@ -254,10 +283,11 @@ def make_loaders(cell: Cell, loader_generator: torch.Generator):
         if len(ds) == 0:
             raise ValueError(f"fold {c.fold}: the {part} partition has no slices")
     pin = cell.device.type == "cuda"
-    # A last batch of one slice breaks BatchNorm in training: drop it (only then).
+    # The study keeps every batch; --drop-last-single drops a last batch of one slice (BatchNorm
+    # cannot train on one value per channel).
     train = DataLoader(sets["train"], batch_size=c.batch_size, shuffle=True,
                        generator=loader_generator, num_workers=c.workers, pin_memory=pin,
-                       drop_last=len(sets["train"]) % c.batch_size == 1)
+                       drop_last=c.drop_last_single and len(sets["train"]) % c.batch_size == 1)
     val, test = (DataLoader(sets[p], batch_size=c.batch_size, shuffle=False,
                             num_workers=c.workers, pin_memory=pin) for p in ("val", "test"))
     return sets["train"], train, val, test
@@ -270,16 +300,21 @@ def _autocast(cell: Cell):
 
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(logits.float().clamp(-20.0, 20.0))
+    """sigmoid of the fp32 logits, unclamped as the study's evaluation (its soft Dice sees them)."""
+    return torch.sigmoid(logits.float())
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cell: Cell, epoch: int,
                     bar) -> dict:
-    """One pass over the training slices; mean loss, gradient norms (before clipping), step times."""
+    """One pass over the training slices (the study's loop, module docstring): mean per-batch loss,
+    gradient norms (before clipping), step times, skipped_steps (non-finite loss) and
+    nonfinite_grad_steps. Raises NonFiniteError when every batch had a non-finite loss."""
     model.train()
-    total, count, norms, step_ms = 0.0, 0, [], []
+    losses, norms, step_ms = [], [], []
+    skipped, bad_grads, steps = 0, 0, 0
     for step, (images, masks, _) in enumerate(loader):
         t0 = time.perf_counter()
+        steps += 1
         images = images.to(cell.device, non_blocking=True)
         masks = masks.to(cell.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -287,55 +322,68 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cell: Cell, epoch
             logits = model(images)
         loss = loss_fn(logits.float(), masks)
         value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteError(f"epoch {epoch} step {step + 1}: training loss is {value} "
-                                 f"(recipe {cell.recipe.name}, lr {cell.config.lr})")
+        bar.update(1)
+        if not math.isfinite(value):  # the study skips the batch: no backward, no step
+            skipped += 1
+            continue
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         norm = float(nn.utils.clip_grad_norm_(model.parameters(), cell.config.grad_clip))
-        if not math.isfinite(norm) and not scaler.is_enabled():
-            raise NonFiniteError(f"epoch {epoch} step {step + 1}: gradient norm is {norm} "
-                                 f"(recipe {cell.recipe.name})")
-        scaler.step(optimizer)
-        scaler.update()
-        _sync(cell.device)
-        step_ms.append((time.perf_counter() - t0) * 1e3)
-        n = images.shape[0]
-        total += value * n
-        count += n
         if math.isfinite(norm):
             norms.append(norm)
-        bar.update(1)
+        else:
+            bad_grads += 1
+        if math.isfinite(norm) or scaler.is_enabled():  # a GradScaler skips a non-finite step
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        _sync(cell.device)
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+        losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
-    return {"train_loss": total / count, "grad_norm": sum(norms) / len(norms) if norms else None,
-            "grad_norm_max": max(norms) if norms else None, "step_ms": step_ms}
+    if not losses:
+        raise NonFiniteError(f"epoch {epoch}: the loss was NaN or infinite in every one of its "
+                             f"{steps} training steps (recipe {cell.recipe.name}, lr "
+                             f"{cell.config.lr}); nothing was learned")
+    return {"train_loss": sum(losses) / len(losses),
+            "grad_norm": sum(norms) / len(norms) if norms else None,
+            "grad_norm_max": max(norms) if norms else None, "step_ms": step_ms,
+            "skipped_steps": skipped, "nonfinite_grad_steps": bad_grads}
 
 
 @torch.no_grad()
-def _predict(model, loader, meter, cell: Cell, loss_fn=None) -> float | None:
-    """Feed every batch's probabilities to ``meter``; the mean loss over slices when asked."""
+def _predict(model, loader, meter, cell: Cell, loss_fn=None) -> tuple[float | None, bool]:
+    """Feed every batch's probabilities to ``meter`` -> (the mean over batches of each batch's
+    mean loss when asked (the study's average), whether every output was finite). A batch with
+    non-finite outputs is not metered: its loss is NaN, so the caller knows."""
     model.eval()
-    total, count = 0.0, 0
+    batch_losses, finite = [], True
     for images, masks, index in loader:
         images = images.to(cell.device)
         with _autocast(cell):
             logits = model(images)
         if loss_fn is not None:
-            total += float(loss_fn(logits.float(), masks.to(cell.device))) * images.shape[0]
-            count += images.shape[0]
-        meter.update(_probs(logits).cpu(), masks, index)
-    return total / count if loss_fn is not None else None
+            batch_losses.append(float(loss_fn(logits.float(), masks.to(cell.device))))
+        probs = _probs(logits).cpu()
+        if not torch.isfinite(probs).all():
+            finite = False
+            continue
+        meter.update(probs, masks, index)
+    loss = sum(batch_losses) / len(batch_losses) if loss_fn is not None else None
+    return loss, finite
 
 
 def validate(model, loader, loss_fn, cell: Cell, epoch: int) -> dict:
-    """The per-epoch validation: loss (mean over slices) and the pooled pixel metrics
-    (AUPRC, soft recall / precision / F2 / IoU, soft Dice per image), no per-patient ones."""
+    """The per-epoch validation: loss (the study's mean of per-batch means) and the pooled pixel
+    metrics (AUPRC, soft recall / precision / F2 / IoU, soft Dice per image), no per-patient ones.
+    A non-finite loss is NaN here (the epoch does not improve, as in the study) and its metrics
+    are None."""
     from nvfp4bench.metrics import SegmentationMeter
     meter = SegmentationMeter(patient_metrics=False)
-    loss = _predict(model, loader, meter, cell, loss_fn)
-    if not math.isfinite(loss):
-        raise NonFiniteError(f"epoch {epoch}: validation loss is {loss} "
-                             f"(recipe {cell.recipe.name})")
+    loss, finite = _predict(model, loader, meter, cell, loss_fn)
+    if not (finite and math.isfinite(loss)):
+        return {"loss": math.nan, **{k: None for k in VAL_METRICS}}
     m = meter.compute()
     return {"loss": loss, **{k: m[k] for k in VAL_METRICS}}
 
@@ -357,7 +405,9 @@ def evaluate(model, loader, cell: Cell, part: str) -> dict:
     from nvfp4bench.metrics import SegmentationMeter
     spacing = voxel_spacing(cell, cell.split[part])
     meter = SegmentationMeter(store=cell.store, spacing=spacing)
-    _predict(model, loader, meter, cell)
+    _, finite = _predict(model, loader, meter, cell)
+    if not finite:
+        raise NonFiniteError(f"the best checkpoint's outputs on the {part} set are not finite")
     rows = meter.per_patient()
     return {**meter.compute(rows), "hd95_unit": "voxel" if spacing is None else "mm",
             "spacing": spacing, "per_patient": rows}
@@ -426,7 +476,7 @@ def _data_block(cell: Cell) -> dict:
     return {"name": s.name, "synthetic": bool(s.synthetic), "fingerprint": s.fingerprint,
             "path": str(Path(s.path).resolve()),
             "image_size": int(s.image_size), "channels": int(s.channels),
-            "spacing": s.spacing, "fold": cell.config.fold,
+            "spacing": s.spacing, "split": cell.config.split, "fold": cell.config.fold,
             "patients": {p: list(cell.split[p]) for p in ("train", "val", "test")},
             "slices": {p: len(s.slice_indices(cell.split[p])) for p in ("train", "val", "test")}}
 
@@ -465,8 +515,7 @@ def _run(cell: Cell, on_epoch_end) -> dict:
     train_set, train_loader, val_loader, test_loader = make_loaders(cell, loader_gen)
     loss_fn = BCETverskyLoss()
     optimizer = make_optimizer(c, model.parameters())
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=c.lr_factor, patience=c.lr_patience)
+    scheduler = make_scheduler(optimizer, c)
     scaler = torch.amp.GradScaler(cell.device.type, enabled=cell.precision == "fp16")
     stopper = EarlyStopping(c.patience, c.min_delta, c.min_epochs)
     history: list[dict] = []
@@ -513,14 +562,16 @@ def _run(cell: Cell, on_epoch_end) -> dict:
                 auprc = "n/a" if val["auprc"] is None else f"{val['auprc']:.4f}"
                 bar.set_postfix(loss=f"{tr['train_loss']:.4f}", val_loss=f"{val['loss']:.4f}",
                                 val_auprc=auprc)
-            scheduler.step(val["loss"])
+            scheduler.step(-val["loss"])
             if stopper.update(epoch, val["loss"]):
                 _save_atomic({"model": model.state_dict(), "epoch": epoch,
                               "config_hash": cell.config_hash}, cell.best_path)
             step_ms.extend(tr["step_ms"])
-            record = {"epoch": epoch, "train_loss": tr["train_loss"], "val_loss": val["loss"],
+            record = {"epoch": epoch, "train_loss": tr["train_loss"],
+                      "val_loss": val["loss"] if math.isfinite(val["loss"]) else None,
                       "val": {k: val[k] for k in VAL_METRICS}, "lr": lr, "grad_norm": tr["grad_norm"],
-                      "grad_norm_max": tr["grad_norm_max"],
+                      "grad_norm_max": tr["grad_norm_max"], "skipped_steps": tr["skipped_steps"],
+                      "nonfinite_grad_steps": tr["nonfinite_grad_steps"],
                       "step_ms_median": _median(tr["step_ms"]),
                       "seconds": time.perf_counter() - t0}
             history.append(record)
@@ -539,6 +590,9 @@ def _run(cell: Cell, on_epoch_end) -> dict:
                 on_epoch_end(epoch, record)
 
         t_eval = time.perf_counter()
+        if stopper.best_epoch is None:
+            raise NonFiniteError(f"no epoch of {len(history)} had a finite validation loss: there "
+                                 f"is no best checkpoint (recipe {cell.recipe.name})")
         best = torch.load(cell.best_path, map_location="cpu", weights_only=True)
         model.load_state_dict(best["model"])
         result["val"] = evaluate(model, val_loader, cell, "val")

@@ -126,7 +126,13 @@ def test_precision_comes_from_the_option_the_recipe_or_the_device():
     from nvfp4bench.train import resolve_device, resolve_precision
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", get_recipe("nvfp4_full"), cpu) == "fp32"
-    assert resolve_precision("auto", get_recipe("baseline"), cuda) == "bf16"
+    # the study's default on CUDA: fp16 autocast + GradScaler, for every recipe and the baseline
+    assert resolve_precision("auto", get_recipe("baseline"), cuda) == "fp16"
+    assert resolve_precision("auto", get_recipe("2d_rht_sr"), cuda) == "fp16"
+    # Transformer Engine's NVFP4 needs bf16: its default, and fp16 is refused there (te backend)
+    assert resolve_precision("auto", get_recipe("2d_rht_sr"), cuda, "te") == "bf16"
+    assert resolve_precision("auto", get_recipe("2d_rht_sr"), cpu, "te") == "fp32"
+    assert resolve_precision("bf16", get_recipe("nvfp4_full"), cuda) == "bf16"
     assert resolve_precision("fp16", get_recipe("2d_rht"), cuda) == "fp16"
     assert resolve_precision("auto", get_recipe("fp16"), cpu) == "fp16"
     assert resolve_precision("fp32", get_recipe("fp32"), cuda) == "fp32"
@@ -137,3 +143,20 @@ def test_precision_comes_from_the_option_the_recipe_or_the_device():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="--device"):
         resolve_device("tpu")
+
+
+def test_summary_puts_the_test_auprc_and_its_chance_level_first():
+    from nvfp4bench.cli import summary
+    result = {"config": {"arch": "cnn", "scale": "tiny", "recipe": "fwd_only", "fold": 2,
+                         "seed": 2026, "split": "kfold"}, "status": "complete",
+              "test": {"auprc": 0.5, "prevalence": 0.02, "dice": 0.3, "recall": 0.4, "f2": 0.35,
+                       "patient_dice_mean": 0.6, "lesion_recall": None},
+              "val": {"auprc": 0.4}, "timing": {"total_seconds": 3.0},
+              "data": {"name": "synthetic", "synthetic": True}, "history": [{"skipped_steps": 2}],
+              "best_epoch": 1, "epochs_run": 1, "stopped_early": False, "best_val_loss": 0.9}
+    lines = summary(result).splitlines()
+    assert lines[1].startswith("  test AUPRC 0.5000 (25.0x prevalence 0.0200)  soft Dice 0.3000")
+    assert "lesion recall n/a" in lines[1] and lines[2].startswith("  val  AUPRC 0.4000")
+    assert "2 steps skipped" in lines[3]
+    holdout = dict(result, config=dict(result["config"], split="holdout", fold=0))
+    assert summary(holdout).startswith("cnn/tiny/fwd_only holdout seed 2026: complete")

@@ -10,7 +10,6 @@ from nvfp4bench.data import (SliceDataset, SliceStore, ensure_synthetic_store,
 from nvfp4bench.data import synthetic
 from nvfp4bench.data.augment import AugParams, apply, augment
 from nvfp4bench.data.dataset import IMAGENET_MEAN, IMAGENET_STD, channel_stats
-from nvfp4bench.data.folds import burden_bins, check_folds, make_folds
 from nvfp4bench.data.preprocess import CaseSlices, SliceRule, normalise, select_slices
 from nvfp4bench.data.store import StoreWriter, is_store
 
@@ -162,57 +161,12 @@ def test_select_slices_rules():
     assert select_slices(brain, 0 * tumour, SliceRule("tumour", 0.25)).tolist() == [2, 3, 4, 5]
 
 
-# ---------------------------------------------------------------- folds
-def _burden(n=40, free=7, seed=0):
-    rng = np.random.default_rng(seed)
-    b = {f"P{i:03d}": int(rng.integers(1, 30000)) for i in range(n)}
-    for p in list(b)[:free]:
-        b[p] = 0
-    return b
-
-
-def test_folds_no_leak_every_patient_held_out_once_and_stratified():
-    burden = _burden()
-    split = make_folds(burden, 5, 2026)
-    bins = burden_bins(burden)
-    assert all(bins[p] == 0 for p, b in burden.items() if b == 0)
-    held = []
-    for f in split["folds"]:
-        assert not set(f["train"]) & set(f["val"] + f["test"]) and not set(f["val"]) & set(f["test"])
-        assert len(f["val"]) - len(f["test"]) in (0, 1)
-        held += f["val"] + f["test"]
-    assert sorted(held) == sorted(burden)  # each patient held out exactly once
-    for b in range(3):  # each bin spread evenly over the folds
-        per_fold = [sum(bins[p] == b for p in f["val"] + f["test"]) for f in split["folds"]]
-        assert max(per_fold) - min(per_fold) <= 1
-    assert make_folds(burden, 5, 2026) == split  # seeded
-    assert make_folds(burden, 5, 1)["folds"] != split["folds"]
-
-
-def test_check_folds_catches_a_leak():
-    split = make_folds(_burden(), 5, 2026)
-    split["folds"][2]["val"].append(split["folds"][2]["train"][0])
-    with pytest.raises(AssertionError, match="both train and val"):
-        check_folds(split, list(_burden()))
-
-
-def test_load_folds_creates_then_validates(store_dir):
-    folds = load_folds(store_dir)
-    assert len(folds) == 5 and load_folds(store_dir) == folds
-    path = store_dir / "folds.json"
-    saved = json.loads(path.read_text())
-    assert saved["seed"] == 2026 and sorted(saved["patients"]) == sorted(SliceStore(store_dir).patients)
-    tampered = dict(saved, patients=saved["patients"][:-1])
-    path.write_text(json.dumps(tampered))
-    with pytest.raises(ValueError, match="differ"):
-        load_folds(store_dir)
-    leak = json.loads(json.dumps(saved))
-    leak["folds"][0]["test"].append(leak["folds"][0]["train"][0])
-    path.write_text(json.dumps(leak))
-    with pytest.raises(ValueError, match="both train and test"):
-        load_folds(store_dir)
-    path.write_text(json.dumps(saved))
-    assert load_folds(store_dir) == folds
+# ---------------------------------------------------------------- folds (tests/test_folds.py)
+def test_the_embedded_store_is_built_with_its_folds(store_dir):
+    """data_prep writes folds.json with the store (the embedded store takes the same path)."""
+    saved = json.loads((store_dir / "folds.json").read_text())
+    assert sorted(saved["patients"]) == sorted(SliceStore(store_dir).patients)
+    assert len(load_folds(store_dir)) == 5 and len(load_folds(store_dir, split="holdout")) == 1
 
 
 # ---------------------------------------------------------------- Dataset

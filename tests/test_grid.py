@@ -91,6 +91,39 @@ def test_dry_run_narrowed_and_seeds(tmp_path, capsys):
     assert {ln.split()[1] for ln in lines if ln.startswith("pending")} == {"cnn", "swin"}
 
 
+@pytest.mark.parametrize("preset, n, archs, scales, recipe_ids, seeds, split", [
+    ("holdout", 72, {"cnn", "vit", "swin"}, {"tiny", "small", "base"}, set(range(8)), {2026},
+     "holdout"),
+    ("multiseed", 480, {"cnn", "swin"}, {"tiny", "small", "base"}, set(range(8)),
+     set(range(2026, 2036)), "holdout"),
+    ("cv", 20, {"cnn", "swin"}, {"small"}, {0, 5}, {2026}, "kfold"),
+])
+def test_presets_are_the_studys_run_matrices(tmp_path, capsys, preset, n, archs, scales,
+                                             recipe_ids, seeds, split):
+    from nvfp4bench.quant.recipes import RECIPES
+    ns, forward = grid.split_argv(["--preset", preset, "--out", str(tmp_path)])
+    targets = grid.plan(ns, forward)
+    cells = [t.cell for t in targets]
+    assert len(cells) == len(set(cells)) == n
+    assert {c.arch for c in cells} == archs and {c.scale for c in cells} == scales
+    assert {RECIPES[c.recipe].study_id for c in cells} == recipe_ids
+    assert {c.seed for c in cells} == seeds
+    assert {t.config.split for t in targets} == {split}
+    assert {c.fold for c in cells} == ({0} if split == "holdout" else set(range(5)))
+    if split == "holdout":
+        assert all(t.result.name == f"holdout_seed{t.cell.seed}.json" for t in targets)
+    assert grid.main(["--dry-run", "--preset", preset, "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{n} cells"
+
+
+def test_a_preset_is_narrowed_by_explicit_options_and_holdout_has_one_fold(tmp_path, capsys):
+    ns, _ = grid.split_argv(["--preset", "multiseed", "--seeds", "2030", "--scales", "tiny"])
+    assert len(grid.build_cells(ns.archs, ns.scales, ns.recipes, ns.folds, ns.seeds)) == 16
+    with pytest.raises(SystemExit) as e:
+        grid.main(["--dry-run", "--split", "holdout", "--folds", "0,1", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "one partition" in capsys.readouterr().err
+
+
 def test_build_cells_is_the_full_product_without_repeats():
     cells = build_cells(["cnn", "vit"], ["tiny", "base"], ["baseline", "sr_only", "fwd_rht"], [0, 3],
                         [1, 2])

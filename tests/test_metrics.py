@@ -191,11 +191,14 @@ def test_meter_matches_one_shot_functions_and_patient_policy():
         meter.update(logits[chunk], targets[chunk], patients=[patients[i] for i in chunk],
                      positions=[positions[i] for i in chunk])
     out = meter.compute()
-    expected_ap = average_precision_score(targets.flatten(), probs.flatten())
+    clipped = probs.clamp(1e-7, 1 - 1e-7)  # the study's clip before the pooled metrics
+    expected_ap = average_precision_score(targets.flatten(), clipped.flatten())
     assert out["auprc"] == pytest.approx(expected_ap)
-    for key, value in M.soft_scores(probs, targets).items():
+    for key, value in M.soft_scores(clipped, targets).items():
         assert out[key] == pytest.approx(value)
-    assert out["dice"] == pytest.approx(float(M.dice_per_image(probs, targets).mean()))
+    study = [M.dice_per_image(probs[c], targets[c], 1e-6).mean() for c in (order[:4], order[4:])]
+    assert out["dice"] == pytest.approx(float(sum(study) / 2))
+    assert out["dice_s1"] == pytest.approx(float(M.dice_per_image(probs, targets).mean()))
     assert {k: out[k] for k in ("tp", "fp", "fn", "tn")} == M.confusion(probs, targets)
     assert out["n_pixels"] == 6 * 64 and out["prevalence"] == pytest.approx(18 / 384)
     # patient a: pred = slice 1 block (9 voxels), target = slices 0-1 (18): Dice 2*9/27;
@@ -246,3 +249,47 @@ def test_meter_maps_indices_through_the_store_and_checks_duplicates():
     empty = M.SegmentationMeter().compute()
     assert empty["auprc"] is None and empty["dice"] is None and empty["n_pixels"] == 0
     assert empty["patient_dice_mean"] is None and empty["lesion_recall"] is None
+
+
+def _study_dice(p, t, eps=1e-6):
+    """The study's dice_coef_metric restated: per image (2 sum p t + eps) / (sum p + sum t + eps),
+    float32, the batch's mean."""
+    inter = (p * t).sum(dim=(2, 3))
+    return float(((2 * inter + eps) / (p.sum(dim=(2, 3)) + t.sum(dim=(2, 3)) + eps)).mean())
+
+
+def test_dice_is_the_studys_soft_dice_averaged_over_batches():
+    torch.manual_seed(0)
+    empty = torch.sigmoid(torch.full((1, 1, 64, 64), -20.0))  # a confident empty prediction
+    meter = M.SegmentationMeter()
+    meter.update(empty, torch.zeros(1, 1, 64, 64))
+    out = meter.compute()
+    # an empty slice with an empty prediction scores about 0 in the study's Dice, ~1 in ours
+    assert out["dice"] == pytest.approx(1e-6 / (4096 * float(empty[0, 0, 0, 0]) + 1e-6))
+    assert out["dice"] < 0.11 and out["dice_s1"] > 0.99
+    probs = torch.rand(3, 1, 16, 16)
+    targets = (torch.rand(3, 1, 16, 16) > 0.7).float()
+    meter = M.SegmentationMeter()
+    meter.update(probs[:2], targets[:2])
+    meter.update(probs[2:], targets[2:])  # a last batch of one weighs as much as the first
+    want = (_study_dice(probs[:2], targets[:2]) + _study_dice(probs[2:], targets[2:])) / 2
+    out = meter.compute()
+    assert out["dice"] == pytest.approx(want, rel=1e-6)
+    assert out["dice"] != pytest.approx(_study_dice(probs, targets), rel=1e-6)
+
+
+def test_pooled_metrics_see_the_studys_clipped_probabilities():
+    """Below 1e-7 every probability ties at 1e-7, as the study's np.clip makes them."""
+    probs = torch.tensor([[[[0.9, 5e-8, 3e-8, 1e-9]]]])
+    targets = torch.tensor([[[[1.0, 0.0, 1.0, 0.0]]]])
+    meter = M.SegmentationMeter()
+    meter.update(probs, targets)
+    clipped = np.clip(probs.numpy().ravel(), 1e-7, 1 - 1e-7)
+    assert clipped.dtype == np.float32
+    raw = average_precision_score(targets.ravel(), probs.ravel())
+    study = average_precision_score(targets.ravel(), clipped)
+    assert raw != pytest.approx(study)
+    assert meter.compute()["auprc"] == pytest.approx(study)
+    unclipped = M.SegmentationMeter(clip=None)
+    unclipped.update(probs, targets)
+    assert unclipped.compute()["auprc"] == pytest.approx(raw)

@@ -26,9 +26,11 @@ def store(tmp_path_factory):
                                   image_size=32, progress=False)
 
 
+# fold 1 of this store has a tumour patient in both val and test (fold 0's test patient is
+# tumour-free, so its test AUPRC does not exist)
 def _config(store, out, **kw) -> RunConfig:
     base = dict(arch="cnn", scale="tiny", recipe="nvfp4_full", data=str(store), out=str(out),
-                fold=0, epochs=1, batch_size=16, progress=False, diagnostics=False, threads=1)
+                fold=1, epochs=1, batch_size=16, progress=False, diagnostics=False, threads=1)
     return RunConfig(**{**base, **kw})
 
 
@@ -52,7 +54,7 @@ def test_one_cell_writes_the_result_json(store, tmp_path, arch, recipe):
     result = run(config)
     assert result["status"] == "complete", result["error"]
     path = config.result_path()
-    assert path == tmp_path / "synthetic" / arch / "tiny" / recipe / "fold0_seed2026.json"
+    assert path == tmp_path / "synthetic" / arch / "tiny" / recipe / "fold1_seed2026.json"
     on_disk = json.loads(path.read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert TOP_KEYS <= set(on_disk)
@@ -131,9 +133,8 @@ def test_every_recipe_starts_from_the_same_weights(store, tmp_path):
     assert init_seed("swin", "tiny", 2026) != init_seed("swin", "small", 2026)
 
 
-@pytest.fixture
-def nan_at_third_step(monkeypatch):
-    """Inject a NaN training loss at the third loss evaluation of a run."""
+def _nan_loss(monkeypatch, when):
+    """Make the loss NaN at the loss evaluations (1-based count over the run) where when(n)."""
     import nvfp4bench.train as train
     calls = {"n": 0}
 
@@ -141,46 +142,168 @@ def nan_at_third_step(monkeypatch):
         def forward(self, logits, targets):
             calls["n"] += 1
             loss = super().forward(logits, targets)
-            return loss * math.nan if calls["n"] == 3 else loss
+            return loss * math.nan if when(calls["n"]) else loss
 
     monkeypatch.setattr(train, "BCETverskyLoss", NanLoss)
 
 
-def test_non_finite_loss_fails_the_cell_without_metrics(store, tmp_path, nan_at_third_step):
+@pytest.fixture
+def nan_at_third_step(monkeypatch):
+    """Inject a NaN training loss at the third loss evaluation of a run (a training step)."""
+    _nan_loss(monkeypatch, lambda n: n == 3)
+
+
+@pytest.fixture
+def nan_always(monkeypatch):
+    _nan_loss(monkeypatch, lambda n: True)
+
+
+def test_a_non_finite_loss_skips_its_batch_and_is_counted(store, tmp_path, nan_at_third_step):
+    result = run(_config(store, tmp_path, batch_size=8))
+    assert result["status"] == "complete", result["error"]
+    h = result["history"][0]
+    assert h["skipped_steps"] == 1 and h["nonfinite_grad_steps"] == 0
+    assert math.isfinite(h["train_loss"]) and result["test"]["n_pixels"] > 0
+
+
+def test_an_epoch_whose_every_loss_is_non_finite_fails_the_cell(store, tmp_path, nan_always):
     config = _config(store, tmp_path, batch_size=8)
     result = run(config)
     assert result["status"] == "failed"
-    assert "epoch 1 step 3: training loss is nan" in result["error"]
+    assert "epoch 1: the loss was NaN or infinite in every one of its" in result["error"]
     on_disk = json.loads(config.result_path().read_text())
     assert on_disk["status"] == "failed" and on_disk["error"] == result["error"]
     assert on_disk["val"] is None and on_disk["test"] is None and on_disk["history"] == []
     assert not results.is_complete(config.result_path(), results.config_hash(config))
 
 
-def test_failing_cell_exits_non_zero_from_the_command_line(store, tmp_path, capsys,
-                                                           nan_at_third_step):
+def test_failing_cell_exits_non_zero_from_the_command_line(store, tmp_path, capsys, nan_always):
     from nvfp4bench.cli import main
     code = main(["--arch", "cnn", "--scale", "tiny", "--recipe", "fwd_only", "--fold", "1",
                  "--data", str(store), "--out", str(tmp_path), "--epochs", "1",
                  "--batch-size", "8", "--no-progress", "--no-diagnostics", "--threads", "1"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "training loss is nan" in err and "Traceback" not in err
+    assert "NaN or infinite in every one" in err and "Traceback" not in err
 
 
-def test_early_stopping_waits_for_min_epochs_and_keeps_the_lowest_loss():
+class _Bar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+
+def _toy(precision="fp32"):
+    """A linear 'segmenter' on 2x2 images, a loader of three batches and a Cell-like namespace."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, 1, 1)
+    batches = [(torch.randn(4, 1, 2, 2), (torch.rand(4, 1, 2, 2) > 0.5).float(),
+                torch.arange(4)) for _ in range(3)]
+    cell = SimpleNamespace(device=torch.device("cpu"), precision=precision,
+                           config=SimpleNamespace(grad_clip=1.0, lr=0.1),
+                           recipe=SimpleNamespace(name="toy"))
+    return model, batches, cell
+
+
+def test_a_skipped_batch_takes_no_step():
+    """Loss NaN on batches 2 and 3: the epoch's weights are those after batch 1's step alone."""
+    from nvfp4bench.losses import BCETverskyLoss
+    from nvfp4bench.train import train_one_epoch
+    model, batches, cell = _toy()
+    n = {"k": 0}
+
+    def loss_fn(logits, masks):
+        n["k"] += 1
+        loss = BCETverskyLoss()(logits, masks)
+        return loss if n["k"] == 1 else loss * math.inf
+
+    ref = torch.nn.Conv2d(1, 1, 1)
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    out = train_one_epoch(model, batches, loss_fn, opt, scaler, cell, 1, _Bar())
+    assert out["skipped_steps"] == 2 and len(out["step_ms"]) == 1
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.1)
+    train_one_epoch(ref, batches[:1], BCETverskyLoss(), ref_opt, scaler, cell, 1, _Bar())
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_fp16_grad_scaler_skips_an_overflowing_step_on_cpu():
+    """The study's fp16 autocast + GradScaler path, on the CPU: an infinite gradient is not
+    applied, the scale halves, and the step is counted."""
+    from nvfp4bench.losses import BCETverskyLoss
+    from nvfp4bench.train import train_one_epoch
+    model, batches, cell = _toy("fp16")
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def loss_fn(logits, masks):  # a finite loss whose scaled gradient overflows
+        assert logits.dtype == torch.float32
+        return BCETverskyLoss()(logits, masks) + (model.bias * 1e36).sum()
+
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    out = train_one_epoch(model, batches[:1], loss_fn, opt, scaler, cell, 1, _Bar())
+    assert out["nonfinite_grad_steps"] == 1 and out["skipped_steps"] == 0
+    assert scaler.get_scale() == 65536.0 / 2
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_validation_loss_is_the_mean_of_batch_means():
+    """The study's average: a 1-slice last batch weighs as much as a 4-slice one."""
+    from nvfp4bench.losses import BCETverskyLoss
+    from nvfp4bench.metrics import SegmentationMeter
+    from nvfp4bench.train import _predict
+    model, batches, cell = _toy()
+    batches = batches[:2] + [tuple(t[:1] for t in batches[2])]
+    loss, finite = _predict(model, batches, SegmentationMeter(patient_metrics=False), cell,
+                            BCETverskyLoss())
+    with torch.no_grad():
+        per_batch = [float(BCETverskyLoss()(model(x), y)) for x, y, _ in batches]
+    assert finite and loss == pytest.approx(sum(per_batch) / 3, rel=1e-12)
+    per_slice = sum(v * len(b[0]) for v, b in zip(per_batch, batches)) / 9
+    assert abs(loss - per_slice) > 1e-6  # the two averages differ here
+
+
+def test_scheduler_is_the_studys_max_mode_on_minus_the_loss():
+    """ReduceLROnPlateau(mode max) stepped with -L: a loss 0.5e-4 relatively worse still counts as
+    better (threshold on a negative best), where mode min on L would count it as bad."""
+    from nvfp4bench.train import make_scheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, _config("x", "y", lr_patience=1))
+    sched.step(-1.0)
+    sched.step(-1.00005)
+    assert sched.num_bad_epochs == 0
+    sched.step(-2.0)
+    assert sched.num_bad_epochs == 1 and opt.param_groups[0]["lr"] == 1.0
+    sched.step(-2.0)  # a second bad epoch > patience 1: halve
+    assert opt.param_groups[0]["lr"] == 0.5
+    mode_min = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), mode="min")
+    mode_min.step(1.0)
+    mode_min.step(1.00005)
+    assert mode_min.num_bad_epochs == 1  # what the study's choice differs from
+
+
+def test_best_checkpoint_and_early_stopping_are_the_studys():
     s = EarlyStopping(patience=2, min_delta=0.1, min_epochs=5)
-    losses = [1.0, 0.95, 0.96, 0.94, 0.93, 0.92, 0.91]
+    losses = [1.0, 0.95, 0.96, 0.85, 0.84, 0.83, 0.82, math.nan]
     best = [s.update(e, l) for e, l in enumerate(losses, start=1)]
-    # 0.95 beats 1.0 for the checkpoint but not by min_delta for the patience counter
-    assert best == [True, True, False, True, True, True, True]
-    assert s.best_epoch == 7 and s.best_loss == 0.91
-    # bad epochs from epoch 2 on; patience 2 is reached at epoch 3 but min_epochs is 5
-    assert s.stopped and s.bad_epochs == 6
-    s2 = EarlyStopping(patience=2, min_delta=0.1, min_epochs=5)
-    for e, l in enumerate(losses[:4], start=1):
+    # improving needs L < best - min_delta, for the checkpoint as for the counter
+    assert best == [True, False, False, True, False, False, False, False]
+    assert s.best_epoch == 4 and s.best_loss == 0.85
+    # patience 2 is reached at epoch 6, and epoch 6 > min_epochs 5
+    assert s.stopped and s.bad_epochs == 4
+    s2 = EarlyStopping(patience=2, min_delta=0.1, min_epochs=3)
+    for e, l in enumerate([1.0, 1.0, 1.0], start=1):
         s2.update(e, l)
-    assert not s2.stopped
+    assert s2.bad_epochs == 2 and not s2.stopped  # epoch 3 is not > min_epochs 3
+    s2.update(4, 1.0)
+    assert s2.stopped
     s3 = EarlyStopping(patience=2, min_delta=0.0, min_epochs=0)
     s3.load_state_dict(dataclasses.asdict(s))
     assert s3 == s
@@ -201,7 +324,17 @@ def test_config_hash_follows_the_store_content_not_its_path(store, tmp_path):
 
 def test_results_and_checkpoints_are_readable_by_others(store, tmp_path):
     result = run(_config(store, tmp_path))
-    path = results.result_path(tmp_path, result["data"]["name"], "cnn", "tiny", "nvfp4_full", 0,
+    path = results.result_path(tmp_path, result["data"]["name"], "cnn", "tiny", "nvfp4_full", 1,
                                result["config"]["seed"])
     for p in (path, *results.checkpoint_paths(path)):
         assert p.stat().st_mode & 0o777 == 0o644, p
+
+
+def test_a_last_batch_of_one_slice_is_kept_unless_asked(store, tmp_path):
+    """The study keeps every training batch; --drop-last-single drops a 1-slice last batch."""
+    from nvfp4bench.train import make_loaders
+    n = len(make_loaders(setup(_config(store, tmp_path)), torch.Generator())[0])
+    for drop, batches in ((False, 2), (True, 1)):
+        cell = setup(_config(store, tmp_path, batch_size=n - 1, drop_last_single=drop))
+        _, train, _, _ = make_loaders(cell, torch.Generator())
+        assert len(train) == batches

@@ -8,7 +8,7 @@ Files, one concept each:
 - ``preprocess.py``  per-volume normalisation, slice selection, resizing
 - ``store.py``       the on-disk slice store (atomic writer, memory-mapped ``SliceStore``)
 - ``synthetic.py``   BraTS-layout NIfTI simulated from the MNI152 template
-- ``folds.py``       patient-level, burden-stratified folds (``folds.json``)
+- ``folds.py``       the study's patient-level splits, k-fold and hold-out (``folds.json``)
 - ``augment.py``     the study's augmentations in torch
 - ``dataset.py``     ``SliceDataset``, ``patient_volumes``
 - ``prep.py``        the ``data_prep.py`` CLI and ``ensure_synthetic_store``

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from nvfp4bench.data import synthetic
 from nvfp4bench.data.errors import DataError
+from nvfp4bench.data.folds import write_folds
 from nvfp4bench.data.preprocess import INTENSITY_RULES, SLICE_MODES, SliceRule, process_volume
 from nvfp4bench.data.sources import DEFAULT_MODALITIES, MODALITIES, SOURCES, get_source
 from nvfp4bench.data.store import SliceStore, StoreWriter, is_store
@@ -157,6 +158,7 @@ def convert(config: PrepConfig) -> dict:
                 "skipped": skipped, **config.extra_meta}
         path = writer.finalize(meta)
         n_slices, n_cases = writer.n_slices, len(writer.records)
+    write_folds(path)  # the study's splits, readable before any training (folds.py)
     return {"path": str(path), "cases": n_cases, "slices": n_slices, "skipped": skipped,
             "seconds": time.perf_counter() - t0}
 

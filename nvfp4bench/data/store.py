@@ -9,7 +9,8 @@ Layout (every array a plain ``.npy``, opened with ``mmap_mode="r"`` so nothing i
     STORE/masks.npy       uint8 (N, H, W)      whole tumour, {0, 1}
     STORE/positions.npy   int32 (N,)           axial index z of each slice in its volume
     STORE/patient.npy     int32 (N,)           index into index.json's patients
-    STORE/folds.json      written later by folds.load_folds (not part of the fingerprint)
+    STORE/folds.json      the splits, written by data_prep after the store (folds.py; not part
+                          of the fingerprint)
 
 A patient's slices are contiguous and in increasing z. The writer builds everything in a hidden
 temporary directory beside the target (``.NAME.tmp-PID-XXXX``) and renames it into place only
