@@ -203,7 +203,7 @@ def _toy(precision="fp32"):
     batches = [(torch.randn(4, 1, 2, 2), (torch.rand(4, 1, 2, 2) > 0.5).float(),
                 torch.arange(4)) for _ in range(3)]
     cell = SimpleNamespace(device=torch.device("cpu"), precision=precision,
-                           config=SimpleNamespace(grad_clip=1.0, lr=0.1),
+                           config=SimpleNamespace(grad_clip=1.0, lr=0.1, backend="emulator"),
                            recipe=SimpleNamespace(name="toy"))
     return model, batches, cell
 
