@@ -135,7 +135,8 @@ def _tokens_last_cnhw(src_cnhw: torch.Tensor) -> torch.Tensor:
 def rotate_fp32(rows: torch.Tensor) -> torch.Tensor:
     """``v @ R`` per 16-element tile of the last dim, fp32, no bf16 rounding: fwd_rht's dY."""
     r, k = rows.shape
-    return torch.matmul(rows.view(r, k // BLOCK, BLOCK), nvfp4.rht_matrix(rows.device)).view(r, k)
+    rotation = nvfp4.device_rht_matrix(rows.device)
+    return torch.matmul(rows.view(r, k // BLOCK, BLOCK), rotation).view(r, k)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ so both backends consume the same bits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -484,9 +485,20 @@ def _compiled(kernel):
     most 2 per function over every model and recipe in ``benchmarks/bench_layers.py steps``)."""
     fn = _compiled_kernels.get(kernel.__name__)
     if fn is None:
-        fn = _compiled_kernels[kernel.__name__] = torch.compile(kernel, dynamic=True,
-                                                                fullgraph=True)
+        fn = _compiled_kernels[kernel.__name__] = torch.compile(
+            kernel, dynamic=True, fullgraph=True, options=_ieee_inductor_options())
     return fn
+
+
+def _ieee_inductor_options() -> dict:
+    """Inductor options that make its GPU (Triton) code round as eager PyTorch does: fp32
+    ``x / y`` and ``1 / x`` as IEEE divisions (``div_rn``; Triton's default ``div.full`` is
+    approximate) and no flushing of subnormals to zero. No effect on CPU code. Only the options
+    this torch version knows."""
+    import torch._inductor.config as inductor_config
+    known = inductor_config.get_config_copy()
+    wanted = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}
+    return {k: v for k, v in wanted.items() if k in known}
 
 
 def _is_recompile_limit(err: Exception) -> bool:
@@ -537,6 +549,14 @@ def rht_matrix(device: torch.device | str | None = None) -> torch.Tensor:
     return (signs[:, None] * hadamard_matrix(BLOCK) / 4.0).to(device)
 
 
+@functools.lru_cache(maxsize=8)
+def device_rht_matrix(device: torch.device) -> torch.Tensor:
+    """``rht_matrix(device)``, made once per device and shared (never modify it in place): the
+    matrix is built on the CPU, and a blocking CPU -> GPU copy per call would make the host wait
+    for the GPU's queue each time."""
+    return rht_matrix(device)
+
+
 def rht(x: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` along its last dimension, 16 elements at a time: ``v_rot = v @ R``.
 
@@ -546,7 +566,7 @@ def rht(x: torch.Tensor) -> torch.Tensor:
     _check_2d(x, "rht")
     m, k = x.shape
     tiles = x.to(torch.bfloat16).float().view(m, k // BLOCK, BLOCK)
-    rotated = torch.matmul(tiles, rht_matrix(x.device))
+    rotated = torch.matmul(tiles, device_rht_matrix(x.device))
     return rotated.to(torch.bfloat16).float().view(m, k)
 
 
