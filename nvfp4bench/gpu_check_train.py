@@ -108,11 +108,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def loader_workers(device: torch.device) -> int:
+    """DataLoader workers: none on the CPU (the cores train); on a GPU host up to 4, when
+    /dev/shm can hold their batches (a container's default 64 MB cannot: workers would die)."""
+    import os
+    import shutil
+    if device.type != "cuda":
+        return 0
+    try:
+        shm_free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return 0
+    return min(4, (os.cpu_count() or 1) // 2) if shm_free > 2 * 2**30 else 0
+
+
 def train_cell(arch: str, scale: str, recipe: str, ctx, seconds: float,
                max_steps: int | None) -> dict:
     """One (capped) training epoch and validation pass of a cell; timings and peak memory."""
     dev, s = ctx.device, ctx.sizes
-    workers = min(8, (torch.get_num_threads() or 1) // 2) if dev.type == "cuda" else 0
+    workers = loader_workers(dev)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(arch=arch, scale=scale, recipe=recipe, data=str(ctx.store_dir),
                         device=str(dev), precision=PRECISION[dev.type],
