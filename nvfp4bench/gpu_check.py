@@ -1,4 +1,5 @@
-"""One command for a lent GPU: is the emulator exact on CUDA, how fast is QAT, what does the study cost?
+"""One command for a lent GPU: is the emulator exact on CUDA, how fast is QAT, what does the
+study cost?
 
 ``python -m nvfp4bench.gpu_check --out DIR [--device cuda] [--quick] [--budget-s 540]``
 (``bash benchmarks/gpu_check.sh`` wraps it in a hard timeout). Stages, each with a time cap; a
@@ -90,7 +91,7 @@ class StageTimeout(Exception):
 
 @contextlib.contextmanager
 def time_cap(seconds: float):
-    """Raise StageTimeout in the main thread after ``seconds`` (SIGALRM: call it from the main thread)."""
+    """Raise StageTimeout after ``seconds`` (SIGALRM: call it from the main thread)."""
     if seconds <= 0:
         raise StageTimeout("no time left")
 
@@ -282,7 +283,7 @@ STAGES: dict[str, tuple] = {
     "quantizer": (stage_quantizer, 45), "layers": (stage_layers, 60),
     "syncs": (stage_syncs, 30), "bench_quant": (stage_bench_quant, 30),
     "store": (stage_store, 60), "train": (stage_train, 150),
-    "train_scales": (stage_train_scales, 50), "projection": (stage_projection, 10),
+    "train_scales": (stage_train_scales, 100), "projection": (stage_projection, 10),
     "compiled": (stage_compiled, 60), "verify_te": (stage_verify_te, 120),
 }
 

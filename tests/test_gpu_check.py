@@ -24,7 +24,8 @@ def test_quick_cpu_rehearsal_runs_every_stage(tmp_path):
     stages = json.loads((out / "summary.json").read_text())["stages"]
     assert list(stages) == REHEARSAL
     status = {name: r["status"] for name, r in stages.items()}
-    assert status == {"env": "INFO", "tests": "PASS", "ops": "PASS", "quantizer": "PASS", "layers": "PASS",
+    assert status == {"env": "INFO", "tests": "PASS", "ops": "PASS", "quantizer": "PASS",
+                      "layers": "PASS",
                       "syncs": "SKIP", "bench_quant": "INFO", "store": "INFO", "train": "PASS",
                       "train_scales": "SKIP", "projection": "INFO", "compiled": "SKIP",
                       "verify_te": "SKIP"}
@@ -128,3 +129,38 @@ def test_shared_noise_makes_sr_independent_of_the_generator():
     assert not torch.equal(own, draws[2])
     with pytest.raises(ValueError, match="generator"), gpu_check_bits.shared_noise(0):
         nvfp4.fake_quantize(x, sr=True)  # the check that a generator is given still runs
+
+
+def test_cell_runner_reports_errors_skips_and_ratios(tmp_path, monkeypatch):
+    """Stub cells: a failing cell is a FAIL row, cells past the budget are skipped (not failed)
+    and fall back to the middle scale in the projection, ratios are to the same arch's baseline."""
+    calls = []
+
+    def fake_cell(arch, scale, recipe, ctx, seconds, max_steps):
+        calls.append((arch, scale, recipe))
+        if (arch, recipe) == ("vit", "nvfp4_full"):
+            raise RuntimeError("out of memory")
+        step = {"bf16": 0.1, "nvfp4_full": 0.3, "2d_rht_sr": 0.4}[recipe]
+        return {"arch": arch, "scale": scale, "recipe": recipe, "step_s": step,
+                "study_epoch_s": step * 100, "epoch_s": step * 10, "complete": True, "steps": 10,
+                "steps_per_epoch": 10, "median_step_ms": step * 1e3, "peak_gb": None}
+
+    monkeypatch.setattr(gpu_check_train, "train_cell", fake_cell)
+    ctx = _ctx(tmp_path)
+    ctx.stage_deadline = time.monotonic() + 60
+    res = gpu_check_train.stage_train(ctx)
+    assert res["status"] == "FAIL" and "vit/nvfp4_full: RuntimeError: out of memory" in res["line"]
+    ratios = {(r["arch"], r["recipe"]): r.get("ratio_to_baseline") for r in res["rows"]}
+    assert ratios[("cnn", "2d_rht_sr")] == pytest.approx(4.0)
+    assert ratios[("vit", "nvfp4_full")] is None
+    ctx.results["train"] = res
+    ctx.stage_deadline = time.monotonic() + 1  # too little time for any cell
+    scales = gpu_check_train.stage_train_scales(gpu_check.Context(
+        ctx.device, gpu_check.Sizes(), tmp_path, ctx.deadline, ctx.store_dir, ctx.results,
+        ctx.stage_deadline))
+    assert scales["status"] == "SKIP" and "18 cells not reached" in scales["line"]
+    assert len(calls) == 9  # none of the skipped cells ran
+    ctx.results["train_scales"] = scales
+    ctx.results["train"]["rows"] = [r for r in res["rows"] if r["arch"] != "vit"]
+    proj = gpu_check.stage_projection(ctx)
+    assert proj["status"] == "FAIL" and "vit" in proj["line"]  # no vit timing at all

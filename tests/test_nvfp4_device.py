@@ -100,7 +100,8 @@ def test_sr_neighbours_and_seeding_on_device(device, mode):
     g = torch.Generator(device).manual_seed(0)
     draws = torch.stack([fake_quantize(x, sr=True, generator=g, sr_mode=mode) for _ in range(4)])
     assert ((draws - x).abs() <= torch.maximum(step, x.abs() - 6 * unit) * (1 + 2 ** -20)).all()
-    again = fake_quantize(x, sr=True, sr_mode=mode, generator=torch.Generator(device).manual_seed(0))
+    again = fake_quantize(x, sr=True, sr_mode=mode,
+                          generator=torch.Generator(device).manual_seed(0))
     assert torch.equal(draws[0], again) and not torch.equal(draws[0], draws[1])
 
 
