@@ -296,8 +296,11 @@ def run_stage(name: str, ctx: Context, log) -> dict:
     t0 = time.monotonic()
     ctx.stage_deadline = min(t0 + cap, ctx.deadline)
     try:
-        with time_cap(ctx.left()):
-            res = fn(ctx)
+        if ctx.deadline - t0 < 1:
+            res = result("SKIP", "not run: the --budget-s is spent")
+        else:
+            with time_cap(ctx.left()):
+                res = fn(ctx)
     except Exception as err:  # noqa: BLE001 - a failing stage reports and the next one runs
         tb = traceback.format_exc()
         log(tb)
@@ -324,7 +327,10 @@ def summary_markdown(ctx: Context, total_s: float) -> str:
 
 
 def _commit() -> str:
+    """The checkout's commit; GPU_CHECK_COMMIT where the copy has no .git (a device machine)."""
     import subprocess
+    if os.environ.get("GPU_CHECK_COMMIT"):
+        return os.environ["GPU_CHECK_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=Path(__file__).resolve().parents[1],

@@ -164,3 +164,11 @@ def test_cell_runner_reports_errors_skips_and_ratios(tmp_path, monkeypatch):
     ctx.results["train"]["rows"] = [r for r in res["rows"] if r["arch"] != "vit"]
     proj = gpu_check.stage_projection(ctx)
     assert proj["status"] == "FAIL" and "vit" in proj["line"]  # no vit timing at all
+
+
+def test_stages_past_the_budget_are_skipped(tmp_path):
+    assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path),
+                           "--stages", "env,ops", "--budget-s", "0.5"]) == 0
+    stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
+    assert [r["status"] for r in stages.values()] == ["SKIP", "SKIP"]
+    assert "budget" in stages["ops"]["line"]
