@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ def test_quick_cpu_rehearsal_runs_every_stage(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nvfp4bench.gpu_check", "--device", "cpu",
                            "--quick", "--out", str(out), "--store", str(tmp_path / "store"),
                            "--stages", ",".join(REHEARSAL)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = json.loads((out / "summary.json").read_text())["stages"]
     assert list(stages) == REHEARSAL
