@@ -131,17 +131,16 @@ def stage_env(ctx: Context) -> dict:
     tf32 = info["cuda_matmul_allow_tf32"] or info["float32_matmul_precision"] != "highest"
     line = (f"{info.get('gpu', 'CPU')} cc {info.get('capability', '-')}, torch {info['torch']}, "
             f"CUDA {info['cuda']}; fp32 matmul {'TF32 (!)' if tf32 else 'IEEE fp32'}; "
-            f"quantizer kernels here: {info['compiled_kernels_on_device']}")
+            f"quantizer kernels on {dev.type}: {info['compiled_kernels_on_device']}")
     return result("FAIL" if tf32 else "INFO", line, **info)
 
 
 def _compiled_on(dev: torch.device) -> str:
-    backend = nvfp4.get_backend()
-    if backend == "compiled":
-        return "compiled (torch.compile)"
-    if backend == "auto" and dev.type == "cpu":
-        return "auto (compiled for >= 4096 elements)"
-    return "eager (auto compiles CPU tensors only)" if backend == "auto" else backend
+    """Which quantizer kernels this run and the trainer's default (``--quant-kernels auto``) use
+    on ``dev``."""
+    here = nvfp4.get_backend()
+    trainer = "compiled" if dev.type == "cpu" else "eager"  # auto compiles CPU tensors only
+    return f"{here} in these checks, {trainer} in training (--quant-kernels auto)"
 
 
 def stage_tests(ctx: Context) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 # The project's modules (the only place this file names them).
-from nvfp4bench import bench, train
+from nvfp4bench import bench, nvfp4, train
 from nvfp4bench.config import RunConfig
 from nvfp4bench.losses import BCETverskyLoss
 from nvfp4bench.recipes import RECIPES, STUDY_RECIPES
@@ -161,6 +161,7 @@ def train_cell(arch: str, scale: str, recipe: str, ctx, seconds: float,
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     return {"arch": arch, "scale": scale, "recipe": recipe, "precision": cell.precision,
             "image_size": s.image_size, "batch_size": s.batch_size, "workers": workers,
+            "quant_kernels": nvfp4.get_backend(),
             "steps": steps, "steps_per_epoch": capped.full, "complete": steps == capped.full,
             "epoch_s": epoch_s, "train_wall_s": train_s, "val_s": val_s,
             "val_batches": vcap.done, "step_s": step_s, "val_batch_s": val_batch_s,
