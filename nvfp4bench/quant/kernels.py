@@ -194,9 +194,20 @@ def _compiled(kernel):
     most 2 per function over every model and recipe in ``benchmarks/bench_layers.py steps``)."""
     fn = _compiled_kernels.get(kernel.__name__)
     if fn is None:
-        fn = _compiled_kernels[kernel.__name__] = torch.compile(kernel, dynamic=True,
-                                                                fullgraph=True)
+        fn = _compiled_kernels[kernel.__name__] = torch.compile(
+            kernel, dynamic=True, fullgraph=True, options=_ieee_inductor_options())
     return fn
+
+
+def _ieee_inductor_options() -> dict:
+    """Inductor options that make its GPU (Triton) code round as eager PyTorch does: fp32
+    ``x / y`` and ``1 / x`` as IEEE divisions (``div_rn``; Triton's default ``div.full`` is
+    approximate) and no flushing of subnormals to zero. No effect on CPU code. Only the options
+    this torch version knows."""
+    import torch._inductor.config as inductor_config
+    known = inductor_config.get_config_copy()
+    wanted = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}
+    return {k: v for k, v in wanted.items() if k in known}
 
 
 def _is_recompile_limit(err: Exception) -> bool:

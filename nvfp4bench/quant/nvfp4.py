@@ -36,6 +36,7 @@ it first.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -306,6 +307,14 @@ def rht_matrix(device: torch.device | str | None = None) -> torch.Tensor:
     return (signs[:, None] * hadamard_matrix(BLOCK) / 4.0).to(device)
 
 
+@functools.lru_cache(maxsize=8)
+def device_rht_matrix(device: torch.device) -> torch.Tensor:
+    """``rht_matrix(device)``, made once per device and shared (never modify it in place): the
+    matrix is built on the CPU, and a blocking CPU -> GPU copy per call would make the host wait
+    for the GPU's queue each time."""
+    return rht_matrix(device)
+
+
 def rht(x: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` along its last dimension, 16 elements at a time: ``v_rot = v @ R``.
 
@@ -315,7 +324,7 @@ def rht(x: torch.Tensor) -> torch.Tensor:
     _check_2d(x, "rht")
     m, k = x.shape
     tiles = x.to(torch.bfloat16).float().view(m, k // BLOCK, BLOCK)
-    rotated = torch.matmul(tiles, rht_matrix(x.device))
+    rotated = torch.matmul(tiles, device_rht_matrix(x.device))
     return rotated.to(torch.bfloat16).float().view(m, k)
 
 
