@@ -49,6 +49,7 @@ includes only the cells that are not complete and resumes the interrupted ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import itertools
@@ -670,23 +671,39 @@ def run_grid(targets: Sequence[Target], envs: Sequence[dict], *,
                     log(f"  {target.cell.label}: exit code {rc}, no complete result; "
                         f"see {target.log}")
             finally:
-                beat.remove(lock)
                 lock.release()
+                beat.remove(lock)
 
-    threads = [threading.Thread(target=work, args=(env,), name=f"grid-worker-{i}", daemon=True)
-               for i, env in enumerate(envs)]
-    for th in threads:
-        th.start()
+    def worker(env: dict, finished: threading.Event) -> None:
+        try:
+            work(env)
+        finally:
+            finished.set()  # after the worker's last lock.release()
+
+    # The main thread waits on one Event per worker, never on Thread.join: on Python 3.11 a
+    # KeyboardInterrupt that lands inside Thread.join marks the still-running thread as stopped
+    # (threading._wait_for_tstate_lock releases the tstate lock a live thread holds, bpo-45274),
+    # so a second join returned at once and the process exited before the worker released its
+    # lock. Event.wait survives an interruption intact.
+    finished = [threading.Event() for _ in envs]
+    for i, (env, ev) in enumerate(zip(envs, finished)):
+        threading.Thread(target=worker, args=(env, ev), name=f"grid-worker-{i}",
+                         daemon=True).start()
     try:
-        for th in threads:
-            while th.is_alive():
-                th.join(0.5)
+        for ev in finished:
+            while not ev.wait(0.5):
+                pass
     except KeyboardInterrupt:
-        log("interrupted: stopping the running cells (they resume from their checkpoints)")
-        sched.halt()
-        PROCESSES.terminate_all()
-        for th in threads:
-            th.join(30)
+        with signals_deferred():  # a second Ctrl-C or SIGTERM must not cut the cleanup short
+            log("interrupted: stopping the running cells (they resume from their checkpoints)")
+            sched.halt()
+            PROCESSES.terminate_all()
+            deadline = time.monotonic() + 30
+            for ev in finished:
+                ev.wait(max(0.0, deadline - time.monotonic()))
+            for lock in beat.held():  # a worker still stuck after 30 s: release for it
+                lock.release()
+                beat.remove(lock)
         raise
     finally:
         beat.stop()
@@ -837,15 +854,18 @@ def slurm_task(cells: Path, index: int, *, runner: CellRunner = run_cell_inproce
             f"{time.time() - start:.1f} s: {target.result}")
         return 0 if ok else 1
     except KeyboardInterrupt:
-        PROCESSES.terminate_all()
+        with signals_deferred():
+            PROCESSES.terminate_all()
+            lock.release()
         if is_done(target):  # the cell had just finished
             log(f"{cell.label} complete (task interrupted after the cell): {target.result}")
             return 0
         log(f"{cell.label} interrupted (resubmit to resume it)")
         return 130
     finally:
-        beat.stop()
-        lock.release()
+        with signals_deferred():
+            beat.stop()
+            lock.release()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1065,6 +1085,26 @@ def _slurm_options(ns: argparse.Namespace) -> SlurmOptions:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM only log while the block runs (it stops cells and releases locks).
+
+    Signal handlers run in the main thread only, and only it may change them; elsewhere this
+    is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def note(signum, frame):
+        log(f"{signal.Signals(signum).name} ignored: already stopping, releasing the locks")
+    saved = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _run_report(out: Path) -> None:
