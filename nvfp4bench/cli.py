@@ -194,6 +194,4 @@ def main(argv: list[str] | None = None) -> int:
 
 def _where(result: dict, config: RunConfig) -> str:
     from nvfp4bench.results import result_path
-    c = result["config"]
-    return str(result_path(config.out, result["data"]["name"], c["arch"], c["scale"],
-                           c["recipe"], c["fold"], c["seed"]))
+    return str(result_path(config))

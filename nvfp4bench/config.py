@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -114,9 +113,3 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def result_path(self) -> Path:
-        """Where this cell's result JSON goes: OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json."""
-        from nvfp4bench.results import dataset_name, result_path
-        return result_path(self.out, dataset_name(self.data), self.arch, self.scale, self.recipe,
-                           self.fold, self.seed)

@@ -68,6 +68,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from nvfp4bench.atomic import write_text_atomic
+from nvfp4bench.cell import Cell
+from nvfp4bench.results import checkpoint_paths, sibling
+
 FOLDS = tuple(range(5))
 DEFAULT_SEEDS = (2026,)
 HEARTBEAT_S = 30.0  # a lock holder refreshes its lock's mtime this often
@@ -87,26 +91,6 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Cells
 # --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Cell:
-    """One point of the grid."""
-
-    arch: str
-    scale: str
-    recipe: str
-    fold: int
-    seed: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.arch}/{self.scale}/{self.recipe}/fold{self.fold}/seed{self.seed}"
-
-    def argv(self) -> list[str]:
-        """The options of ``python -m nvfp4bench`` that select this cell."""
-        return ["--arch", self.arch, "--scale", self.scale, "--recipe", self.recipe,
-                "--fold", str(self.fold), "--seed", str(self.seed)]
-
 
 def build_cells(archs: Sequence[str], scales: Sequence[str], recipes: Sequence[str],
                 folds: Sequence[int], seeds: Sequence[int]) -> list[Cell]:
@@ -131,31 +115,25 @@ class Target:
     config: object = field(default=None, compare=False, repr=False)  # the RunConfig
 
     @property
-    def stem(self) -> Path:
-        return self.result.with_name(self.result.name[:-len(".json")]
-                                     if self.result.name.endswith(".json") else self.result.name)
-
-    @property
     def lock(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".lock")
+        return sibling(self.result, ".lock")
 
     @property
     def log(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".log")
+        return sibling(self.result, ".log")
 
     @property
     def checkpoint(self) -> Path:
-        from nvfp4bench.results import checkpoint_paths
         return checkpoint_paths(self.result)[0]
 
 
 def resolve(cell: Cell, forward: Sequence[str]) -> Target:
     """Parse the cell's command line as the cell CLI will, and derive its result path and hash."""
     from nvfp4bench.cli import parse_config
-    from nvfp4bench.results import config_hash
+    from nvfp4bench.results import config_hash, result_path
     argv = (*cell.argv(), *forward)
     config = parse_config(list(argv))
-    return Target(cell, tuple(argv), Path(config.result_path()), config_hash(config), config)
+    return Target(cell, tuple(argv), result_path(config), config_hash(config), config)
 
 
 Resolver = Callable[[Cell, Sequence[str]], Target]
@@ -721,15 +699,10 @@ def write_cell_list(path: Path, targets: Sequence[Target]) -> Path:
     Each line: {"cell": {arch, scale, recipe, fold, seed}, "forward": [options passed to the
     cell], "result": path at submission (informative; the task resolves the cell again)}.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for t in targets:
-            f.write(json.dumps({"cell": dataclasses.asdict(t.cell),
-                                "forward": list(t.argv[len(t.cell.argv()):]),
-                                "result": str(t.result)}) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "".join(
+        json.dumps({"cell": dataclasses.asdict(t.cell),
+                    "forward": list(t.argv[len(t.cell.argv()):]),
+                    "result": str(t.result)}) + "\n" for t in targets))
 
 
 def read_cell(path: Path, index: int) -> dict:

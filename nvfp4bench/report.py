@@ -24,16 +24,16 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
 from nvfp4bench import stats
+from nvfp4bench.atomic import write_atomic, write_text_atomic
+from nvfp4bench.cell import Cell
 from nvfp4bench.config import NON_RESULT_FIELDS
 from nvfp4bench.recipes import RECIPES
 
@@ -64,7 +64,9 @@ class ReportError(Exception):
 
 
 @dataclass
-class Cell:
+class CellResult:
+    """What the report reads of one cell's result file (the cell: ``.cell``)."""
+
     path: Path
     dataset: str
     arch: str
@@ -79,6 +81,10 @@ class Cell:
     diagnostics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     fingerprint: str | None = None
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.arch, self.scale, self.recipe, self.fold, self.seed)
 
     @property
     def key(self) -> tuple:
@@ -101,7 +107,7 @@ def _read_json(path: Path):
         return None, f"{type(e).__name__}: {e}"
 
 
-def load_cells(root) -> tuple[list[Cell], list[str]]:
+def load_cells(root) -> tuple[list[CellResult], list[str]]:
     """Every cell JSON under ``root`` (layout of interfaces.md) and a list of problems found.
 
     Identity comes from the path; the ``config`` inside (and ``data.name``) must agree with it,
@@ -117,14 +123,15 @@ def load_cells(root) -> tuple[list[Cell], list[str]]:
         fold, seed = int(match.group(1)), int(match.group(2))
         obj, err = _read_json(path)
         if not isinstance(obj, dict):
-            cell = Cell(path, dataset, arch, scale, recipe, fold, seed, "unreadable",
+            cell = CellResult(path, dataset, arch, scale, recipe, fold, seed, "unreadable",
                         err or "not a JSON object")
         else:
             config = obj.get("config") or {}
             data = obj.get("data") or {}
             stated = {"arch": config.get("arch"), "scale": config.get("scale"),
                       "recipe": config.get("recipe"), "fold": config.get("fold"),
-                      "seed": config.get("seed"), "dataset": data.get("name")}
+                      "seed": config.get("seed"),
+                      "dataset": data.get("results_dir") or data.get("name")}
             actual = {"arch": arch, "scale": scale, "recipe": recipe, "fold": fold, "seed": seed,
                       "dataset": dataset}
             wrong = [f"{k}={stated[k]!r} (path says {actual[k]!r})" for k in actual
@@ -135,7 +142,7 @@ def load_cells(root) -> tuple[list[Cell], list[str]]:
                 continue
             test = obj.get("test") if isinstance(obj.get("test"), dict) else {}
             diagnostics = obj.get("diagnostics") if isinstance(obj.get("diagnostics"), dict) else {}
-            cell = Cell(path, dataset, arch, scale, recipe, fold, seed,
+            cell = CellResult(path, dataset, arch, scale, recipe, fold, seed,
                         str(obj.get("status") or "unknown"), obj.get("error"),
                         data.get("synthetic"), test, diagnostics, config, data.get("fingerprint"))
             if cell.complete and not test:
@@ -153,7 +160,7 @@ def _ordered(values, order) -> list:
 # analysis
 
 
-def _value(cell: Cell, metric: str) -> float | None:
+def _value(cell: CellResult, metric: str) -> float | None:
     v = cell.test.get(metric)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
@@ -163,7 +170,7 @@ def _value(cell: Cell, metric: str) -> float | None:
 @dataclass
 class DatasetView:
     name: str
-    cells: list[Cell]
+    cells: list[CellResult]
     archs: list[str]
     scales: list[str]
     recipes: list[str]
@@ -172,7 +179,7 @@ class DatasetView:
     synthetic: bool | None
     by_key: dict
 
-    def complete(self, arch, scale, recipe) -> dict[tuple[int, int], Cell]:
+    def complete(self, arch, scale, recipe) -> dict[tuple[int, int], CellResult]:
         """(fold, seed) -> complete cell."""
         out = {}
         for fold, seed in self.blocks:
@@ -186,7 +193,7 @@ class DatasetView:
                 if (v := _value(c, metric)) is not None}
 
 
-def dataset_views(cells: list[Cell]) -> list[DatasetView]:
+def dataset_views(cells: list[CellResult]) -> list[DatasetView]:
     views = []
     for name in sorted({c.dataset for c in cells}):
         mine = [c for c in cells if c.dataset == name]
@@ -367,7 +374,8 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
     out.append(f"\n### {label}: each recipe against `{baseline}`, paired per (fold, seed)\n")
     mine = [r for r in comparison if r["metric"] == metric]
     if baseline not in view.recipes:
-        out.append(f"No `{baseline}` cells in this dataset: no comparison.")
+        out.append(f"Missing: no `{baseline}` cell in this dataset, so no comparison "
+                   f"(recipes present: {', '.join(f'`{r}`' for r in view.recipes)}).")
     elif not mine:
         out.append("No recipe besides the baseline.")
     else:
@@ -424,7 +432,7 @@ def _numeric_leaves(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def diagnostic_summaries(cell: Cell) -> dict[str, float]:
+def diagnostic_summaries(cell: CellResult) -> dict[str, float]:
     """The numeric summaries of a cell's diagnostics: its ``summary`` block when there is one,
     else every numeric leaf."""
     d = cell.diagnostics
@@ -450,10 +458,9 @@ def make_figures(view: DatasetView, comparison, baseline, metric, recipe,
 
     def save(fig, name, caption):
         path = out_dir / f"{stem}_{name}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120,
+                                                   bbox_inches="tight"))
         plt.close(fig)
-        os.replace(tmp, path)
         notes.append(f"![{caption}]({path.name})")
 
     # 1. cross-validation bars: baseline vs one recipe per arch, a panel per scale
@@ -552,18 +559,6 @@ def make_figures(view: DatasetView, comparison, baseline, metric, recipe,
 # writing
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -584,11 +579,11 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "bf16", metric: s
         raise ReportError("no cell results (<dataset>/<arch>/<scale>/<recipe>/"
                           f"fold<k>_seed<s>.json) under {root}")
     all_recipes = {c.recipe for c in cells}
-    if baseline not in all_recipes:
-        raise ReportError(f"baseline recipe {baseline!r} has no cells; present: "
-                          f"{', '.join(sorted(all_recipes))} (use --baseline)")
+    if baseline not in RECIPES:
+        raise ReportError(f"--baseline {baseline!r} is not a recipe; choose from "
+                          f"{', '.join(RECIPES)}")
     numeric = {k for c in cells if c.complete for k in c.test if _value(c, k) is not None}
-    if metric not in numeric:
+    if numeric and metric not in numeric:
         raise ReportError(f"--metric {metric!r} is in no complete cell's test block; available: "
                           f"{', '.join(sorted(numeric)) or 'none'}")
     out = Path(out_dir) if out_dir is not None else root / "report"
@@ -619,18 +614,25 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "bf16", metric: s
                     f"({', '.join(f'`{n}`' for n in synthetic)}), not from patients.")
     head.append(f"\nSource: `{root}`; {len(cells)} cell files; baseline `{baseline}`; "
                 f"primary metric {METRIC_LABELS.get(metric, metric)} (test partition).")
+    if baseline not in all_recipes:
+        head.append(f"\n**Missing comparisons**: no cell of the baseline `{baseline}`, so no "
+                    f"recipe is compared with it (recipes present: "
+                    f"{', '.join(f'`{r}`' for r in _ordered(all_recipes, tuple(RECIPES)))}). "
+                    f"Run the `{baseline}` cells of the same arch, scale, fold and seed (e.g. "
+                    f"`python -m nvfp4bench --arch A --scale S --recipe {baseline} --fold K`), or "
+                    f"pass `--baseline` one of the recipes present.")
     if problems:
         head.append("\n**Problems**:\n" + "\n".join(f"- {p}" for p in problems))
-    _write_text_atomic(out / "report.md", "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
 
     stat_cols = ["n", "mean", "sd", "ci_low", "ci_high"]
-    _write_text_atomic(out / "summary.csv", _csv(
+    write_text_atomic(out / "summary.csv", _csv(
         summary, ["dataset", "arch", "scale", "recipe", "metric", "n_cells", *stat_cols]))
-    _write_text_atomic(out / "comparison.csv", _csv(
+    write_text_atomic(out / "comparison.csv", _csv(
         comparison, ["dataset", "arch", "scale", "recipe", "baseline", "metric", "n_pairs",
                      "mean_diff", "pct_mean", "pct_ci_low", "pct_ci_high", "cohens_d",
                      "wilcoxon_p", "holm_p"]))
-    _write_text_atomic(out / "ranking.csv", _csv(
+    write_text_atomic(out / "ranking.csv", _csv(
         ranking, ["dataset", "arch", "scale", "metric", "kendalls_w", "m_blocks", "n_recipes"]))
     cell_rows, test_keys, diag_keys = [], set(), set()
     for c in cells:
@@ -642,7 +644,7 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "bf16", metric: s
                           "recipe": c.recipe, "fold": c.fold, "seed": c.seed, "status": c.status,
                           "synthetic": c.synthetic, "path": str(c.path.relative_to(root)),
                           **tests, **diags})
-    _write_text_atomic(out / "cells.csv", _csv(
+    write_text_atomic(out / "cells.csv", _csv(
         cell_rows, ["dataset", "arch", "scale", "recipe", "fold", "seed", "status", "synthetic",
                     "path", *sorted(test_keys), *sorted(diag_keys)]))
     return {"out": out, "cells": cells, "problems": problems, "summary": summary,
@@ -677,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     n_missing = sum(len(v.missing) for v in result["views"])
     print(f"{len(cells)} cells ({n_complete} complete, {len(cells) - n_complete} not complete, "
           f"{n_missing} missing) -> {result['out'] / 'report.md'}")
+    if args.baseline not in {c.recipe for c in cells}:
+        print(f"note: no `{args.baseline}` cell yet, so the report compares no recipe with the "
+              f"baseline (it says which comparisons are missing)")
     return 0
 
 

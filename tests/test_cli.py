@@ -86,8 +86,10 @@ def test_config_hash_follows_the_options_that_change_the_result():
 
 
 def test_result_path_layout_and_completeness(tmp_path):
-    p = results.result_path(tmp_path, "brats2021", "vit", "small", "2d_rht_sr", 3, 7)
-    assert p == tmp_path / "brats2021" / "vit" / "small" / "2d_rht_sr" / "fold3_seed7.json"
+    config = RunConfig(arch="vit", scale="small", recipe="2d_rht_sr", fold=3, seed=7,
+                       out=str(tmp_path))
+    p = results.result_path(config)  # the embedded store (not built here or built): "synthetic"
+    assert p == tmp_path / "synthetic" / "vit" / "small" / "2d_rht_sr" / "fold3_seed7.json"
     last, best = results.checkpoint_paths(p)
     assert (last.name, best.name) == ("fold3_seed7.ckpt.pt", "fold3_seed7.best.pt")
     assert not results.is_complete(p, "abc") and results.read_result(p) is None

@@ -12,6 +12,7 @@ import torch
 
 from nvfp4bench import results
 from nvfp4bench.config import RunConfig
+from nvfp4bench.data import SliceStore
 from nvfp4bench.train import EarlyStopping, build_quantized_model, init_seed, run, setup
 
 TOP_KEYS = {"schema_version", "status", "config", "config_hash", "env", "data", "model", "history",
@@ -51,8 +52,9 @@ def test_one_cell_writes_the_result_json(store, tmp_path, arch, recipe):
     config = _config(store, tmp_path, arch=arch, recipe=recipe, diagnostics=arch == "swin")
     result = run(config)
     assert result["status"] == "complete", result["error"]
-    path = config.result_path()
-    assert path == tmp_path / "synthetic" / arch / "tiny" / recipe / "fold0_seed2026.json"
+    path = results.result_path(config)
+    dataset = f"synthetic-{SliceStore(store).fingerprint[:8]}"  # a store other than data/synthetic
+    assert path == tmp_path / dataset / arch / "tiny" / recipe / "fold0_seed2026.json"
     on_disk = json.loads(path.read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert TOP_KEYS <= set(on_disk)
@@ -60,6 +62,7 @@ def test_one_cell_writes_the_result_json(store, tmp_path, arch, recipe):
     # data: the synthetic label, disjoint partitions
     d = on_disk["data"]
     assert d["synthetic"] is True and d["name"] == "synthetic" and d["fingerprint"]
+    assert d["results_dir"] == dataset
     parts = [set(d["patients"][p]) for p in ("train", "val", "test")]
     assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     # model: quantized layers of a quantized recipe
@@ -96,12 +99,12 @@ def test_killed_and_resumed_cell_equals_an_uninterrupted_one(store, tmp_path):
 
     with pytest.raises(Killed):
         run(_config(store, tmp_path / "b", **kw), on_epoch_end=kill)
-    path_b = _config(store, tmp_path / "b", **kw).result_path()
+    path_b = results.result_path(_config(store, tmp_path / "b", **kw))
     assert not path_b.exists()  # a killed cell leaves only its checkpoint
     resumed = run(_config(store, tmp_path / "b", resume=True, **kw))
     assert resumed["timing"]["resumed_from_epoch"] == 1
     assert _without_timing(resumed) == _without_timing(straight)
-    wa = torch.load(results.checkpoint_paths(_config(store, tmp_path / "a", **kw).result_path())[0],
+    wa = torch.load(results.checkpoint_paths(results.result_path(_config(store, tmp_path / "a", **kw)))[0],
                     weights_only=True)
     wb = torch.load(results.checkpoint_paths(path_b)[0], weights_only=True)
     for k, v in wa["model"].items():
@@ -151,10 +154,10 @@ def test_non_finite_loss_fails_the_cell_without_metrics(store, tmp_path, nan_at_
     result = run(config)
     assert result["status"] == "failed"
     assert "epoch 1 step 3: training loss is nan" in result["error"]
-    on_disk = json.loads(config.result_path().read_text())
+    on_disk = json.loads(results.result_path(config).read_text())
     assert on_disk["status"] == "failed" and on_disk["error"] == result["error"]
     assert on_disk["val"] is None and on_disk["test"] is None and on_disk["history"] == []
-    assert not results.is_complete(config.result_path(), results.config_hash(config))
+    assert not results.is_complete(results.result_path(config), results.config_hash(config))
 
 
 def test_failing_cell_exits_non_zero_from_the_command_line(store, tmp_path, capsys,
@@ -200,8 +203,8 @@ def test_config_hash_follows_the_store_content_not_its_path(store, tmp_path):
 
 
 def test_results_and_checkpoints_are_readable_by_others(store, tmp_path):
-    result = run(_config(store, tmp_path))
-    path = results.result_path(tmp_path, result["data"]["name"], "cnn", "tiny", "nvfp4_full", 0,
-                               result["config"]["seed"])
+    config = _config(store, tmp_path)
+    run(config)
+    path = results.result_path(config)
     for p in (path, *results.checkpoint_paths(path)):
         assert p.stat().st_mode & 0o777 == 0o644, p

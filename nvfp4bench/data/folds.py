@@ -19,10 +19,11 @@ is held out exactly once over the k folds.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from nvfp4bench.atomic import write_json_atomic
 
 N_FOLDS = 5
 SPLIT_SEED = 2026
@@ -121,7 +122,5 @@ def load_folds(store_dir: str | Path, n_folds: int = N_FOLDS, seed: int = SPLIT_
     else:
         split = make_folds({p: store.burden(p) for p in store.patients}, n_folds, seed)
         split["store_fingerprint"] = store.fingerprint
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(split, indent=1))
-        os.replace(tmp, path)  # the content is deterministic: concurrent writers agree
+        write_json_atomic(path, split)  # the content is deterministic: concurrent writers agree
     return [{k: list(f[k]) for k in ("train", "val", "test")} for f in split["folds"]]

@@ -307,6 +307,9 @@ def main(argv=None) -> int:
         return 130
     print(f"data_prep: wrote {summary['path']}: {summary['cases']} cases, {summary['slices']} "
           f"slices in {summary['seconds']:.1f} s")
+    from nvfp4bench.results import store_dir_name
+    print(f"data_prep: its results go to OUT/{store_dir_name(SliceStore(summary['path']))}/ "
+          f"(the store's name and content fingerprint; use it with --data {config.output})")
     if summary["skipped"]:
         print(f"data_prep: skipped {len(summary['skipped'])} bad case(s):", file=sys.stderr)
         for msg in summary["skipped"]:
