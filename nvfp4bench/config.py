@@ -46,6 +46,9 @@ SYNTHETIC_EPOCHS = 40  # the default on the embedded synthetic dataset (see the 
 DEFAULT_SEED = 2026
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("emulator", "te")
+# Training image sizes: a multiple of the transformers' 16 px patch (the CNN pads to a multiple of
+# 2^stages itself), so every arch of the grid can train on the same slices.
+IMAGE_SIZE_STEP = 16
 
 # Options that never change the numbers a cell produces: left out of the config hash.
 # (The CPU thread count can change float summation order; bit-identical reruns on CPU need the
@@ -113,3 +116,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_image_size(size: int, where: str = "--image-size") -> int:
+    """``size`` when every model can train on it, else ValueError naming the smallest valid one."""
+    if size < IMAGE_SIZE_STEP or size % IMAGE_SIZE_STEP:
+        raise ValueError(f"{where} {size}: the models need a multiple of {IMAGE_SIZE_STEP} px "
+                         f"(the ViT / Swin patch); the smallest is {IMAGE_SIZE_STEP}, the study's "
+                         f"is 256")
+    return size

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 
 from nvfp4bench import nvfp4, results
 from nvfp4bench.atomic import save_torch_atomic
-from nvfp4bench.config import RunConfig
+from nvfp4bench.config import RunConfig, check_image_size
 from nvfp4bench.env import environment
 from nvfp4bench.losses import BCETverskyLoss
 from nvfp4bench.recipes import Recipe, get_recipe
@@ -201,7 +201,8 @@ def setup(config: RunConfig) -> CellRun:
         raise ValueError(f"--fold {config.fold}: the store has folds 0..{len(folds) - 1}")
     split = folds[config.fold]
     resolved = config.resolved()
-    image_size = resolved.image_size or int(store.image_size)
+    image_size = resolved.image_size or check_image_size(int(store.image_size),
+                                                         f"the store {store_dir}'s image size")
     resolved = dataclasses.replace(resolved, image_size=image_size, precision=precision,
                                    device=str(device))
     json_path = results.result_path(config, store)
@@ -393,7 +394,11 @@ def _set_rng_state(state: dict, cell: CellRun, sr_gen, loader_gen) -> None:
 
 
 def _load_checkpoint(path: Path, cell: CellRun) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or damaged (torch raises several kinds): one clear line
+        raise ValueError(f"--resume: checkpoint {path} is unreadable ({type(e).__name__}); "
+                         f"delete it to start the cell again, or run without --resume") from None
     if state.get("config_hash") != cell.config_hash:
         raise ValueError(f"--resume: checkpoint {path} belongs to another configuration "
                          f"(hash {state.get('config_hash')} != {cell.config_hash}); delete it or "

@@ -128,3 +128,28 @@ def test_precision_comes_from_the_option_the_recipe_or_the_device():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="--device"):
         resolve_device("tpu")
+
+
+def test_bad_numbers_name_the_option_not_a_function(capsys):
+    for opt, bad, says in (("--epochs", "abc", "not an integer: 'abc'"),
+                           ("--lr", "fast", "not a number: 'fast'"),
+                           ("--image-size", "7", "the smallest is 16")):
+        with pytest.raises(SystemExit) as e:
+            main([*CELL, opt, bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {opt}: " in err and says in err, err
+        assert "_positive" not in err and "_int" not in err
+
+
+def test_ctrl_c_on_a_cell_exits_130_with_one_line_on_how_to_resume(monkeypatch, capsys):
+    import nvfp4bench.train
+    from nvfp4bench.cli import entry
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nvfp4bench.train, "run", interrupted)
+    assert entry([*CELL, "--epochs", "3"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.endswith("continue with: python -m nvfp4bench --arch swin --scale tiny --recipe "
+                        "nvfp4_full --fold 0 --epochs 3 --resume")

@@ -208,3 +208,18 @@ def test_results_and_checkpoints_are_readable_by_others(store, tmp_path):
     path = results.result_path(config)
     for p in (path, *results.checkpoint_paths(path)):
         assert p.stat().st_mode & 0o777 == 0o644, p
+
+
+def test_a_truncated_checkpoint_gives_one_line_on_resume(store, tmp_path, capsys):
+    from nvfp4bench.cli import main
+    config = _config(store, tmp_path)
+    ckpt = results.checkpoint_paths(results.result_path(config))[0]
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    argv = ["--arch", "cnn", "--scale", "tiny", "--recipe", "nvfp4_full", "--fold", "0",
+            "--data", str(store), "--out", str(tmp_path), "--epochs", "1", "--resume",
+            "--no-progress", "--no-diagnostics"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"checkpoint {ckpt} is unreadable" in err and "delete it" in err
