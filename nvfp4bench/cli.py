@@ -189,8 +189,13 @@ def summary(result: dict) -> str:
              f"{' (early stop)' if result['stopped_early'] else ''}, "
              f"val loss {_fmt(result['best_val_loss'])}",
              f"  val  AUPRC {_fmt(val.get('auprc'))}",
-             f"  test AUPRC {_fmt(test.get('auprc'))}  soft Dice {_fmt(test.get('dice'))}  "
-             f"recall {_fmt(test.get('recall'))}",
+             # the primary metric, then what says whether tumours were found at all: soft recall
+             # and precision, Dice and lesion recall per patient (a soft per-image Dice is high
+             # on tumour-free slices even when every tumour is missed)
+             f"  test AUPRC {_fmt(test.get('auprc'))}  recall {_fmt(test.get('recall'))}  "
+             f"precision {_fmt(test.get('precision'))}",
+             f"  test per patient: Dice {_fmt(test.get('patient_dice_mean'))}  lesion recall "
+             f"{_fmt(test.get('lesion_recall'))}  HD95 {_fmt(test.get('hd95_mean'))}",
              f"  {t.get('total_seconds', 0.0):.1f} s, median step "
              f"{_fmt(t.get('median_step_ms'))} ms"]
     return "\n".join(lines)

@@ -44,6 +44,15 @@ METRIC_LABELS = {"auprc": "AUPRC", "recall": "recall", "precision": "precision",
                  "iou": "IoU", "dice": "Dice (soft, per image)", "hd95_mean": "HD95",
                  "patient_dice_mean": "Dice (patient)", "lesion_recall": "lesion recall"}
 DEFAULT_FIGURE_RECIPE = "2d_rht_sr"   # TE's default recipe
+# The range of each metric: a confidence interval is cut at it (stats.summarize). Unlisted
+# metrics (counts, HD95 variants) are >= 0.
+UNIT_METRICS = ("auprc", "recall", "precision", "f2", "iou", "dice", "patient_dice_mean",
+                "lesion_recall")
+
+
+def metric_bounds(metric: str) -> tuple[float, float]:
+    return (0.0, 1.0) if metric in UNIT_METRICS else (0.0, math.inf)
+
 CELL_NAME = re.compile(r"^fold(\d+)_seed(\d+)\.json$")
 # Diagnostics figures: a numeric summary goes to the first group whose words its key contains.
 DIAGNOSTIC_GROUPS = {"attention": ("collapse", "entropy", "attention", "attn", "distinct"),
@@ -243,7 +252,8 @@ def summary_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
     for arch, scale, recipe in product(view.archs, view.scales, view.recipes):
         n_cells = len(view.complete(arch, scale, recipe))
         for metric in metrics:
-            s = stats.summarize(list(view.values(arch, scale, recipe, metric).values()))
+            s = stats.summarize(list(view.values(arch, scale, recipe, metric).values()),
+                                bounds=metric_bounds(metric))
             rows.append({"dataset": view.name, "arch": arch, "scale": scale, "recipe": recipe,
                          "metric": metric, "n_cells": n_cells, **s})
     return rows
@@ -333,7 +343,7 @@ def _summary_cell(s: dict, metric: str) -> str:
         return "n/a"
     text = f"{_f(s['mean'], d)} ± {_f(s['sd'], d)}"
     if s["ci_low"] is not None:
-        text += f" [{_f(s['ci_low'], d)}, {_f(s['ci_high'], d)}]"
+        text += f" [{_f(s['ci_low'], d)}, {_f(s['ci_high'], d)}]" + ("*" if s["ci_clipped"] else "")
     return text
 
 
@@ -369,6 +379,9 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
         rows.append([arch, scale, recipe, n_text] +
                     [_summary_cell(c, m) for c, m in zip(cols, TABLE_METRICS)])
     out.append(_md_table(["arch", "scale", "recipe", "n"] + labels, rows))
+    if any(r.get("ci_clipped") for r in summary):
+        out.append("\n\\* the t-interval crossed the metric's range (few folds: with 2 values "
+                   "t = 12.7) and is cut at its bound; read it as \"too few folds to say\".")
 
     label = METRIC_LABELS.get(metric, metric)
     out.append(f"\n### {label}: each recipe against `{baseline}`, paired per (fold, seed)\n")
@@ -625,7 +638,7 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "bf16", metric: s
         head.append("\n**Problems**:\n" + "\n".join(f"- {p}" for p in problems))
     write_text_atomic(out / "report.md", "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
 
-    stat_cols = ["n", "mean", "sd", "ci_low", "ci_high"]
+    stat_cols = ["n", "mean", "sd", "ci_low", "ci_high", "ci_clipped"]
     write_text_atomic(out / "summary.csv", _csv(
         summary, ["dataset", "arch", "scale", "recipe", "metric", "n_cells", *stat_cols]))
     write_text_atomic(out / "comparison.csv", _csv(

@@ -153,3 +153,18 @@ def test_ctrl_c_on_a_cell_exits_130_with_one_line_on_how_to_resume(monkeypatch, 
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.endswith("continue with: python -m nvfp4bench --arch swin --scale tiny --recipe "
                         "nvfp4_full --fold 0 --epochs 3 --resume")
+
+
+def test_summary_shows_what_says_whether_tumours_were_found():
+    from nvfp4bench.cli import summary
+    result = {"status": "complete", "config": {"arch": "swin", "scale": "tiny",
+                                               "recipe": "nvfp4_full", "fold": 0, "seed": 2026},
+              "data": {"name": "synthetic", "synthetic": True}, "best_epoch": 3, "epochs_run": 40,
+              "stopped_early": False, "best_val_loss": 0.5, "val": {"auprc": 0.3},
+              "test": {"auprc": 0.37, "dice": 0.73, "recall": 0.0017, "precision": 0.2,
+                       "patient_dice_mean": 0.01, "lesion_recall": 0.0, "hd95_mean": 40.0},
+              "timing": {"total_seconds": 10.0, "median_step_ms": 5.0}}
+    text = summary(result)
+    assert "recall 0.0017" in text and "precision 0.2000" in text
+    assert "Dice 0.0100" in text and "lesion recall 0.0000" in text and "HD95 40.0000" in text
+    assert "0.73" not in text  # the soft per-image Dice misleads next to a near-zero recall
