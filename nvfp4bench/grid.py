@@ -418,12 +418,12 @@ PROCESSES = Processes()
 
 def run_cell_subprocess(target: Target, *, env: dict, resume: bool) -> int:
     """Run ``python -m nvfp4bench <argv> [--resume]``; output appended to the cell's log."""
-    argv = [*target.argv, *(["--resume"] if resume else [])]
+    argv = _cell_argv(target, resume)
     cmd = [sys.executable, "-c", "from nvfp4bench.grid import _cell_child; _cell_child()",
            str(os.getpid()), *argv]
     target.log.parent.mkdir(parents=True, exist_ok=True)
     with open(target.log, "ab") as f:
-        f.write(_header(argv, env))
+        f.write(_log_header(target.log, argv, env))
         f.flush()
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env=env)
@@ -434,6 +434,26 @@ def run_cell_subprocess(target: Target, *, env: dict, resume: bool) -> int:
             PROCESSES.discard(p)
         f.write(f"==== exit code {rc}\n".encode())
     return rc
+
+
+def _cell_argv(target: Target, resume: bool) -> list[str]:
+    """The cell's options, + --resume, + --no-progress (a log gets one line per epoch, not
+    carriage-return progress bars; it changes no number)."""
+    extra = ["--resume"] if resume else []
+    if "--no-progress" not in target.argv:
+        extra.append("--no-progress")
+    return [*target.argv, *extra]
+
+
+def _log_header(log: Path, argv: Sequence[str], env: dict | None) -> bytes:
+    """``_header``, on a line of its own even when a killed run left a half-written line."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            newline = f.read(1) == b"\n"
+    except OSError:  # missing or empty
+        newline = True
+    return (b"" if newline else b"\n") + _header(argv, env)
 
 
 def _header(argv: Sequence[str], env: dict | None) -> bytes:
@@ -454,13 +474,13 @@ def run_cell_inprocess(target: Target, *, env: dict | None = None, resume: bool)
     """
     import traceback
     from nvfp4bench.cli import main as cell_main
-    argv = [*target.argv, *(["--resume"] if resume else [])]
+    argv = _cell_argv(target, resume)
     target.log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     with open(target.log, "ab") as f:
-        f.write(_header(argv, env))
+        f.write(_log_header(target.log, argv, env))
         f.flush()
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)

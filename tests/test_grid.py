@@ -450,7 +450,7 @@ INPROCESS = textwrap.dedent("""
     from tests.test_grid import fake_targets
 
     def fake_main(argv):
-        print("cell stdout", argv[-1])
+        print("cell stdout", *[a for a in argv if a == "--resume"])
         print("cell stderr", file=sys.stderr)
         os.write(1, b"cell fd 1\\n")
         if "--epochs" in argv:
@@ -604,3 +604,14 @@ def test_a_data_directory_that_is_not_a_store_is_a_clear_error(tmp_path, capsys)
     assert main(["--dry-run", "--data", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "missing" in err and "Traceback" not in err
+
+
+def test_cell_logs_get_no_progress_bars_and_headers_on_their_own_line(tmp_path):
+    (target,) = fake_targets(tmp_path)[:1]
+    assert grid._cell_argv(target, resume=True)[-2:] == ["--resume", "--no-progress"]
+    target.log.parent.mkdir(parents=True, exist_ok=True)
+    assert grid._log_header(target.log, ["x"], {}).startswith(b"==== ")  # no log yet
+    target.log.write_bytes(b"epoch 1/40: loss 0.3\nepoch 2/4")  # killed mid-line
+    assert grid._log_header(target.log, ["x"], {}).startswith(b"\n==== ")
+    target.log.write_bytes(b"epoch 1/40: loss 0.3\n")
+    assert grid._log_header(target.log, ["x"], {}).startswith(b"==== ")
