@@ -11,8 +11,9 @@ import argparse
 import math
 import sys
 
-from nvfp4bench.config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_SEED, OPTIMIZER_NAMES,
-                               OPTIMIZERS, PRECISIONS, SYNTHETIC_EPOCHS, RunConfig)
+from nvfp4bench.config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THREADS,
+                               OPTIMIZER_NAMES, OPTIMIZERS, PRECISIONS, SYNTHETIC_EPOCHS,
+                               RunConfig)
 from nvfp4bench import nvfp4
 from nvfp4bench.recipes import RECIPES
 
@@ -149,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the baseline recipe's own; fp16 uses a GradScaler (default: %(default)s)")
     g.add_argument("--workers", type=_non_negative_int, default=0,
                    help="DataLoader worker processes (default: %(default)s)")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default: torch's own choice); on a busy machine "
-                        "1 is often much faster")
+    g.add_argument("--threads", type=_non_negative_int, default=DEFAULT_THREADS,
+                   help="CPU threads for torch; 0: torch's default, one per core (default: "
+                        "%(default)s, which stays fast when other jobs share the cores)")
     g.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                    help="skip the attention / gradient-fidelity diagnostics at the end")
 

@@ -44,6 +44,10 @@ OPTIMIZER_NAMES = ("adamax", "adamw", "adam")
 DEFAULT_EPOCHS = 100  # the study's maximum
 SYNTHETIC_EPOCHS = 40  # the default on the embedded synthetic dataset (see the docstring)
 DEFAULT_SEED = 2026
+# One CPU thread by default: measured on the shared 2-core machine (README "Training one cell"),
+# two threads made a step 15x slower when other jobs shared the cores (OpenMP threads wait for
+# each other), one thread stayed fast. --threads 0 gives torch's default (one per core).
+DEFAULT_THREADS = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("emulator", "te")
 # Training image sizes: a multiple of the transformers' 16 px patch (the CNN pads to a multiple of
@@ -91,7 +95,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "auto"
     workers: int = 0
-    threads: int | None = None  # CPU threads of torch (None: torch's default)
+    threads: int | None = DEFAULT_THREADS  # CPU threads of torch ( 0 or None: torch's default)
     diagnostics: bool = True
     # output
     out: str = "results"

@@ -432,7 +432,7 @@ def run(config: RunConfig, *, on_epoch_end: Callable[[int, dict], None] | None =
     devices = [cell.device.index or 0] if cell.device.type == "cuda" else []
     threads = torch.get_num_threads()
     try:
-        if config.threads is not None:
+        if config.threads:  # 0 / None: torch's default
             torch.set_num_threads(config.threads)
         with torch.random.fork_rng(devices=devices), nvfp4.use_backend(config.quant_kernels):
             return _run(cell, on_epoch_end)

@@ -61,6 +61,7 @@ def test_parse_config_defaults_are_the_studys():
     assert (c.patience, c.min_delta, c.min_epochs, c.seed) == (20, 1e-3, 40, 2026)
     assert (c.backend, c.device, c.precision, c.workers, c.out) == (
         "emulator", "auto", "auto", 0, "results")
+    assert c.threads == 1 and parse_config([*CELL, "--threads", "0"]).threads == 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.lr = 1.0
     r = c.resolved()
@@ -76,7 +77,7 @@ def test_config_hash_follows_the_options_that_change_the_result():
     assert h == results.config_hash(parse_config(CELL))
     # execution details do not change it
     for extra in (["--out", "elsewhere"], ["--resume"], ["--workers", "2"], ["--no-progress"],
-                  ["--threads", "1"], ["--lr", "1e-4"]):  # 1e-4 is swin's default
+                  ["--threads", "2"], ["--threads", "0"], ["--lr", "1e-4"]):  # swin's lr
         assert results.config_hash(parse_config([*CELL, *extra])) == h, extra
     for extra in (["--lr", "3e-4"], ["--seed", "1"], ["--epochs", "5"], ["--no-augment"],
                   ["--precision", "bf16"], ["--quantize-attention"], ["--data", "/x"]):
