@@ -1,6 +1,6 @@
 """The report's figures (matplotlib, optional): cross-validation bars, sensitivity grid, diagnostics.
 
-``make_figures(view, comparison, baseline, metric, recipe, out_dir)`` writes, for one dataset of
+``make_figures(view, comparison, baseline, metric, label, recipe, out_dir)`` writes, for one dataset of
 ``nvfp4bench.report``: the study's cross-validation bar chart (baseline vs ``recipe`` per arch,
 one point per fold), its sensitivity grid (arch rows x scale columns, each recipe as % of
 baseline with its 95 % CI), and the diagnostics (attention collapse, gradient fidelity: every
@@ -14,9 +14,12 @@ import re
 from collections import defaultdict
 from itertools import product
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nvfp4bench.atomic import write_atomic
-from nvfp4bench.report import METRIC_LABELS, DatasetView, diagnostic_summaries
+
+if TYPE_CHECKING:  # the report's types; figures import nothing from it at run time
+    from nvfp4bench.report import CellResult, DatasetView
 
 # Diagnostics figures: a numeric summary goes to the first group whose words its key contains.
 DIAGNOSTIC_GROUPS = {"attention": ("collapse", "entropy", "attention", "attn", "distinct"),
@@ -24,12 +27,30 @@ DIAGNOSTIC_GROUPS = {"attention": ("collapse", "entropy", "attention", "attn", "
 MAX_PANELS = 9
 
 
+def _numeric_leaves(d: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_numeric_leaves(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+def diagnostic_summaries(cell: CellResult) -> dict[str, float]:
+    """The numeric summaries of a cell's diagnostics: its ``summary`` block when there is one,
+    else every numeric leaf."""
+    d = cell.diagnostics
+    return _numeric_leaves(d["summary"] if isinstance(d.get("summary"), dict) else d)
+
+
 def _group_of(key: str) -> str | None:
     low = key.lower()
     return next((g for g, words in DIAGNOSTIC_GROUPS.items() if any(w in low for w in words)), None)
 
 
-def make_figures(view: DatasetView, comparison, baseline, metric, recipe,
+def make_figures(view: DatasetView, comparison, baseline, metric, label, recipe,
                  out_dir: Path) -> list[str]:
     """Write the figures; return the Markdown lines that reference them (or say why not)."""
     try:
@@ -38,7 +59,7 @@ def make_figures(view: DatasetView, comparison, baseline, metric, recipe,
         import matplotlib.pyplot as plt
     except ImportError:
         return ["Figures skipped: matplotlib is not installed (`pip install matplotlib`)."]
-    notes, label = [], METRIC_LABELS.get(metric, metric)
+    notes = []
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", view.name)
 
     def save(fig, name, caption):

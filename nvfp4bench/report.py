@@ -32,6 +32,7 @@ from nvfp4bench import stats
 from nvfp4bench.atomic import write_text_atomic
 from nvfp4bench.cell import Cell
 from nvfp4bench.config import NON_RESULT_FIELDS
+from nvfp4bench.figures import diagnostic_summaries, make_figures
 from nvfp4bench.recipes import RECIPES
 
 ARCH_ORDER = ("cnn", "vit", "swin")
@@ -424,28 +425,6 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
 
 
 # ----------------------------------------------------------------------------------------------
-# diagnostics (the figures themselves: nvfp4bench.figures)
-
-
-def _numeric_leaves(d: dict, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_numeric_leaves(v, key + "."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[key] = float(v)
-    return out
-
-
-def diagnostic_summaries(cell: CellResult) -> dict[str, float]:
-    """The numeric summaries of a cell's diagnostics: its ``summary`` block when there is one,
-    else every numeric leaf."""
-    d = cell.diagnostics
-    return _numeric_leaves(d["summary"] if isinstance(d.get("summary"), dict) else d)
-
-
-# ----------------------------------------------------------------------------------------------
 # writing
 
 
@@ -491,11 +470,11 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "bf16", metric: s
         ranking += rk
         text = render_dataset(view, baseline, metric, s, cmp, rk)
         if figures:
-            from nvfp4bench.figures import make_figures
             chosen = recipe or (DEFAULT_FIGURE_RECIPE if DEFAULT_FIGURE_RECIPE in view.recipes
                                 else next((r for r in view.recipes if r != baseline), baseline))
             text += "\n\n### Figures\n\n" + "\n\n".join(
-                make_figures(view, cmp, baseline, metric, chosen, out))
+                make_figures(view, cmp, baseline, metric, METRIC_LABELS.get(metric, metric),
+                             chosen, out))
         sections.append(text)
 
     synthetic = [v.name for v in views if v.synthetic]
