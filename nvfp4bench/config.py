@@ -44,9 +44,10 @@ OPTIMIZER_NAMES = ("adamax", "adamw", "adam")
 DEFAULT_EPOCHS = 100  # the study's maximum
 SYNTHETIC_EPOCHS = 40  # the default on the embedded synthetic dataset (see the docstring)
 DEFAULT_SEED = 2026
-# One CPU thread by default: measured on the shared 2-core machine (README "Training one cell"),
-# two threads made a step 15x slower when other jobs shared the cores (OpenMP threads wait for
-# each other), one thread stayed fast. --threads 0 gives torch's default (one per core).
+# One CPU thread by default. Measured on the 2-core machine (README "Training one cell"): idle,
+# two threads ran the default command in 1 min 36 s against 2 min 1 s; with the cores shared,
+# two threads made a step 1.6x (one busy loop per core) to 15x (load average 8) slower, as
+# OpenMP threads wait for each other. --threads 0 gives torch's default (one per core).
 DEFAULT_THREADS = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("emulator", "te")
