@@ -11,7 +11,7 @@ import argparse
 import math
 import sys
 
-from nvfp4bench.config import (DEFAULT_EPOCHS, DEFAULT_SEED, OPTIMIZER_NAMES,
+from nvfp4bench.config import (DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THREADS, OPTIMIZER_NAMES,
                                OPTIMIZERS, PRECISIONS, SPLITS, SYNTHETIC_EPOCHS, RunConfig)
 from nvfp4bench.quant import kernels
 from nvfp4bench.quant.backends import BACKENDS
@@ -24,29 +24,51 @@ def _registry():
     return tuple(ARCHS), tuple(SCALE_NAMES)
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def _image_size(text: str) -> int:
+    from nvfp4bench.config import check_image_size
+    try:
+        return check_image_size(_int(text), "")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
@@ -76,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--arch", choices=archs, required=True, help="architecture family")
     g.add_argument("--scale", choices=scales, required=True, help="model scale")
-    g.add_argument("--image-size", type=_positive_int, default=None,
+    g.add_argument("--image-size", type=_image_size, default=None,
                    help="input size in pixels (default: the data store's own size)")
     g.add_argument("--head-prior", type=_probability, default=None, metavar="P",
                    help="start the one-logit head's bias at logit(P), e.g. 0.01 (a tumour "
@@ -103,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the study's patient split: kfold = 5-fold cross-validation, holdout = "
                         "its main protocol (80/10/10, one partition: --fold 0); both are in the "
                         "store's folds.json (default: %(default)s)")
-    g.add_argument("--fold", type=int, choices=range(5), required=True, metavar="{0..4}",
+    g.add_argument("--fold", type=_int, choices=range(5), required=True, metavar="{0..4}",
                    help="cross-validation fold (0 with --split holdout)")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    g.add_argument("--seed", type=_int, default=DEFAULT_SEED,
                    help="seed of the initial weights, shuffling, dropout, augmentation and "
                         "stochastic rounding (default: %(default)s)")
     g.add_argument("--no-augment", dest="augment", action="store_false",
@@ -148,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "baseline recipe's own (default: %(default)s)")
     g.add_argument("--workers", type=_non_negative_int, default=0,
                    help="DataLoader worker processes (default: %(default)s)")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default: torch's own choice); on a busy machine "
-                        "1 is often much faster")
+    g.add_argument("--threads", type=_non_negative_int, default=DEFAULT_THREADS,
+                   help="CPU threads for torch; 0: torch's default, one per core (default: "
+                        "%(default)s, which stays fast when other jobs share the cores)")
     g.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                    help="skip the attention / gradient-fidelity diagnostics at the end")
 
@@ -227,8 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry(argv: list[str] | None = None) -> int:
+    """``python -m nvfp4bench``: ``main``, and Ctrl-C (or SIGTERM turned into it) exits 130 with
+    one line that says how to resume. (The grid's in-process Slurm task calls ``main`` and
+    handles the interrupt itself.)"""
+    import shlex
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        again = [a for a in argv if a != "--resume"] + ["--resume"]
+        print(f"\npython -m nvfp4bench: interrupted; the last finished epoch is checkpointed, "
+              f"continue with: python -m nvfp4bench {shlex.join(again)}", file=sys.stderr)
+        return 130
+
+
 def _where(result: dict, config: RunConfig) -> str:
     from nvfp4bench.results import result_path
-    c = result["config"]
-    return str(result_path(config.out, result["data"]["name"], c["arch"], c["scale"],
-                           c["recipe"], c["fold"], c["seed"], split=c.get("split", "kfold")))
+    return str(result_path(config))

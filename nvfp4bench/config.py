@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,16 @@ OPTIMIZER_NAMES = ("adamax", "adamw", "adam")
 DEFAULT_EPOCHS = 100  # the study's maximum
 SYNTHETIC_EPOCHS = 40  # the default on the embedded synthetic dataset (see the docstring)
 DEFAULT_SEED = 2026
+# One CPU thread by default. Measured on the 2-core machine (README "Training one cell"): idle,
+# two threads ran the default command in 1 min 36 s against 2 min 1 s; with the cores shared,
+# two threads made a step 1.6x (one busy loop per core) to 15x (load average 8) slower, as
+# OpenMP threads wait for each other. --threads 0 gives torch's default (one per core).
+DEFAULT_THREADS = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SPLITS = ("kfold", "holdout")  # nvfp4bench.data.folds.PROTOCOLS
+# Training image sizes: a multiple of the transformers' 16 px patch (the CNN pads to a multiple of
+# 2^stages itself), so every arch of the grid can train on the same slices.
+IMAGE_SIZE_STEP = 16
 
 # Options that never change the numbers a cell produces: left out of the config hash.
 # (The CPU thread count can change float summation order; bit-identical reruns on CPU need the
@@ -93,7 +100,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "auto"
     workers: int = 0
-    threads: int | None = None  # CPU threads of torch (None: torch's default)
+    threads: int | None = DEFAULT_THREADS  # CPU threads of torch ( 0 or None: torch's default)
     diagnostics: bool = True
     # output
     out: str = "results"
@@ -119,9 +126,11 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def result_path(self) -> Path:
-        """Where this cell's result JSON goes: OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json
-        (holdout_seed<s>.json for --split holdout)."""
-        from nvfp4bench.results import dataset_name, result_path
-        return result_path(self.out, dataset_name(self.data), self.arch, self.scale, self.recipe,
-                           self.fold, self.seed, split=self.split)
+
+def check_image_size(size: int, where: str = "--image-size") -> int:
+    """``size`` when every model can train on it, else ValueError naming the smallest valid one."""
+    if size < IMAGE_SIZE_STEP or size % IMAGE_SIZE_STEP:
+        raise ValueError(f"{where} {size}: the models need a multiple of {IMAGE_SIZE_STEP} px "
+                         f"(the ViT / Swin patch); the smallest is {IMAGE_SIZE_STEP}, the study's "
+                         f"is 256")
+    return size

@@ -35,51 +35,41 @@ continues from its checkpoint. On Linux a cell subprocess asks the kernel to SIG
 grid worker dies (``prctl(PR_SET_PDEATHSIG)``), so a killed grid leaves no orphan cell running
 beside its own restart.
 
-Breaking a stale lock is itself serialised by a second O_EXCL file (``.lock.break``): the breaker
-re-reads the lock and removes it only if its bytes are still the stale ones it judged, so two
-workers breaking the same lock cannot remove a fresh lock that a third one just created.
+Lock files (claim, heartbeat, stale, break, release) are nvfp4bench.locks.
 
 Parallelism: ``--gpus 0,1`` runs one cell per GPU at a time (each worker gets its own
 ``CUDA_VISIBLE_DEVICES``); ``--jobs N`` runs N cells at once per device (CPU, or per GPU when
 combined with --gpus). Workers in other processes or on other hosts sharing OUT are kept apart by
 the locks; cells they hold are waited for (unless ``--no-wait``) and taken over if they go stale.
 
-Slurm (``--slurm``): the cells that are not complete are written to a cell list (JSON Lines, one
-cell per line, OUT/slurm/<time>-<pid>/cells.jsonl beside the job script) and submitted as one job
-array, one array task per cell; task i runs ``python -m nvfp4bench.grid --slurm-task CELLS``,
-which picks line SLURM_ARRAY_TASK_ID and goes through the same resolve / done? / claim / run /
-release steps. The task is already one process per cell, so it runs the cell CLI in-process
-(fds 1 and 2 redirected to the cell's log) instead of starting a second interpreter; a cell held
-by another worker is waited for. ``scancel`` (SIGTERM) releases the lock; a resubmission
-includes only the cells that are not complete and resumes the interrupted ones.
+Slurm (``--slurm``): nvfp4bench.slurm, one job array of the cells not complete.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import datetime as _dt
 import itertools
-import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from nvfp4bench.cell import Cell
+from nvfp4bench.locks import (BREAK_GRACE_S, HEARTBEAT_S, HOST, STALE_AFTER_S,  # noqa: F401
+                              UNREADABLE_GRACE_S, Heartbeat, Lock, _break_stale, _pid_alive,
+                              clear_stale, lock_is_stale, log, try_claim)
+from nvfp4bench.results import checkpoint_paths, sibling
+
 FOLDS = tuple(range(5))
 DEFAULT_SEEDS = (2026,)
-HEARTBEAT_S = 30.0  # a lock holder refreshes its lock's mtime this often
-STALE_AFTER_S = 600.0  # a lock not refreshed for this long is stale (any host)
-UNREADABLE_GRACE_S = 60.0  # a lock still empty/garbled this long after creation is stale
-BREAK_GRACE_S = 60.0  # a leftover .break file (breaker crashed) older than this is removed
 POLL_S = 10.0  # how often a worker looks again at cells held by other workers
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # what children need on PYTHONPATH
 # Options that name the cell; the grid sets them, so they may not be forwarded.
@@ -116,33 +106,9 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[grid] {msg}", flush=True)
-
-
 # --------------------------------------------------------------------------------------------
 # Cells
 # --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Cell:
-    """One point of the grid."""
-
-    arch: str
-    scale: str
-    recipe: str
-    fold: int
-    seed: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.arch}/{self.scale}/{self.recipe}/fold{self.fold}/seed{self.seed}"
-
-    def argv(self) -> list[str]:
-        """The options of ``python -m nvfp4bench`` that select this cell."""
-        return ["--arch", self.arch, "--scale", self.scale, "--recipe", self.recipe,
-                "--fold", str(self.fold), "--seed", str(self.seed)]
-
 
 def build_cells(archs: Sequence[str], scales: Sequence[str], recipes: Sequence[str],
                 folds: Sequence[int], seeds: Sequence[int]) -> list[Cell]:
@@ -167,31 +133,25 @@ class Target:
     config: object = field(default=None, compare=False, repr=False)  # the RunConfig
 
     @property
-    def stem(self) -> Path:
-        return self.result.with_name(self.result.name[:-len(".json")]
-                                     if self.result.name.endswith(".json") else self.result.name)
-
-    @property
     def lock(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".lock")
+        return sibling(self.result, ".lock")
 
     @property
     def log(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".log")
+        return sibling(self.result, ".log")
 
     @property
     def checkpoint(self) -> Path:
-        from nvfp4bench.results import checkpoint_paths
         return checkpoint_paths(self.result)[0]
 
 
 def resolve(cell: Cell, forward: Sequence[str]) -> Target:
     """Parse the cell's command line as the cell CLI will, and derive its result path and hash."""
     from nvfp4bench.cli import parse_config
-    from nvfp4bench.results import config_hash
+    from nvfp4bench.results import config_hash, result_path
     argv = (*cell.argv(), *forward)
     config = parse_config(list(argv))
-    return Target(cell, tuple(argv), Path(config.result_path()), config_hash(config), config)
+    return Target(cell, tuple(argv), result_path(config), config_hash(config), config)
 
 
 Resolver = Callable[[Cell, Sequence[str]], Target]
@@ -236,180 +196,6 @@ def cell_state(target: Target, stale_after: float = STALE_AFTER_S) -> str:
     if target.checkpoint.exists():
         return "partial"
     return "pending"
-
-
-# --------------------------------------------------------------------------------------------
-# Lock files
-# --------------------------------------------------------------------------------------------
-
-HOST = socket.gethostname()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _age(path: Path) -> float:
-    return time.time() - path.stat().st_mtime
-
-
-def lock_is_stale(path: Path, stale_after: float = STALE_AFTER_S,
-                  content: bytes | None = None) -> tuple[bool, str]:
-    """(stale?, why). Stale: holder's pid dead on this host, or no heartbeat for stale_after s.
-
-    A missing lock counts as stale ("gone"); a lock whose content cannot be parsed is stale only
-    after UNREADABLE_GRACE_S (its creator may still be writing it).
-    """
-    try:
-        age = _age(path)
-        if content is None:
-            content = path.read_bytes()
-    except FileNotFoundError:
-        return True, "gone"
-    try:
-        info = json.loads(content.decode())
-        pid, host = int(info["pid"]), str(info["host"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        if age > UNREADABLE_GRACE_S:
-            return True, f"unreadable lock, {age:.0f} s old"
-        return False, "being written"
-    if host == HOST and not _pid_alive(pid):
-        return True, f"pid {pid} on {host} is dead"
-    if age > stale_after:
-        return True, (f"no heartbeat for {age:.0f} s (> {stale_after:.0f} s) from pid {pid} "
-                      f"on {host}")
-    return False, f"held by pid {pid} on {host} since {info.get('started', '?')}"
-
-
-def _break_stale(path: Path, seen: bytes, why: str) -> None:
-    """Remove the stale lock ``path`` if it still holds the bytes ``seen`` (see module doc)."""
-    brk = path.with_name(path.name + ".break")
-    try:
-        fd = os.open(brk, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        try:
-            if _age(brk) > BREAK_GRACE_S:  # its breaker crashed mid-way
-                brk.unlink(missing_ok=True)
-        except FileNotFoundError:
-            pass
-        return
-    try:
-        os.close(fd)
-        try:
-            if path.read_bytes() != seen:  # re-claimed since we judged it: not ours to remove
-                return
-            path.unlink()
-        except FileNotFoundError:
-            return
-        log(f"broke stale lock {path} ({why})")
-    finally:
-        brk.unlink(missing_ok=True)
-
-
-@dataclass
-class Lock:
-    """A claim held by this process; refresh with heartbeat(), give up with release()."""
-
-    path: Path
-    token: str
-
-    def heartbeat(self) -> None:
-        try:
-            os.utime(self.path)
-        except FileNotFoundError:
-            pass
-
-    def release(self) -> None:
-        """Remove the lock file if it still carries our token."""
-        try:
-            info = json.loads(self.path.read_bytes().decode())
-        except (OSError, ValueError, UnicodeDecodeError):
-            return
-        if info.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
-
-
-def clear_stale(path: Path, stale_after: float = STALE_AFTER_S) -> None:
-    """Remove ``path`` if it is a stale lock (e.g. a killed worker's, on a cell that completed)."""
-    try:
-        seen = path.read_bytes()
-    except FileNotFoundError:
-        return
-    stale, why = lock_is_stale(path, stale_after, content=seen)
-    if stale:
-        _break_stale(path, seen, why)
-
-
-def try_claim(path: Path, *, label: str = "", stale_after: float = STALE_AFTER_S,
-              attempts: int = 3) -> Lock | None:
-    """Create the lock ``path`` exclusively; None when a live holder has it.
-
-    A stale lock is broken and the creation retried (at most ``attempts`` times).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex
-    now = time.time()
-    body = json.dumps({"pid": os.getpid(), "host": HOST, "token": token, "cell": label,
-                       "started": _dt.datetime.fromtimestamp(now, _dt.timezone.utc)
-                       .isoformat(timespec="seconds"), "started_unix": now}).encode()
-    for _ in range(attempts):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                seen = path.read_bytes()
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            stale, why = lock_is_stale(path, stale_after, content=seen)
-            if not stale:
-                return None
-            _break_stale(path, seen, why)
-            continue
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return Lock(path, token)
-    return None
-
-
-class Heartbeat:
-    """One thread that refreshes the mtime of every lock this process holds."""
-
-    def __init__(self, interval: float = HEARTBEAT_S):
-        self.interval = interval
-        self._held: dict[int, Lock] = {}
-        self._mutex = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="grid-heartbeat", daemon=True)
-        self._thread.start()
-
-    def add(self, lock: Lock) -> None:
-        with self._mutex:
-            self._held[id(lock)] = lock
-
-    def remove(self, lock: Lock) -> None:
-        with self._mutex:
-            self._held.pop(id(lock), None)
-
-    def held(self) -> list[Lock]:
-        with self._mutex:
-            return list(self._held.values())
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            for lock in self.held():
-                lock.heartbeat()
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,12 +262,12 @@ PROCESSES = Processes()
 
 def run_cell_subprocess(target: Target, *, env: dict, resume: bool) -> int:
     """Run ``python -m nvfp4bench <argv> [--resume]``; output appended to the cell's log."""
-    argv = [*target.argv, *(["--resume"] if resume else [])]
+    argv = _cell_argv(target, resume)
     cmd = [sys.executable, "-c", "from nvfp4bench.grid import _cell_child; _cell_child()",
            str(os.getpid()), *argv]
     target.log.parent.mkdir(parents=True, exist_ok=True)
     with open(target.log, "ab") as f:
-        f.write(_header(argv, env))
+        f.write(_log_header(target.log, argv, env))
         f.flush()
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env=env)
@@ -492,6 +278,26 @@ def run_cell_subprocess(target: Target, *, env: dict, resume: bool) -> int:
             PROCESSES.discard(p)
         f.write(f"==== exit code {rc}\n".encode())
     return rc
+
+
+def _cell_argv(target: Target, resume: bool) -> list[str]:
+    """The cell's options, + --resume, + --no-progress (a log gets one line per epoch, not
+    carriage-return progress bars; it changes no number)."""
+    extra = ["--resume"] if resume else []
+    if "--no-progress" not in target.argv:
+        extra.append("--no-progress")
+    return [*target.argv, *extra]
+
+
+def _log_header(log: Path, argv: Sequence[str], env: dict | None) -> bytes:
+    """``_header``, on a line of its own even when a killed run left a half-written line."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            newline = f.read(1) == b"\n"
+    except OSError:  # missing or empty
+        newline = True
+    return (b"" if newline else b"\n") + _header(argv, env)
 
 
 def _header(argv: Sequence[str], env: dict | None) -> bytes:
@@ -512,13 +318,13 @@ def run_cell_inprocess(target: Target, *, env: dict | None = None, resume: bool)
     """
     import traceback
     from nvfp4bench.cli import main as cell_main
-    argv = [*target.argv, *(["--resume"] if resume else [])]
+    argv = _cell_argv(target, resume)
     target.log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     with open(target.log, "ab") as f:
-        f.write(_header(argv, env))
+        f.write(_log_header(target.log, argv, env))
         f.flush()
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
@@ -707,182 +513,44 @@ def run_grid(targets: Sequence[Target], envs: Sequence[dict], *,
                     log(f"  {target.cell.label}: exit code {rc}, no complete result; "
                         f"see {target.log}")
             finally:
-                beat.remove(lock)
                 lock.release()
+                beat.remove(lock)
 
-    threads = [threading.Thread(target=work, args=(env,), name=f"grid-worker-{i}", daemon=True)
-               for i, env in enumerate(envs)]
-    for th in threads:
-        th.start()
+    def worker(env: dict, finished: threading.Event) -> None:
+        try:
+            work(env)
+        finally:
+            finished.set()  # after the worker's last lock.release()
+
+    # The main thread waits on one Event per worker, never on Thread.join: on Python 3.11 a
+    # KeyboardInterrupt that lands inside Thread.join marks the still-running thread as stopped
+    # (threading._wait_for_tstate_lock releases the tstate lock a live thread holds, bpo-45274),
+    # so a second join returned at once and the process exited before the worker released its
+    # lock. Event.wait survives an interruption intact.
+    finished = [threading.Event() for _ in envs]
+    for i, (env, ev) in enumerate(zip(envs, finished)):
+        threading.Thread(target=worker, args=(env, ev), name=f"grid-worker-{i}",
+                         daemon=True).start()
     try:
-        for th in threads:
-            while th.is_alive():
-                th.join(0.5)
+        for ev in finished:
+            while not ev.wait(0.5):
+                pass
     except KeyboardInterrupt:
-        log("interrupted: stopping the running cells (they resume from their checkpoints)")
-        sched.halt()
-        PROCESSES.terminate_all()
-        for th in threads:
-            th.join(30)
+        with signals_deferred():  # a second Ctrl-C or SIGTERM must not cut the cleanup short
+            log("interrupted: stopping the running cells (they resume from their checkpoints)")
+            sched.halt()
+            PROCESSES.terminate_all()
+            deadline = time.monotonic() + 30
+            for ev in finished:
+                ev.wait(max(0.0, deadline - time.monotonic()))
+            for lock in beat.held():  # a worker still stuck after 30 s: release for it
+                lock.release()
+                beat.remove(lock)
         raise
     finally:
         beat.stop()
     summary.held = [t.cell.label for t in sched.deferred]
     return summary
-
-
-# --------------------------------------------------------------------------------------------
-# Slurm
-# --------------------------------------------------------------------------------------------
-
-def write_cell_list(path: Path, targets: Sequence[Target]) -> Path:
-    """JSON Lines, line i = array task i.
-
-    Each line: {"cell": {arch, scale, recipe, fold, seed}, "forward": [options passed to the
-    cell], "result": path at submission (informative; the task resolves the cell again)}.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for t in targets:
-            f.write(json.dumps({"cell": dataclasses.asdict(t.cell),
-                                "forward": list(t.argv[len(t.cell.argv()):]),
-                                "result": str(t.result)}) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_cell(path: Path, index: int) -> dict:
-    lines = Path(path).read_text().splitlines()
-    if not 0 <= index < len(lines):
-        raise ValueError(f"{path}: array task {index} out of range (the list has {len(lines)} "
-                         f"cells)")
-    return json.loads(lines[index])
-
-
-@dataclass(frozen=True)
-class SlurmOptions:
-    partition: str | None = None
-    time: str | None = None
-    gpus_per_task: int | None = None
-    max_running: int | None = None
-    job_name: str = "nvfp4bench"
-    extra: tuple[str, ...] = ()
-
-
-def sbatch_script(cells: Path, n: int, logs: Path, opts: SlurmOptions,
-                  cwd: Path, python: str = sys.executable) -> str:
-    """The job-array script: #SBATCH lines, then one ``nvfp4bench.grid --slurm-task`` call."""
-    array = f"0-{n - 1}" + (f"%{opts.max_running}" if opts.max_running else "")
-    lines = ["#!/bin/bash",
-             f"# nvfp4bench grid: {n} cells, listed in {cells} (line i = array task i)",
-             f"#SBATCH --job-name={opts.job_name}",
-             f"#SBATCH --array={array}",
-             f"#SBATCH --output={logs}/%A_%a.out",
-             f"#SBATCH --chdir={cwd}"]
-    if opts.partition:
-        lines.append(f"#SBATCH --partition={opts.partition}")
-    if opts.time:
-        lines.append(f"#SBATCH --time={opts.time}")
-    if opts.gpus_per_task:
-        lines.append(f"#SBATCH --gpus-per-task={opts.gpus_per_task}")
-    lines += [f"#SBATCH {a}" for a in opts.extra]
-    lines += [f"export PYTHONPATH={shlex.quote(str(PACKAGE_PARENT))}${{PYTHONPATH:+:$PYTHONPATH}}",
-              f"exec {shlex.quote(python)} -m nvfp4bench.grid "
-              f"--slurm-task {shlex.quote(str(cells))}",
-              ""]
-    return "\n".join(lines)
-
-
-def submit_slurm(targets: Sequence[Target], out: Path, opts: SlurmOptions, *,
-                 sbatch: str = "sbatch", dry_run: bool = False) -> str | None:
-    """Submit ``targets`` as one job array; returns the job id (None for a dry run)."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    jobdir = (out / "slurm" / f"{stamp}-{os.getpid()}").resolve()
-    cells = jobdir / "cells.jsonl"
-    script = sbatch_script(cells, len(targets), jobdir, opts, Path.cwd())
-    if dry_run:
-        print(script, end="")
-        return None
-    write_cell_list(cells, targets)
-    (jobdir / "job.sh").write_text(script)
-    try:
-        res = subprocess.run([sbatch, "--parsable", str(jobdir / "job.sh")], capture_output=True,
-                             text=True)
-    except FileNotFoundError:
-        raise SystemExit(f"nvfp4bench.grid: '{sbatch}' not found: --slurm needs the Slurm "
-                         f"client commands on PATH") from None
-    if res.returncode != 0:
-        raise SystemExit(f"nvfp4bench.grid: sbatch failed (exit {res.returncode}): "
-                         f"{res.stderr.strip() or res.stdout.strip()}")
-    job = res.stdout.strip().split(";")[0]
-    (jobdir / "job_id").write_text(job + "\n")
-    print(f"submitted {len(targets)} cells as Slurm job array {job} ({opts.job_name})\n"
-          f"  follow:     squeue -j {job}      (finished tasks: sacct -j {job} "
-          f"--format=JobID,State,Elapsed,ExitCode)\n"
-          f"  task logs:  {jobdir}/{job}_<task>.out\n"
-          f"  cell logs:  beside each result, OUT/<dataset>/<arch>/<scale>/<recipe>/"
-          f"fold<k>_seed<s>.log\n"
-          f"  cell list:  {cells}  (line i = array task i)\n"
-          f"  cancel:     scancel {job}   (resubmitting later runs only the cells not complete)",
-          flush=True)
-    return job
-
-
-def slurm_task(cells: Path, index: int, *, runner: CellRunner = run_cell_inprocess,
-               resolver: Resolver | None = None, stale_after: float = STALE_AFTER_S,
-               heartbeat_s: float = HEARTBEAT_S, poll_s: float = POLL_S) -> int:
-    """Run array task ``index`` of the cell list ``cells``: 0 when the cell ends complete.
-
-    A cell held by another worker is waited for until it is complete, or its lock is released
-    or goes stale (a task killed with SIGKILL on another node leaves a lock that only its
-    missing heartbeat can expire), and then run here.
-    """
-    entry = read_cell(cells, index)
-    cell = Cell(**entry["cell"])
-    # Resolved again here: the hash must be the one of the code that runs the cell.
-    target = (resolver or resolve)(cell, entry["forward"])
-    if is_done(target):
-        log(f"{cell.label} already complete: {target.result}")
-        clear_stale(target.lock, stale_after)
-        return 0
-    lock = try_claim(target.lock, label=cell.label, stale_after=stale_after)
-    if lock is None:
-        log(f"{cell.label} {lock_is_stale(target.lock, stale_after)[1]}: waiting until it is "
-            f"complete or its lock is released or stale (> {stale_after:.0f} s without heartbeat)")
-    while lock is None:
-        time.sleep(poll_s)
-        if is_done(target):
-            log(f"{cell.label} completed by another worker: {target.result}")
-            return 0
-        lock = try_claim(target.lock, label=cell.label, stale_after=stale_after)
-    beat = Heartbeat(heartbeat_s)
-    beat.add(lock)
-    try:
-        if is_done(target):
-            log(f"{cell.label} completed by another worker: {target.result}")
-            return 0
-        resume = can_resume(target)
-        log(f"{cell.label} start{' (resume)' if resume else ''} -> {target.log}")
-        start = time.time()
-        try:
-            rc = runner(target, env=child_env(), resume=resume)
-        except Exception as e:  # noqa: BLE001
-            rc = f"{type(e).__name__}: {e}"
-        ok = is_done(target)
-        log(f"{cell.label} {'complete' if ok else f'failed (exit code {rc})'} in "
-            f"{time.time() - start:.1f} s: {target.result}")
-        return 0 if ok else 1
-    except KeyboardInterrupt:
-        PROCESSES.terminate_all()
-        if is_done(target):  # the cell had just finished
-            log(f"{cell.label} complete (task interrupted after the cell): {target.result}")
-            return 0
-        log(f"{cell.label} interrupted (resubmit to resume it)")
-        return 130
-    finally:
-        beat.stop()
-        lock.release()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1062,6 +730,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SystemExit("nvfp4bench.grid: --slurm-task needs SLURM_ARRAY_TASK_ID "
                                  "(or --task-index)")
             index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        from nvfp4bench.slurm import read_cell, slurm_task
+        try:
+            read_cell(ns.slurm_task, index)
+        except (OSError, ValueError) as e:
+            print(f"nvfp4bench.grid: error: --slurm-task: {e}", file=sys.stderr)
+            return 2
         signal.signal(signal.SIGTERM, _raise_interrupt)
         return slurm_task(ns.slurm_task, index, stale_after=ns.stale_after)
 
@@ -1075,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, OSError, ValueError) as e:  # e.g. --data that is not a slice store
         print(f"nvfp4bench.grid: error: {e}", file=sys.stderr)
         return 2
+    from nvfp4bench.slurm import submit_slurm
     if ns.dry_run:
         states = [cell_state(t, ns.stale_after) for t in targets]
         for t, st in zip(targets, states):
@@ -1120,7 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if not summary.failed and not summary.held else 1
 
 
-def _slurm_options(ns: argparse.Namespace) -> SlurmOptions:
+def _slurm_options(ns: argparse.Namespace):
+    from nvfp4bench.slurm import SlurmOptions
     return SlurmOptions(partition=ns.partition, time=ns.time, gpus_per_task=ns.gpus_per_task,
                         max_running=ns.max_running, job_name=ns.job_name,
                         extra=tuple(ns.sbatch_arg))
@@ -1128,6 +804,26 @@ def _slurm_options(ns: argparse.Namespace) -> SlurmOptions:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM only log while the block runs (it stops cells and releases locks).
+
+    Signal handlers run in the main thread only, and only it may change them; elsewhere this
+    is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def note(signum, frame):
+        log(f"{signal.Signals(signum).name} ignored: already stopping, releasing the locks")
+    saved = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _run_report(out: Path) -> None:

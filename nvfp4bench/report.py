@@ -10,10 +10,7 @@ writes, per dataset, to ``--out`` (default ``RESULTS_DIR/report``):
   recipe ranking over folds; the missing cells (expected from the grid of the archs, scales,
   recipes, folds and seeds present) and the failed ones. Synthetic data is said at the top.
 * ``summary.csv``, ``comparison.csv`` (every table metric), ``ranking.csv``, ``cells.csv``.
-* Figures when matplotlib is installed (else a note): the cross-validation bars (baseline vs
-  ``--recipe`` per arch, one point per fold), the sensitivity grid (arch rows x scale columns,
-  each recipe as % of baseline with its 95 % CI), and the diagnostics (attention collapse,
-  gradient fidelity: every numeric summary found under ``diagnostics``).
+* Figures when matplotlib is installed (else a note): nvfp4bench.figures.
 
 The statistics are nvfp4bench.stats; this module only collects, pairs and prints.
 """
@@ -24,17 +21,18 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
 from nvfp4bench import stats
+from nvfp4bench.atomic import write_text_atomic
+from nvfp4bench.cell import Cell
 from nvfp4bench.config import NON_RESULT_FIELDS
+from nvfp4bench.figures import diagnostic_summaries, make_figures
 from nvfp4bench.quant.recipes import RECIPES
 
 ARCH_ORDER = ("cnn", "vit", "swin")
@@ -44,11 +42,16 @@ METRIC_LABELS = {"auprc": "AUPRC", "recall": "recall", "precision": "precision",
                  "iou": "IoU", "dice": "Dice (soft, per image)", "hd95_mean": "HD95",
                  "patient_dice_mean": "Dice (patient)", "lesion_recall": "lesion recall"}
 DEFAULT_FIGURE_RECIPE = "2d_rht_sr"   # TE's default recipe
+# The range of each metric: a confidence interval is cut at it (stats.summarize). Unlisted
+# metrics (counts, HD95 variants) are >= 0.
+UNIT_METRICS = ("auprc", "recall", "precision", "f2", "iou", "dice", "patient_dice_mean",
+                "lesion_recall")
+
+
+def metric_bounds(metric: str) -> tuple[float, float]:
+    return (0.0, 1.0) if metric in UNIT_METRICS else (0.0, math.inf)
+
 CELL_NAME = re.compile(r"^fold(\d+)_seed(\d+)\.json$")
-# Diagnostics figures: a numeric summary goes to the first group whose words its key contains.
-DIAGNOSTIC_GROUPS = {"attention": ("collapse", "entropy", "attention", "attn", "distinct"),
-                     "gradient": ("cosine", "grad", "sqnr", "relative_error")}
-MAX_PANELS = 9
 # Options that may differ between the cells of one arch x scale without making them incomparable:
 # the cell's identity, where and how it ran, and the precision each baseline recipe resolves to.
 IDENTITY_OPTIONS = frozenset({"arch", "scale", "recipe", "fold", "seed"})
@@ -64,7 +67,9 @@ class ReportError(Exception):
 
 
 @dataclass
-class Cell:
+class CellResult:
+    """What the report reads of one cell's result file (the cell: ``.cell``)."""
+
     path: Path
     dataset: str
     arch: str
@@ -79,6 +84,10 @@ class Cell:
     diagnostics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     fingerprint: str | None = None
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.arch, self.scale, self.recipe, self.fold, self.seed)
 
     @property
     def key(self) -> tuple:
@@ -101,7 +110,7 @@ def _read_json(path: Path):
         return None, f"{type(e).__name__}: {e}"
 
 
-def load_cells(root) -> tuple[list[Cell], list[str]]:
+def load_cells(root) -> tuple[list[CellResult], list[str]]:
     """Every cell JSON under ``root`` (layout of docs/interfaces.md) and a list of problems found.
 
     Identity comes from the path; the ``config`` inside (and ``data.name``) must agree with it,
@@ -117,14 +126,15 @@ def load_cells(root) -> tuple[list[Cell], list[str]]:
         fold, seed = int(match.group(1)), int(match.group(2))
         obj, err = _read_json(path)
         if not isinstance(obj, dict):
-            cell = Cell(path, dataset, arch, scale, recipe, fold, seed, "unreadable",
+            cell = CellResult(path, dataset, arch, scale, recipe, fold, seed, "unreadable",
                         err or "not a JSON object")
         else:
             config = obj.get("config") or {}
             data = obj.get("data") or {}
             stated = {"arch": config.get("arch"), "scale": config.get("scale"),
                       "recipe": config.get("recipe"), "fold": config.get("fold"),
-                      "seed": config.get("seed"), "dataset": data.get("name")}
+                      "seed": config.get("seed"),
+                      "dataset": data.get("results_dir") or data.get("name")}
             actual = {"arch": arch, "scale": scale, "recipe": recipe, "fold": fold, "seed": seed,
                       "dataset": dataset}
             wrong = [f"{k}={stated[k]!r} (path says {actual[k]!r})" for k in actual
@@ -135,7 +145,7 @@ def load_cells(root) -> tuple[list[Cell], list[str]]:
                 continue
             test = obj.get("test") if isinstance(obj.get("test"), dict) else {}
             diagnostics = obj.get("diagnostics") if isinstance(obj.get("diagnostics"), dict) else {}
-            cell = Cell(path, dataset, arch, scale, recipe, fold, seed,
+            cell = CellResult(path, dataset, arch, scale, recipe, fold, seed,
                         str(obj.get("status") or "unknown"), obj.get("error"),
                         data.get("synthetic"), test, diagnostics, config, data.get("fingerprint"))
             if cell.complete and not test:
@@ -153,7 +163,7 @@ def _ordered(values, order) -> list:
 # analysis
 
 
-def _value(cell: Cell, metric: str) -> float | None:
+def _value(cell: CellResult, metric: str) -> float | None:
     v = cell.test.get(metric)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
@@ -163,7 +173,7 @@ def _value(cell: Cell, metric: str) -> float | None:
 @dataclass
 class DatasetView:
     name: str
-    cells: list[Cell]
+    cells: list[CellResult]
     archs: list[str]
     scales: list[str]
     recipes: list[str]
@@ -172,7 +182,7 @@ class DatasetView:
     synthetic: bool | None
     by_key: dict
 
-    def complete(self, arch, scale, recipe) -> dict[tuple[int, int], Cell]:
+    def complete(self, arch, scale, recipe) -> dict[tuple[int, int], CellResult]:
         """(fold, seed) -> complete cell."""
         out = {}
         for fold, seed in self.blocks:
@@ -186,7 +196,7 @@ class DatasetView:
                 if (v := _value(c, metric)) is not None}
 
 
-def dataset_views(cells: list[Cell]) -> list[DatasetView]:
+def dataset_views(cells: list[CellResult]) -> list[DatasetView]:
     views = []
     for name in sorted({c.dataset for c in cells}):
         mine = [c for c in cells if c.dataset == name]
@@ -236,7 +246,8 @@ def summary_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
     for arch, scale, recipe in product(view.archs, view.scales, view.recipes):
         n_cells = len(view.complete(arch, scale, recipe))
         for metric in metrics:
-            s = stats.summarize(list(view.values(arch, scale, recipe, metric).values()))
+            s = stats.summarize(list(view.values(arch, scale, recipe, metric).values()),
+                                bounds=metric_bounds(metric))
             rows.append({"dataset": view.name, "arch": arch, "scale": scale, "recipe": recipe,
                          "metric": metric, "n_cells": n_cells, **s})
     return rows
@@ -326,7 +337,7 @@ def _summary_cell(s: dict, metric: str) -> str:
         return "n/a"
     text = f"{_f(s['mean'], d)} ± {_f(s['sd'], d)}"
     if s["ci_low"] is not None:
-        text += f" [{_f(s['ci_low'], d)}, {_f(s['ci_high'], d)}]"
+        text += f" [{_f(s['ci_low'], d)}, {_f(s['ci_high'], d)}]" + ("*" if s["ci_clipped"] else "")
     return text
 
 
@@ -362,12 +373,16 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
         rows.append([arch, scale, recipe, n_text] +
                     [_summary_cell(c, m) for c, m in zip(cols, TABLE_METRICS)])
     out.append(_md_table(["arch", "scale", "recipe", "n"] + labels, rows))
+    if any(r.get("ci_clipped") for r in summary):
+        out.append("\n\\* the t-interval crossed the metric's range (few folds: with 2 values "
+                   "t = 12.7) and is cut at its bound; read it as \"too few folds to say\".")
 
     label = METRIC_LABELS.get(metric, metric)
     out.append(f"\n### {label}: each recipe against `{baseline}`, paired per (fold, seed)\n")
     mine = [r for r in comparison if r["metric"] == metric]
     if baseline not in view.recipes:
-        out.append(f"No `{baseline}` cells in this dataset: no comparison.")
+        out.append(f"Missing: no `{baseline}` cell in this dataset, so no comparison "
+                   f"(recipes present: {', '.join(f'`{r}`' for r in view.recipes)}).")
     elif not mine:
         out.append("No recipe besides the baseline.")
     else:
@@ -410,158 +425,7 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
 
 
 # ----------------------------------------------------------------------------------------------
-# figures (matplotlib, optional)
-
-
-def _numeric_leaves(d: dict, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_numeric_leaves(v, key + "."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[key] = float(v)
-    return out
-
-
-def diagnostic_summaries(cell: Cell) -> dict[str, float]:
-    """The numeric summaries of a cell's diagnostics: its ``summary`` block when there is one,
-    else every numeric leaf."""
-    d = cell.diagnostics
-    return _numeric_leaves(d["summary"] if isinstance(d.get("summary"), dict) else d)
-
-
-def _group_of(key: str) -> str | None:
-    low = key.lower()
-    return next((g for g, words in DIAGNOSTIC_GROUPS.items() if any(w in low for w in words)), None)
-
-
-def make_figures(view: DatasetView, comparison, baseline, metric, recipe,
-                 out_dir: Path) -> list[str]:
-    """Write the figures; return the Markdown lines that reference them (or say why not)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return ["Figures skipped: matplotlib is not installed (`pip install matplotlib`)."]
-    notes, label = [], METRIC_LABELS.get(metric, metric)
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", view.name)
-
-    def save(fig, name, caption):
-        path = out_dir / f"{stem}_{name}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        os.replace(tmp, path)
-        notes.append(f"![{caption}]({path.name})")
-
-    # 1. cross-validation bars: baseline vs one recipe per arch, a panel per scale
-    if baseline in view.recipes and recipe in view.recipes and recipe != baseline:
-        fig, axes = plt.subplots(1, len(view.scales), figsize=(4 * len(view.scales), 3.5),
-                                 squeeze=False, layout="constrained")
-        for ax, scale in zip(axes[0], view.scales):
-            for j, (name, color) in enumerate(((baseline, "tab:gray"), (recipe, "tab:blue"))):
-                for i, arch in enumerate(view.archs):
-                    vals = list(view.values(arch, scale, name, metric).values())
-                    x = i + (j - 0.5) * 0.38
-                    if vals:
-                        ax.bar(x, sum(vals) / len(vals), 0.36, color=color, alpha=0.6,
-                               label=name if i == 0 else None)
-                        ax.plot([x] * len(vals), vals, "o", color="black", ms=3)
-            ax.set_xticks(range(len(view.archs)), view.archs)
-            ax.set_title(scale)
-            ax.set_ylabel(label)
-        axes[0][0].legend(fontsize=8)
-        save(fig, "cv_bars", f"{label}: {baseline} vs {recipe}, one point per fold")
-    else:
-        notes.append(f"Cross-validation bars skipped: need `{baseline}` and `{recipe}` cells "
-                     "(choose another with --recipe).")
-
-    # 2. sensitivity grid: % of baseline with 95 % CI, arch rows x scale columns
-    rows = [r for r in comparison if r["metric"] == metric and r["pct_mean"] is not None]
-    if rows:
-        others = [r for r in view.recipes if r != baseline]
-        fig, axes = plt.subplots(len(view.archs), len(view.scales), squeeze=False, sharey=True,
-                                 figsize=(3.6 * len(view.scales), 3.2 * len(view.archs)),
-                                 layout="constrained")
-        by = {(r["arch"], r["scale"], r["recipe"]): r for r in rows}
-        for (i, arch), (j, scale) in product(enumerate(view.archs), enumerate(view.scales)):
-            ax = axes[i][j]
-            ax.axhline(100, color="gray", lw=0.8)
-            for k, name in enumerate(others):
-                r = by.get((arch, scale, name))
-                if r is None:
-                    continue
-                lo, hi = r["pct_ci_low"], r["pct_ci_high"]
-                err = [[r["pct_mean"] - lo], [hi - r["pct_mean"]]] if lo is not None else None
-                ax.errorbar(k, r["pct_mean"], yerr=err, fmt="o", capsize=3, color=f"C{k}")
-            ax.set_xlim(-0.6, len(others) - 0.4)
-            ax.set_xticks(range(len(others)), others, rotation=60, fontsize=7)
-            ax.set_title(f"{arch} / {scale}", fontsize=9)
-            if j == 0:
-                ax.set_ylabel(f"% of {baseline} {label}")
-        save(fig, "sensitivity", f"{label} as % of {baseline}, 95 % CI")
-    else:
-        notes.append("Sensitivity grid skipped: no paired comparison with the baseline.")
-
-    # 3. diagnostics: every numeric summary, grouped (attention collapse, gradient fidelity)
-    per_key: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for c in view.cells:
-        if c.complete:
-            for key, v in diagnostic_summaries(c).items():
-                per_key[key][(c.arch, c.scale, c.recipe)].append(v)
-    if not per_key:
-        notes.append("Diagnostics figures skipped: no cell has numeric diagnostics.")
-    for group in (*DIAGNOSTIC_GROUPS, None):
-        keys = sorted(k for k in per_key if _group_of(k) == group)
-        if not keys:
-            continue
-        shown = keys[:MAX_PANELS]
-        cols = min(3, len(shown))
-        nrows = math.ceil(len(shown) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False,
-                                 layout="constrained")
-        series = list(product(view.archs, view.scales))
-        for ax, key in zip(axes.flat, shown):
-            for s_i, (arch, scale) in enumerate(series):
-                offset = 0.3 * (s_i - (len(series) - 1) / 2) / max(1, len(series) - 1)
-                xs, ys = [], []
-                for k, name in enumerate(view.recipes):
-                    vals = per_key[key].get((arch, scale, name))
-                    if vals:
-                        xs.append(k + offset)
-                        ys.append(sum(vals) / len(vals))
-                if xs:
-                    ax.plot(xs, ys, "o", ms=4, label=f"{arch}/{scale}")
-            ax.set_xlim(-0.5, len(view.recipes) - 0.5)
-            ax.set_xticks(range(len(view.recipes)), view.recipes, rotation=60, fontsize=7)
-            ax.set_title(key, fontsize=9)
-        for ax in list(axes.flat)[len(shown):]:
-            ax.axis("off")
-        axes[0][0].legend(fontsize=6)
-        name = group or "other"
-        save(fig, f"diagnostics_{name}", f"diagnostics ({name}): mean over folds")
-        if len(keys) > len(shown):
-            notes.append(f"({name} diagnostics: {len(keys) - len(shown)} more keys in cells.csv "
-                         "are not plotted.)")
-    return notes
-
-
-# ----------------------------------------------------------------------------------------------
 # writing
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _csv(rows: list[dict], columns: list[str]) -> str:
@@ -584,11 +448,11 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
         raise ReportError("no cell results (<dataset>/<arch>/<scale>/<recipe>/"
                           f"fold<k>_seed<s>.json) under {root}")
     all_recipes = {c.recipe for c in cells}
-    if baseline not in all_recipes:
-        raise ReportError(f"baseline recipe {baseline!r} has no cells; present: "
-                          f"{', '.join(sorted(all_recipes))} (use --baseline)")
+    if baseline not in RECIPES:
+        raise ReportError(f"--baseline {baseline!r} is not a recipe; choose from "
+                          f"{', '.join(RECIPES)}")
     numeric = {k for c in cells if c.complete for k in c.test if _value(c, k) is not None}
-    if metric not in numeric:
+    if numeric and metric not in numeric:
         raise ReportError(f"--metric {metric!r} is in no complete cell's test block; available: "
                           f"{', '.join(sorted(numeric)) or 'none'}")
     out = Path(out_dir) if out_dir is not None else root / "report"
@@ -609,7 +473,8 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
             chosen = recipe or (DEFAULT_FIGURE_RECIPE if DEFAULT_FIGURE_RECIPE in view.recipes
                                 else next((r for r in view.recipes if r != baseline), baseline))
             text += "\n\n### Figures\n\n" + "\n\n".join(
-                make_figures(view, cmp, baseline, metric, chosen, out))
+                make_figures(view, cmp, baseline, metric, METRIC_LABELS.get(metric, metric),
+                             chosen, out))
         sections.append(text)
 
     synthetic = [v.name for v in views if v.synthetic]
@@ -619,18 +484,25 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
                     f"({', '.join(f'`{n}`' for n in synthetic)}), not from patients.")
     head.append(f"\nSource: `{root}`; {len(cells)} cell files; baseline `{baseline}`; "
                 f"primary metric {METRIC_LABELS.get(metric, metric)} (test partition).")
+    if baseline not in all_recipes:
+        head.append(f"\n**Missing comparisons**: no cell of the baseline `{baseline}`, so no "
+                    f"recipe is compared with it (recipes present: "
+                    f"{', '.join(f'`{r}`' for r in _ordered(all_recipes, tuple(RECIPES)))}). "
+                    f"Run the `{baseline}` cells of the same arch, scale, fold and seed (e.g. "
+                    f"`python -m nvfp4bench --arch A --scale S --recipe {baseline} --fold K`), or "
+                    f"pass `--baseline` one of the recipes present.")
     if problems:
         head.append("\n**Problems**:\n" + "\n".join(f"- {p}" for p in problems))
-    _write_text_atomic(out / "report.md", "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
 
-    stat_cols = ["n", "mean", "sd", "ci_low", "ci_high"]
-    _write_text_atomic(out / "summary.csv", _csv(
+    stat_cols = ["n", "mean", "sd", "ci_low", "ci_high", "ci_clipped"]
+    write_text_atomic(out / "summary.csv", _csv(
         summary, ["dataset", "arch", "scale", "recipe", "metric", "n_cells", *stat_cols]))
-    _write_text_atomic(out / "comparison.csv", _csv(
+    write_text_atomic(out / "comparison.csv", _csv(
         comparison, ["dataset", "arch", "scale", "recipe", "baseline", "metric", "n_pairs",
                      "mean_diff", "pct_mean", "pct_ci_low", "pct_ci_high", "cohens_d",
                      "wilcoxon_p", "holm_p"]))
-    _write_text_atomic(out / "ranking.csv", _csv(
+    write_text_atomic(out / "ranking.csv", _csv(
         ranking, ["dataset", "arch", "scale", "metric", "kendalls_w", "m_blocks", "n_recipes"]))
     cell_rows, test_keys, diag_keys = [], set(), set()
     for c in cells:
@@ -642,7 +514,7 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
                           "recipe": c.recipe, "fold": c.fold, "seed": c.seed, "status": c.status,
                           "synthetic": c.synthetic, "path": str(c.path.relative_to(root)),
                           **tests, **diags})
-    _write_text_atomic(out / "cells.csv", _csv(
+    write_text_atomic(out / "cells.csv", _csv(
         cell_rows, ["dataset", "arch", "scale", "recipe", "fold", "seed", "status", "synthetic",
                     "path", *sorted(test_keys), *sorted(diag_keys)]))
     return {"out": out, "cells": cells, "problems": problems, "summary": summary,
@@ -677,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     n_missing = sum(len(v.missing) for v in result["views"])
     print(f"{len(cells)} cells ({n_complete} complete, {len(cells) - n_complete} not complete, "
           f"{n_missing} missing) -> {result['out'] / 'report.md'}")
+    if args.baseline not in {c.recipe for c in cells}:
+        print(f"note: no `{args.baseline}` cell yet, so the report compares no recipe with the "
+              f"baseline (it says which comparisons are missing)")
     return 0
 
 

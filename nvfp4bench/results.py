@@ -5,7 +5,14 @@ Layout (docs/interfaces.md "Results")::
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json       the result
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.ckpt.pt    last-epoch training state
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.best.pt    best-epoch model weights
+    OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.{lock,log} the grid's lock and log
     (``holdout_seed<s>`` instead of ``fold<k>_seed<s>`` for ``--split holdout``)
+
+``<dataset>`` identifies the store (``dataset_dir``): ``<name>-<first 8 hex digits of its content
+fingerprint>`` (``brats-1f0c9a2e``), so two stores never share a result path, whatever their
+names; the embedded synthetic store (data/synthetic, the default) keeps the stable ``synthetic``.
+A result already at a path that was made from another store (a rebuilt embedded store) is never
+replaced: ``check_same_store`` refuses, naming the file.
 
 A cell is done when its JSON has ``status == "complete"`` and the ``config_hash`` of the options
 that change the numbers (everything but the output directory, --resume, the worker count and the
@@ -21,12 +28,17 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
+from nvfp4bench import atomic
+from nvfp4bench.cell import Cell
+from nvfp4bench.config import NON_RESULT_FIELDS
+
 SCHEMA_VERSION = 1
-SYNTHETIC_NAME = "synthetic"  # dataset name of the embedded store
+SYNTHETIC_NAME = "synthetic"  # dataset folder of the embedded store
+FINGERPRINT_DIGITS = 8  # hex digits of the store fingerprint in its dataset folder name
 
 
 def config_hash(config) -> str:
@@ -37,51 +49,76 @@ def config_hash(config) -> str:
     ``data_identity``), so a store rebuilt in place makes its cells pending again and a store
     that moved keeps them complete.
     """
-    from nvfp4bench.config import NON_RESULT_FIELDS
     d = {k: v for k, v in config.resolved().to_dict().items() if k not in NON_RESULT_FIELDS}
     d["data"] = data_identity(config.data)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _store_path(data) -> Path:
+    from nvfp4bench.data import DEFAULT_DATA_DIR
+    return Path(data).expanduser() if data is not None else Path(DEFAULT_DATA_DIR)
+
+
 def data_identity(data) -> str | None:
     """What identifies the data of a cell: ``fingerprint:<hex>`` of the store at ``data`` (None:
     the embedded store) when it exists; otherwise its absolute path (None for the embedded store
     not built yet: it is deterministic, and the grid builds it before it hashes any cell)."""
-    from nvfp4bench.data import DEFAULT_DATA_DIR, SliceStore
+    from nvfp4bench.data import SliceStore
     from nvfp4bench.data.store import is_store
-    path = Path(data).expanduser() if data is not None else Path(DEFAULT_DATA_DIR)
+    path = _store_path(data)
     if is_store(path):
         return "fingerprint:" + SliceStore(path).fingerprint
     return None if data is None else str(path.resolve())
 
 
-def result_path(out_dir, dataset: str, arch: str, scale: str, recipe: str, fold: int,
-                seed: int, split: str = "kfold") -> Path:
-    """OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json (k-fold CV), or
-    .../holdout_seed<s>.json for the hold-out split (its only partition)."""
-    name = f"holdout_seed{int(seed)}.json" if split == "holdout" else \
-        f"fold{int(fold)}_seed{int(seed)}.json"
-    return Path(out_dir) / dataset / arch / scale / recipe / name
+def store_dir_name(store) -> str:
+    """The ``<dataset>`` folder of an open SliceStore: ``synthetic`` for the embedded store,
+    else ``<name>-<fingerprint[:8]>`` (the name made safe as one path component)."""
+    from nvfp4bench.data import DEFAULT_DATA_DIR
+    if Path(store.path).resolve() == Path(DEFAULT_DATA_DIR).resolve():
+        return SYNTHETIC_NAME
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(store.name)).strip(".") or "data"
+    return f"{name}-{store.fingerprint[:FINGERPRINT_DIGITS]}"
+
+
+def dataset_dir(data) -> str:
+    """The ``<dataset>`` folder of the store at ``data`` (None: the embedded synthetic store,
+    ``synthetic`` even before it is built). A missing store raises FileNotFoundError."""
+    from nvfp4bench.data import SliceStore
+    if data is None and not _store_path(None).exists():
+        return SYNTHETIC_NAME
+    return store_dir_name(SliceStore(_store_path(data)))
+
+
+def result_path(config, store=None) -> Path:
+    """OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json of a RunConfig.
+
+    ``store``: the config's SliceStore when already open (saves opening it again)."""
+    dataset = store_dir_name(store) if store is not None else dataset_dir(config.data)
+    cell = Cell.of(config)
+    return Path(config.out) / dataset / cell.arch / cell.scale / cell.recipe / f"{cell.stem}.json"
+
+
+def sibling(json_path, suffix: str) -> Path:
+    """The cell file beside a result JSON: ``sibling(p, ".ckpt.pt")`` -> fold<k>_seed<s>.ckpt.pt."""
+    p = Path(json_path)
+    stem = p.name[:-len(".json")] if p.name.endswith(".json") else p.name
+    return p.with_name(stem + suffix)
 
 
 def checkpoint_paths(json_path) -> tuple[Path, Path]:
     """(last-epoch training state, best-epoch weights) beside a result JSON."""
-    p = Path(json_path)
-    stem = p.name[:-len(".json")] if p.name.endswith(".json") else p.name
-    return p.with_name(stem + ".ckpt.pt"), p.with_name(stem + ".best.pt")
+    return sibling(json_path, ".ckpt.pt"), sibling(json_path, ".best.pt")
 
 
-def dataset_name(data) -> str:
-    """The name of the dataset at ``data`` (None: the embedded synthetic store).
-
-    Reads the store's metadata when it exists; the embedded store not built yet is "synthetic".
-    """
-    from nvfp4bench.data import DEFAULT_DATA_DIR, SliceStore
-    path = Path(data) if data is not None else Path(DEFAULT_DATA_DIR)
-    if data is None and not path.exists():
-        return SYNTHETIC_NAME
-    return SliceStore(path).name
+def check_same_store(json_path, fingerprint: str) -> None:
+    """Refuse (ValueError, one line) when ``json_path`` holds a result of another store."""
+    found = ((read_result(json_path) or {}).get("data") or {}).get("fingerprint")
+    if found is not None and found != fingerprint:
+        raise ValueError(f"{json_path} holds a result made from another data store (fingerprint "
+                         f"{found[:12]}, this store {fingerprint[:12]}); not replacing it: move "
+                         f"it away or pass another --out")
 
 
 def to_jsonable(obj: Any, where: str = "result") -> Any:
@@ -113,22 +150,8 @@ def to_jsonable(obj: Any, where: str = "result") -> Any:
 
 
 def write_json_atomic(path, obj) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same directory + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_jsonable(obj), indent=1, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; results are read by other users too
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``obj`` (made plain by ``to_jsonable``) as JSON to ``path``, atomically."""
+    return atomic.write_json_atomic(path, to_jsonable(obj))
 
 
 def read_result(path) -> dict | None:

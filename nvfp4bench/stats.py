@@ -1,6 +1,7 @@
 """Statistics over folds and seeds: pure functions of plain lists of floats.
 
-* Mean, sample sd (ddof 1) and the t-based 95 % CI  mean +- t_{0.975, n-1} sd / sqrt(n).
+* Mean, sample sd (ddof 1) and the t-based 95 % CI  mean +- t_{0.975, n-1} sd / sqrt(n), cut at
+  the metric's range when it crosses it (``summarize(..., bounds=)``).
 * Paired comparison of a recipe x with its baseline y over the same (fold, seed) blocks,
   d_i = x_i - y_i:
   - % of baseline: r_i = 100 x_i / y_i per pair (pairs with y_i = 0 are left out), then mean and CI;
@@ -34,18 +35,28 @@ def _clean(values: Sequence[float | None]) -> np.ndarray:
     return np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
 
 
-def summarize(values: Sequence[float | None], confidence: float = CONFIDENCE) -> dict:
-    """n, mean, sd, ci_low, ci_high of the finite values (None values are left out)."""
+def summarize(values: Sequence[float | None], confidence: float = CONFIDENCE,
+              bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
+    """n, mean, sd, ci_low, ci_high, ci_clipped of the finite values (None values left out).
+
+    ``bounds``: the range of the metric (AUPRC [0, 1], HD95 [0, inf)). With few values the
+    t-interval can cross it (two folds: t_{0.975,1} = 12.7); the mean lies in the range, so the
+    interval is cut at the bound (its coverage can only grow) and ``ci_clipped`` says so.
+    """
     x = _clean(values)
     n = int(x.size)
-    out = {"n": n, "mean": None, "sd": None, "ci_low": None, "ci_high": None}
+    out = {"n": n, "mean": None, "sd": None, "ci_low": None, "ci_high": None,
+           "ci_clipped": False}
     if n == 0:
         return out
     out["mean"] = float(x.mean())
     if n >= 2:
         sd = float(x.std(ddof=1))
         half = float(sst.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-        out.update(sd=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+        low, high = out["mean"] - half, out["mean"] + half
+        lo, hi = bounds
+        out.update(sd=sd, ci_low=max(low, lo), ci_high=min(high, hi),
+                   ci_clipped=low < lo or high > hi)
     return out
 
 

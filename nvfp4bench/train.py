@@ -49,9 +49,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import statistics
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -63,8 +61,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nvfp4bench import results
+from nvfp4bench.atomic import save_torch_atomic
+from nvfp4bench.config import RunConfig, check_image_size
 from nvfp4bench.quant.backends import get_backend
-from nvfp4bench.config import RunConfig
 from nvfp4bench.env import environment
 from nvfp4bench.losses import BCETverskyLoss
 from nvfp4bench.quant.recipes import Recipe, get_recipe
@@ -187,20 +186,6 @@ def _median(xs) -> float | None:
     return float(statistics.median(xs)) if xs else None
 
 
-def _save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -209,8 +194,8 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- the cell
 
 @dataclass
-class Cell:
-    """Everything ``run`` sets up before the first epoch."""
+class CellRun:
+    """Everything ``run`` sets up before the first epoch (the cell itself: nvfp4bench.cell)."""
 
     config: RunConfig  # resolved (image size and epochs filled in)
     config_hash: str
@@ -224,7 +209,7 @@ class Cell:
     best_path: Path
 
 
-def setup(config: RunConfig) -> Cell:
+def setup(config: RunConfig) -> CellRun:
     """Open the data and the fold, resolve every default, check the options."""
     from nvfp4bench.data import SliceStore, ensure_synthetic_store, load_folds
 
@@ -247,17 +232,17 @@ def setup(config: RunConfig) -> Cell:
                          f"fold{'s 0..' if len(folds) > 1 else ' '}{len(folds) - 1}")
     split = folds[config.fold]
     resolved = config.resolved()
-    image_size = resolved.image_size or int(store.image_size)
+    image_size = resolved.image_size or check_image_size(int(store.image_size),
+                                                         f"the store {store_dir}'s image size")
     resolved = dataclasses.replace(resolved, image_size=image_size, precision=precision,
                                    device=str(device))
-    json_path = results.result_path(config.out, store.name, config.arch, config.scale,
-                                    config.recipe, config.fold, config.seed, split=config.split)
+    json_path = results.result_path(config, store)
     ckpt_path, best_path = results.checkpoint_paths(json_path)
-    return Cell(resolved, results.config_hash(config), recipe, device, precision, store, split,
+    return CellRun(resolved, results.config_hash(config), recipe, device, precision, store, split,
                 json_path, ckpt_path, best_path)
 
 
-def build_quantized_model(cell: Cell, sr_generator: torch.Generator) -> nn.Module:
+def build_quantized_model(cell: CellRun, sr_generator: torch.Generator) -> nn.Module:
     """The model of (arch, scale) initialised from (arch, scale, seed), then quantized."""
     from nvfp4bench.models import build_model
     from nvfp4bench.quant.swap import quantize_model
@@ -272,7 +257,7 @@ def build_quantized_model(cell: Cell, sr_generator: torch.Generator) -> nn.Modul
     return model
 
 
-def make_loaders(cell: Cell, loader_generator: torch.Generator):
+def make_loaders(cell: CellRun, loader_generator: torch.Generator):
     """Train (shuffled by ``loader_generator``, augmented), val and test DataLoaders."""
     from nvfp4bench.data import SliceDataset
     c = cell.config
@@ -293,7 +278,7 @@ def make_loaders(cell: Cell, loader_generator: torch.Generator):
     return sets["train"], train, val, test
 
 
-def _autocast(cell: Cell):
+def _autocast(cell: CellRun):
     """The backend's run context (autocast; for TE also te.autocast): every forward runs in it."""
     return get_backend(cell.config.backend).context(cell.recipe, cell.device,
                                                     AUTOCAST_DTYPES[cell.precision])
@@ -304,7 +289,7 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits.float())
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cell: Cell, epoch: int,
+def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cell: CellRun, epoch: int,
                     bar) -> dict:
     """One pass over the training slices (the study's loop, module docstring): mean per-batch loss,
     gradient norms (before clipping), step times, skipped_steps (non-finite loss) and
@@ -353,7 +338,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cell: Cell, epoch
 
 
 @torch.no_grad()
-def _predict(model, loader, meter, cell: Cell, loss_fn=None) -> tuple[float | None, bool]:
+def _predict(model, loader, meter, cell: CellRun, loss_fn=None) -> tuple[float | None, bool]:
     """Feed every batch's probabilities to ``meter`` -> (the mean over batches of each batch's
     mean loss when asked (the study's average), whether every output was finite). A batch with
     non-finite outputs is not metered: its loss is NaN, so the caller knows."""
@@ -374,7 +359,7 @@ def _predict(model, loader, meter, cell: Cell, loss_fn=None) -> tuple[float | No
     return loss, finite
 
 
-def validate(model, loader, loss_fn, cell: Cell, epoch: int) -> dict:
+def validate(model, loader, loss_fn, cell: CellRun, epoch: int) -> dict:
     """The per-epoch validation: loss (the study's mean of per-batch means) and the pooled pixel
     metrics (AUPRC, soft recall / precision / F2 / IoU, soft Dice per image), no per-patient ones.
     A non-finite loss is NaN here (the epoch does not improve, as in the study) and its metrics
@@ -388,7 +373,7 @@ def validate(model, loader, loss_fn, cell: Cell, epoch: int) -> dict:
     return {"loss": loss, **{k: m[k] for k in VAL_METRICS}}
 
 
-def voxel_spacing(cell: Cell, patients) -> tuple[float, float, float] | None:
+def voxel_spacing(cell: CellRun, patients) -> tuple[float, float, float] | None:
     """(slice, row, col) mm of the evaluated volumes when all ``patients`` share one spacing in
     the store, in-plane scaled by --image-size; None otherwise (HD95 is then in voxels)."""
     found = {tuple(cell.store.record(p).get("spacing") or ()) for p in patients}
@@ -399,7 +384,7 @@ def voxel_spacing(cell: Cell, patients) -> tuple[float, float, float] | None:
     return (sz, sy * factor, sx * factor)
 
 
-def evaluate(model, loader, cell: Cell, part: str) -> dict:
+def evaluate(model, loader, cell: CellRun, part: str) -> dict:
     """Every metric of docs/protocol.md on one partition (nvfp4bench.metrics.SegmentationMeter),
     plus the per-patient rows and the spacing HD95 is measured in."""
     from nvfp4bench.metrics import SegmentationMeter
@@ -413,7 +398,7 @@ def evaluate(model, loader, cell: Cell, part: str) -> dict:
             "spacing": spacing, "per_patient": rows}
 
 
-def measure_diagnostics(model, loader, loss_fn, cell: Cell) -> dict | None:
+def measure_diagnostics(model, loader, loss_fn, cell: CellRun) -> dict | None:
     """diagnostics.measure on the first validation batch with tumour; None if not available."""
     from nvfp4bench.diagnostics import measure
     images, masks = None, None
@@ -446,13 +431,13 @@ def _finite_or_none(obj):
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _rng_state(cell: Cell, sr_gen: torch.Generator, loader_gen: torch.Generator) -> dict:
+def _rng_state(cell: CellRun, sr_gen: torch.Generator, loader_gen: torch.Generator) -> dict:
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(cell.device) if cell.device.type == "cuda" else None,
             "sr": sr_gen.get_state(), "loader": loader_gen.get_state()}
 
 
-def _set_rng_state(state: dict, cell: Cell, sr_gen, loader_gen) -> None:
+def _set_rng_state(state: dict, cell: CellRun, sr_gen, loader_gen) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and cell.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], cell.device)
@@ -460,8 +445,12 @@ def _set_rng_state(state: dict, cell: Cell, sr_gen, loader_gen) -> None:
     loader_gen.set_state(state["loader"])
 
 
-def _load_checkpoint(path: Path, cell: Cell) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def _load_checkpoint(path: Path, cell: CellRun) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or damaged (torch raises several kinds): one clear line
+        raise ValueError(f"--resume: checkpoint {path} is unreadable ({type(e).__name__}); "
+                         f"delete it to start the cell again, or run without --resume") from None
     if state.get("config_hash") != cell.config_hash:
         raise ValueError(f"--resume: checkpoint {path} belongs to another configuration "
                          f"(hash {state.get('config_hash')} != {cell.config_hash}); delete it or "
@@ -471,10 +460,10 @@ def _load_checkpoint(path: Path, cell: Cell) -> dict:
 
 # --------------------------------------------------------------------------- run
 
-def _data_block(cell: Cell) -> dict:
+def _data_block(cell: CellRun) -> dict:
     s = cell.store
     return {"name": s.name, "synthetic": bool(s.synthetic), "fingerprint": s.fingerprint,
-            "path": str(Path(s.path).resolve()),
+            "path": str(Path(s.path).resolve()), "results_dir": results.store_dir_name(s),
             "image_size": int(s.image_size), "channels": int(s.channels),
             "spacing": s.spacing, "split": cell.config.split, "fold": cell.config.fold,
             "patients": {p: list(cell.split[p]) for p in ("train", "val", "test")},
@@ -491,10 +480,11 @@ def run(config: RunConfig, *, on_epoch_end: Callable[[int, dict], None] | None =
     cell = setup(config)
     if config.resume and results.is_complete(cell.json_path, cell.config_hash):
         return results.read_result(cell.json_path)
+    results.check_same_store(cell.json_path, cell.store.fingerprint)
     devices = [cell.device.index or 0] if cell.device.type == "cuda" else []
     threads = torch.get_num_threads()
     try:
-        if config.threads is not None:
+        if config.threads:  # 0 / None: torch's default
             torch.set_num_threads(config.threads)
         with torch.random.fork_rng(devices=devices):
             return _run(cell, on_epoch_end)
@@ -502,7 +492,7 @@ def run(config: RunConfig, *, on_epoch_end: Callable[[int, dict], None] | None =
         torch.set_num_threads(threads)
 
 
-def _run(cell: Cell, on_epoch_end) -> dict:
+def _run(cell: CellRun, on_epoch_end) -> dict:
     from tqdm import tqdm
 
     c = cell.config
@@ -564,7 +554,7 @@ def _run(cell: Cell, on_epoch_end) -> dict:
                                 val_auprc=auprc)
             scheduler.step(-val["loss"])
             if stopper.update(epoch, val["loss"]):
-                _save_atomic({"model": model.state_dict(), "epoch": epoch,
+                save_torch_atomic({"model": model.state_dict(), "epoch": epoch,
                               "config_hash": cell.config_hash}, cell.best_path)
             step_ms.extend(tr["step_ms"])
             record = {"epoch": epoch, "train_loss": tr["train_loss"],
@@ -575,7 +565,7 @@ def _run(cell: Cell, on_epoch_end) -> dict:
                       "step_ms_median": _median(tr["step_ms"]),
                       "seconds": time.perf_counter() - t0}
             history.append(record)
-            _save_atomic({"config_hash": cell.config_hash, "epoch": epoch,
+            save_torch_atomic({"config_hash": cell.config_hash, "epoch": epoch,
                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                           "early_stopping": stopper.state_dict(),

@@ -61,6 +61,7 @@ def test_parse_config_defaults_are_the_studys():
     assert (c.patience, c.min_delta, c.min_epochs, c.seed) == (20, 1e-3, 40, 2026)
     assert (c.backend, c.device, c.precision, c.workers, c.out) == (
         "emulator", "auto", "auto", 0, "results")
+    assert c.threads == 1 and parse_config([*CELL, "--threads", "0"]).threads == 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.lr = 1.0
     r = c.resolved()
@@ -87,7 +88,7 @@ def test_config_hash_follows_the_options_that_change_the_result():
     assert h == results.config_hash(parse_config(CELL))
     # execution details do not change it
     for extra in (["--out", "elsewhere"], ["--resume"], ["--workers", "2"], ["--no-progress"],
-                  ["--threads", "1"], ["--lr", "1e-4"]):  # 1e-4 is swin's default
+                  ["--threads", "2"], ["--threads", "0"], ["--lr", "1e-4"]):  # swin's lr
         assert results.config_hash(parse_config([*CELL, *extra])) == h, extra
     for extra in (["--lr", "3e-4"], ["--seed", "1"], ["--epochs", "5"], ["--no-augment"],
                   ["--precision", "bf16"], ["--quantize-attention"], ["--data", "/x"]):
@@ -97,8 +98,10 @@ def test_config_hash_follows_the_options_that_change_the_result():
 
 
 def test_result_path_layout_and_completeness(tmp_path):
-    p = results.result_path(tmp_path, "brats2021", "vit", "small", "2d_rht_sr", 3, 7)
-    assert p == tmp_path / "brats2021" / "vit" / "small" / "2d_rht_sr" / "fold3_seed7.json"
+    config = RunConfig(arch="vit", scale="small", recipe="2d_rht_sr", fold=3, seed=7,
+                       out=str(tmp_path))
+    p = results.result_path(config)  # the embedded store (not built here or built): "synthetic"
+    assert p == tmp_path / "synthetic" / "vit" / "small" / "2d_rht_sr" / "fold3_seed7.json"
     last, best = results.checkpoint_paths(p)
     assert (last.name, best.name) == ("fold3_seed7.ckpt.pt", "fold3_seed7.best.pt")
     assert not results.is_complete(p, "abc") and results.read_result(p) is None
@@ -160,3 +163,28 @@ def test_summary_puts_the_test_auprc_and_its_chance_level_first():
     assert "2 steps skipped" in lines[3]
     holdout = dict(result, config=dict(result["config"], split="holdout", fold=0))
     assert summary(holdout).startswith("cnn/tiny/fwd_only holdout seed 2026: complete")
+
+
+def test_bad_numbers_name_the_option_not_a_function(capsys):
+    for opt, bad, says in (("--epochs", "abc", "not an integer: 'abc'"),
+                           ("--lr", "fast", "not a number: 'fast'"),
+                           ("--image-size", "7", "the smallest is 16")):
+        with pytest.raises(SystemExit) as e:
+            main([*CELL, opt, bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {opt}: " in err and says in err, err
+        assert "_positive" not in err and "_int" not in err
+
+
+def test_ctrl_c_on_a_cell_exits_130_with_one_line_on_how_to_resume(monkeypatch, capsys):
+    import nvfp4bench.train
+    from nvfp4bench.cli import entry
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nvfp4bench.train, "run", interrupted)
+    assert entry([*CELL, "--epochs", "3"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.endswith("continue with: python -m nvfp4bench --arch swin --scale tiny --recipe "
+                        "nvfp4_full --fold 0 --epochs 3 --resume")

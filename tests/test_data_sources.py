@@ -299,3 +299,62 @@ def test_parallel_workers_give_the_same_store(tmp_path, capsys):
     a, b = SliceStore(tmp_path / "one"), SliceStore(tmp_path / "two")
     assert a.patients == b.patients == [f"BraTS2021_0000{i}" for i in range(3)]
     assert a.fingerprint == b.fingerprint
+
+
+# ---------------------------------------------------------------- --overwrite is safe
+
+def test_overwrite_refuses_a_folder_that_is_not_a_store(tmp_path, capsys):
+    write_brats2021(tmp_path / "raw")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "thesis.tex").write_text("years of work")
+    rc, err = run_cli(brats_args(tmp_path / "raw", tmp_path / "proj", "--overwrite"), capsys)
+    assert rc == 1 and "not a slice store" in err and str(tmp_path / "proj") in err
+    assert len(err.strip().splitlines()) == 1
+    assert (tmp_path / "proj" / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_refuses_the_input_and_a_folder_above_it(tmp_path, capsys):
+    raw = tmp_path / "proj" / "raw"
+    write_brats2021(raw)
+    (tmp_path / "proj" / "thesis.tex").write_text("years of work")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out in (raw, tmp_path / "proj", tmp_path):
+        rc, err = run_cli(brats_args(raw, out, "--overwrite"), capsys)
+        assert rc == 1 and "is the input" in err and str(out) in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # a store built from this input *is* replaceable, even one inside a folder above the input
+    assert run_cli(brats_args(raw, tmp_path / "proj" / "store"), capsys)[0] == 0
+    assert run_cli(brats_args(raw, tmp_path / "proj" / "store", "--overwrite"), capsys)[0] == 0
+
+
+def test_overwrite_refuses_a_plain_file_and_leaves_nothing_behind(tmp_path, capsys):
+    write_brats2021(tmp_path / "raw")
+    (tmp_path / "notes.txt").write_text("keep me")
+    rc, err = run_cli(brats_args(tmp_path / "raw", tmp_path / "notes.txt", "--overwrite"), capsys)
+    assert rc == 1 and "not a folder" in err and "notes.txt" in err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "raw"]
+
+
+def test_a_killed_build_leaves_work_folders_that_the_next_build_removes(tmp_path, capsys):
+    from nvfp4bench.data.store import leftover_prefix
+    write_brats2021(tmp_path / "raw")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that is certainly dead
+    stale = tmp_path / (leftover_prefix(tmp_path / "s", "nifti").replace(
+        f"-{__import__('os').getpid()}-", f"-{dead.pid}-") + "x")
+    (stale / "BraTS2021_00000").mkdir(parents=True)
+    live = tmp_path / (leftover_prefix(tmp_path / "s", "tmp") + "y")  # ours: alive, kept
+    live.mkdir()
+    assert run_cli(brats_args(tmp_path / "raw", tmp_path / "s"), capsys)[0] == 0
+    assert not stale.exists() and live.exists()
+
+
+def test_skip_with_every_case_bad_lists_them(tmp_path, capsys):
+    make_bad("labels", write_brats2021(tmp_path / "raw", "BraTS2021_00002", seed=2))
+    make_bad("missing", write_brats2021(tmp_path / "raw", "BraTS2021_00003", seed=3))
+    rc, err = run_cli(brats_args(tmp_path / "raw", tmp_path / "s", "--on-error", "skip"), capsys)
+    assert rc == 1 and "all 2 case(s) were bad" in err
+    assert "BraTS2021_00002" in err and "BraTS2021_00003" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()

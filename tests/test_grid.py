@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nvfp4bench import grid
+from nvfp4bench import grid, slurm
 from nvfp4bench.grid import Cell, Target, build_cells, run_grid, try_claim
 from nvfp4bench.results import is_complete, read_result, write_json_atomic
 
@@ -368,7 +368,7 @@ def test_two_concurrent_grid_processes_split_the_cells_without_overlap(tmp_path)
 
 
 SIGTERM_WORKER = textwrap.dedent("""
-    import signal, subprocess, sys
+    import signal, subprocess, sys, time
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     from nvfp4bench import grid
@@ -383,6 +383,10 @@ SIGTERM_WORKER = textwrap.dedent("""
             return p.wait()
         finally:
             grid.PROCESSES.discard(p)
+            # A worker slow to wind down after its cell died (writing a log, say): this widens
+            # the window in which an exiting main thread would lose the worker's lock, so the
+            # race fails every time instead of now and then.
+            time.sleep(float(sys.argv[3]))
 
     signal.signal(signal.SIGTERM, grid._raise_interrupt)
     try:
@@ -392,15 +396,18 @@ SIGTERM_WORKER = textwrap.dedent("""
 """)
 
 
-def test_sigterm_stops_the_running_cell_and_releases_its_lock(tmp_path):
+@pytest.mark.parametrize("sig,wind_down", [(signal.SIGTERM, 0.0), (signal.SIGTERM, 1.0),
+                                            (signal.SIGINT, 1.0)])
+def test_sigterm_stops_the_running_cell_and_releases_its_lock(tmp_path, sig, wind_down):
     script = tmp_path / "worker.py"
     script.write_text(SIGTERM_WORKER)
-    p = subprocess.Popen([PY, str(script), str(ROOT), str(tmp_path)], env=child_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen([PY, str(script), str(ROOT), str(tmp_path), str(wind_down)],
+                         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
     pid_file = tmp_path / "child.pid"
     _wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, "the cell to start", p)
     child = int(pid_file.read_text())
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     out = p.communicate(timeout=60)[0]
     assert p.returncode == 130, out
     assert "interrupted" in out
@@ -421,14 +428,14 @@ def test_report_runs_at_the_end_when_it_exists(tmp_path, monkeypatch):
 
 def test_cell_list_round_trip_and_array_script(tmp_path):
     targets = fake_targets(tmp_path, forward=["--epochs", "1"])
-    cells = grid.write_cell_list(tmp_path / "cells.jsonl", targets)
-    entry = grid.read_cell(cells, 3)
+    cells = slurm.write_cell_list(tmp_path / "cells.jsonl", targets)
+    entry = slurm.read_cell(cells, 3)
     assert Cell(**entry["cell"]) == targets[3].cell and entry["forward"] == ["--epochs", "1"]
     with pytest.raises(ValueError, match="out of range"):
-        grid.read_cell(cells, 4)
-    opts = grid.SlurmOptions(partition="gpu", time="01:00:00", gpus_per_task=1, max_running=2,
+        slurm.read_cell(cells, 4)
+    opts = slurm.SlurmOptions(partition="gpu", time="01:00:00", gpus_per_task=1, max_running=2,
                              extra=("--mem=8G",))
-    script = grid.sbatch_script(cells, 4, tmp_path, opts, tmp_path)
+    script = slurm.sbatch_script(cells, 4, tmp_path, opts, tmp_path)
     for line in ("#SBATCH --array=0-3%2", "#SBATCH --partition=gpu", "#SBATCH --time=01:00:00",
                  "#SBATCH --gpus-per-task=1", "#SBATCH --mem=8G",
                  f"#SBATCH --output={tmp_path}/%A_%a.out"):
@@ -438,31 +445,31 @@ def test_cell_list_round_trip_and_array_script(tmp_path):
 
 def test_slurm_task_runs_its_line_once(tmp_path):
     targets = fake_targets(tmp_path)
-    cells = grid.write_cell_list(tmp_path / "cells.jsonl", targets)
+    cells = slurm.write_cell_list(tmp_path / "cells.jsonl", targets)
     runner = FakeRunner()
     resolver = fake_resolver(tmp_path / "out")
-    assert grid.slurm_task(cells, 2, runner=runner, resolver=resolver) == 0
+    assert slurm.slurm_task(cells, 2, runner=runner, resolver=resolver) == 0
     assert runner.calls == [(targets[2].cell.label, False)]
-    assert grid.slurm_task(cells, 2, runner=runner, resolver=resolver) == 0  # done: not rerun
+    assert slurm.slurm_task(cells, 2, runner=runner, resolver=resolver) == 0  # done: not rerun
     assert len(runner.calls) == 1
     failing = FakeRunner(fail={targets[0].cell.label})
-    assert grid.slurm_task(cells, 0, runner=failing, resolver=resolver) == 1
+    assert slurm.slurm_task(cells, 0, runner=failing, resolver=resolver) == 1
     assert not targets[0].lock.exists()
 
 
 def test_slurm_task_waits_for_a_cell_held_elsewhere(tmp_path):
     targets = fake_targets(tmp_path)
-    cells = grid.write_cell_list(tmp_path / "cells.jsonl", targets)
+    cells = slurm.write_cell_list(tmp_path / "cells.jsonl", targets)
     resolver = fake_resolver(tmp_path / "out")
     _write_lock(targets[1].lock, 1, "another-host")  # its heartbeat stops: stale after 0.5 s
     runner = FakeRunner()
-    assert grid.slurm_task(cells, 1, runner=runner, resolver=resolver, stale_after=0.5,
+    assert slurm.slurm_task(cells, 1, runner=runner, resolver=resolver, stale_after=0.5,
                            poll_s=0.05) == 0
     assert runner.calls == [(targets[1].cell.label, False)]
     _write_lock(targets[2].lock, 1, "another-host")  # the holder completes it meanwhile
     threading.Timer(0.3, lambda: write_json_atomic(
         targets[2].result, {"status": "complete", "config_hash": targets[2].config_hash})).start()
-    assert grid.slurm_task(cells, 2, runner=runner, resolver=resolver, stale_after=600,
+    assert slurm.slurm_task(cells, 2, runner=runner, resolver=resolver, stale_after=600,
                            poll_s=0.05) == 0
     assert len(runner.calls) == 1
 
@@ -476,7 +483,7 @@ INPROCESS = textwrap.dedent("""
     from tests.test_grid import fake_targets
 
     def fake_main(argv):
-        print("cell stdout", argv[-1])
+        print("cell stdout", *[a for a in argv if a == "--resume"])
         print("cell stderr", file=sys.stderr)
         os.write(1, b"cell fd 1\\n")
         if "--epochs" in argv:
@@ -511,7 +518,7 @@ def test_submit_writes_the_cell_list_and_prints_how_to_follow(tmp_path, capsys):
     sbatch.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/sbatch.args\"\necho 4242\n")
     sbatch.chmod(0o755)
     targets = fake_targets(tmp_path)
-    job = grid.submit_slurm(targets, tmp_path / "out", grid.SlurmOptions(), sbatch=str(sbatch))
+    job = slurm.submit_slurm(targets, tmp_path / "out", slurm.SlurmOptions(), sbatch=str(sbatch))
     assert job == "4242"
     out = capsys.readouterr().out
     assert "squeue -j 4242" in out and "scancel 4242" in out
@@ -527,7 +534,7 @@ def test_submit_reports_sbatch_errors(tmp_path):
     sbatch.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition' >&2\nexit 1\n")
     sbatch.chmod(0o755)
     with pytest.raises(SystemExit, match="invalid partition"):
-        grid.submit_slurm(fake_targets(tmp_path), tmp_path / "out", grid.SlurmOptions(),
+        slurm.submit_slurm(fake_targets(tmp_path), tmp_path / "out", slurm.SlurmOptions(),
                           sbatch=str(sbatch))
 
 
@@ -630,3 +637,14 @@ def test_a_data_directory_that_is_not_a_store_is_a_clear_error(tmp_path, capsys)
     assert main(["--dry-run", "--data", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "missing" in err and "Traceback" not in err
+
+
+def test_cell_logs_get_no_progress_bars_and_headers_on_their_own_line(tmp_path):
+    (target,) = fake_targets(tmp_path)[:1]
+    assert grid._cell_argv(target, resume=True)[-2:] == ["--resume", "--no-progress"]
+    target.log.parent.mkdir(parents=True, exist_ok=True)
+    assert grid._log_header(target.log, ["x"], {}).startswith(b"==== ")  # no log yet
+    target.log.write_bytes(b"epoch 1/40: loss 0.3\nepoch 2/4")  # killed mid-line
+    assert grid._log_header(target.log, ["x"], {}).startswith(b"\n==== ")
+    target.log.write_bytes(b"epoch 1/40: loss 0.3\n")
+    assert grid._log_header(target.log, ["x"], {}).startswith(b"==== ")

@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {
-    "nvfp4bench": "nvfp4bench.cli:main",
+    "nvfp4bench": "nvfp4bench.cli:entry",
     "nvfp4bench-prep": "nvfp4bench.data.prep:main",
     "nvfp4bench-grid": "nvfp4bench.grid:main",
     "nvfp4bench-report": "nvfp4bench.report:main",

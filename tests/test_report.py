@@ -148,8 +148,8 @@ def test_cli_errors_exit_nonzero_without_traceback(results, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert R.main([str(tmp_path / "empty")]) == 2
     assert "no cell results" in capsys.readouterr().err
-    assert R.main([str(results), "--baseline", "fp32"]) == 2
-    assert "present: 2d_rht_sr, baseline, nvfp4_full" in capsys.readouterr().err
+    assert R.main([str(results), "--baseline", "nope"]) == 2
+    assert "not a recipe" in capsys.readouterr().err
     assert R.main([str(results), "--metric", "nope"]) == 2
     assert "available:" in capsys.readouterr().err
     assert R.main([str(results), "--out", str(tmp_path / "cli"), "--metric", "dice",
@@ -188,3 +188,23 @@ def test_cells_run_with_different_options_or_data_are_flagged(results, tmp_path)
     assert "vit / tiny: cells differ in `epochs`: 100 (13 cells), 2 (1 cell)" in text
     assert "different stores" in text and "cnn / tiny: cells differ" not in text
     assert len(out["cells"]) == 29                      # flagged, not dropped
+
+
+def test_report_without_baseline_cells_says_what_is_missing(tmp_path, capsys):
+    # what the README's first command leaves: one nvfp4_full cell, no bf16
+    root = tmp_path / "results"
+    _write(root, "swin", "tiny", "nvfp4_full", 0, SEED, _cell("swin", "nvfp4_full", 0))
+    assert R.main([str(root), "--no-figures"]) == 0
+    assert "no `bf16` cell yet" in capsys.readouterr().out
+    text = (root / "report" / "report.md").read_text()
+    assert "**Missing comparisons**: no cell of the baseline `bf16`" in text
+    assert "recipes present: `nvfp4_full`" in text
+    assert "| swin | tiny | nvfp4_full | 1 |" in text  # its numbers are still reported
+    assert R.main([str(root), "--baseline", "fp32", "--no-figures"]) == 0  # absent, but valid
+
+
+def test_report_with_only_failed_cells_still_writes(tmp_path, capsys):
+    root = tmp_path / "results"
+    _write(root, "cnn", "tiny", "bf16", 0, SEED, _cell("cnn", "bf16", 0, status="failed"))
+    assert R.main([str(root), "--no-figures"]) == 0
+    assert "NonFiniteError" in (root / "report" / "report.md").read_text()

@@ -18,7 +18,8 @@ def test_summarize_matches_scipy_t_interval():
 
 
 def test_summarize_small_and_missing():
-    assert S.summarize([]) == {"n": 0, "mean": None, "sd": None, "ci_low": None, "ci_high": None}
+    assert S.summarize([]) == {"n": 0, "mean": None, "sd": None, "ci_low": None, "ci_high": None,
+                               "ci_clipped": False}
     one = S.summarize([0.5, None, float("nan")])
     assert one["n"] == 1 and one["mean"] == 0.5 and one["sd"] is None and one["ci_low"] is None
 
@@ -73,3 +74,14 @@ def test_kendalls_w_extremes():
     assert S.kendalls_w([[1, 1], [2, 2]]) is None
     assert S.kendalls_w([[1, 2, 3]]) is None
     assert not math.isnan(S.kendalls_w([[1, 2, 2], [1, 3, 2]]))
+
+
+def test_an_interval_stays_inside_the_metric_range():
+    hd95 = S.summarize([10.0, 60.0], bounds=(0.0, math.inf))  # two folds: t = 12.7
+    free = S.summarize([10.0, 60.0])
+    assert free["ci_low"] < 0 and not free["ci_clipped"]
+    assert hd95["ci_low"] == 0.0 and hd95["ci_high"] == free["ci_high"] and hd95["ci_clipped"]
+    auprc = S.summarize([0.2, 0.9], bounds=(0.0, 1.0))
+    assert (auprc["ci_low"], auprc["ci_high"]) == (0.0, 1.0) and auprc["ci_clipped"]
+    narrow = S.summarize([0.5, 0.51, 0.49], bounds=(0.0, 1.0))
+    assert narrow == S.summarize([0.5, 0.51, 0.49]) and not narrow["ci_clipped"]

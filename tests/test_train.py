@@ -12,6 +12,7 @@ import torch
 
 from nvfp4bench import results
 from nvfp4bench.config import RunConfig
+from nvfp4bench.data import SliceStore
 from nvfp4bench.train import EarlyStopping, build_quantized_model, init_seed, run, setup
 
 TOP_KEYS = {"schema_version", "status", "config", "config_hash", "env", "data", "model", "history",
@@ -53,8 +54,9 @@ def test_one_cell_writes_the_result_json(store, tmp_path, arch, recipe):
     config = _config(store, tmp_path, arch=arch, recipe=recipe, diagnostics=arch == "swin")
     result = run(config)
     assert result["status"] == "complete", result["error"]
-    path = config.result_path()
-    assert path == tmp_path / "synthetic" / arch / "tiny" / recipe / "fold1_seed2026.json"
+    path = results.result_path(config)
+    dataset = f"synthetic-{SliceStore(store).fingerprint[:8]}"  # a store other than data/synthetic
+    assert path == tmp_path / dataset / arch / "tiny" / recipe / "fold1_seed2026.json"
     on_disk = json.loads(path.read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert TOP_KEYS <= set(on_disk)
@@ -62,6 +64,7 @@ def test_one_cell_writes_the_result_json(store, tmp_path, arch, recipe):
     # data: the synthetic label, disjoint partitions
     d = on_disk["data"]
     assert d["synthetic"] is True and d["name"] == "synthetic" and d["fingerprint"]
+    assert d["results_dir"] == dataset
     parts = [set(d["patients"][p]) for p in ("train", "val", "test")]
     assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     # model: quantized layers of a quantized recipe
@@ -98,12 +101,12 @@ def test_killed_and_resumed_cell_equals_an_uninterrupted_one(store, tmp_path):
 
     with pytest.raises(Killed):
         run(_config(store, tmp_path / "b", **kw), on_epoch_end=kill)
-    path_b = _config(store, tmp_path / "b", **kw).result_path()
+    path_b = results.result_path(_config(store, tmp_path / "b", **kw))
     assert not path_b.exists()  # a killed cell leaves only its checkpoint
     resumed = run(_config(store, tmp_path / "b", resume=True, **kw))
     assert resumed["timing"]["resumed_from_epoch"] == 1
     assert _without_timing(resumed) == _without_timing(straight)
-    wa = torch.load(results.checkpoint_paths(_config(store, tmp_path / "a", **kw).result_path())[0],
+    wa = torch.load(results.checkpoint_paths(results.result_path(_config(store, tmp_path / "a", **kw)))[0],
                     weights_only=True)
     wb = torch.load(results.checkpoint_paths(path_b)[0], weights_only=True)
     for k, v in wa["model"].items():
@@ -171,10 +174,10 @@ def test_an_epoch_whose_every_loss_is_non_finite_fails_the_cell(store, tmp_path,
     result = run(config)
     assert result["status"] == "failed"
     assert "epoch 1: the loss was NaN or infinite in every one of its" in result["error"]
-    on_disk = json.loads(config.result_path().read_text())
+    on_disk = json.loads(results.result_path(config).read_text())
     assert on_disk["status"] == "failed" and on_disk["error"] == result["error"]
     assert on_disk["val"] is None and on_disk["test"] is None and on_disk["history"] == []
-    assert not results.is_complete(config.result_path(), results.config_hash(config))
+    assert not results.is_complete(results.result_path(config), results.config_hash(config))
 
 
 def test_failing_cell_exits_non_zero_from_the_command_line(store, tmp_path, capsys, nan_always):
@@ -323,9 +326,9 @@ def test_config_hash_follows_the_store_content_not_its_path(store, tmp_path):
 
 
 def test_results_and_checkpoints_are_readable_by_others(store, tmp_path):
-    result = run(_config(store, tmp_path))
-    path = results.result_path(tmp_path, result["data"]["name"], "cnn", "tiny", "nvfp4_full", 1,
-                               result["config"]["seed"])
+    config = _config(store, tmp_path)
+    run(config)
+    path = results.result_path(config)
     for p in (path, *results.checkpoint_paths(path)):
         assert p.stat().st_mode & 0o777 == 0o644, p
 
@@ -338,3 +341,18 @@ def test_a_last_batch_of_one_slice_is_kept_unless_asked(store, tmp_path):
         cell = setup(_config(store, tmp_path, batch_size=n - 1, drop_last_single=drop))
         _, train, _, _ = make_loaders(cell, torch.Generator())
         assert len(train) == batches
+
+
+def test_a_truncated_checkpoint_gives_one_line_on_resume(store, tmp_path, capsys):
+    from nvfp4bench.cli import main
+    config = _config(store, tmp_path)
+    ckpt = results.checkpoint_paths(results.result_path(config))[0]
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    argv = ["--arch", "cnn", "--scale", "tiny", "--recipe", "nvfp4_full", "--fold", "1",
+            "--data", str(store), "--out", str(tmp_path), "--epochs", "1", "--resume",
+            "--no-progress", "--no-diagnostics"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"checkpoint {ckpt} is unreadable" in err and "delete it" in err

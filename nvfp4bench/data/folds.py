@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nvfp4bench.atomic import write_json_atomic
+
 N_FOLDS = 5
 SPLIT_SEED = 2026
 N_BINS = 3
@@ -195,9 +197,7 @@ def folds_path(store_dir: str | Path, n_folds: int = N_FOLDS, seed: int = SPLIT_
 
 
 def _write(path: Path, split: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(split, indent=1))
-    os.replace(tmp, path)  # the content is deterministic: concurrent writers agree
+    write_json_atomic(path, split)  # the content is deterministic: concurrent writers agree
 
 
 def write_folds(store_dir: str | Path, n_folds: int = N_FOLDS, seed: int = SPLIT_SEED) -> Path:

@@ -32,7 +32,8 @@ from nvfp4bench.data.errors import DataError
 from nvfp4bench.data.folds import write_folds
 from nvfp4bench.data.preprocess import INTENSITY_RULES, SLICE_MODES, SliceRule, process_volume
 from nvfp4bench.data.sources import DEFAULT_MODALITIES, MODALITIES, SOURCES, get_source
-from nvfp4bench.data.store import SliceStore, StoreWriter, is_store
+from nvfp4bench.data.store import (SliceStore, StoreWriter, check_replaceable, is_store,
+                                   leftover_prefix, sweep_leftovers)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT / "data" / "synthetic"
@@ -128,6 +129,8 @@ def convert(config: PrepConfig) -> dict:
                         f"{', '.join(MODALITIES)}")
     if config.output.exists() and not config.overwrite:  # fail before any work
         raise DataError(f"{config.output} already exists; pass --overwrite to replace it")
+    protect = [config.input] if config.input is not None else []
+    check_replaceable(config.output, protect)
     if config.source == "synthetic":
         return _convert_synthetic(config, t0)
     if config.input is None or not config.input.is_dir():
@@ -138,7 +141,7 @@ def convert(config: PrepConfig) -> dict:
     jobs = [(config.source, c, tuple(config.modalities), config.image_size, rule) for c in cases]
     skipped: list[str] = []
     with StoreWriter(config.output, image_size=config.image_size, modalities=config.modalities,
-                     overwrite=config.overwrite) as writer:
+                     overwrite=config.overwrite, protect=protect) as writer:
         bar = tqdm(total=len(jobs), desc=f"{config.source} -> store", unit="case",
                    disable=not config.progress)
         for status, result in _results(jobs, config.workers):
@@ -150,6 +153,9 @@ def convert(config: PrepConfig) -> dict:
             else:
                 raise result
         bar.close()
+        if skipped and not writer.records:
+            raise DataError(f"all {len(skipped)} case(s) were bad, nothing written: "
+                            + "; ".join(skipped))
         meta = {"name": config.name or config.source, "source": config.source,
                 "synthetic": config.source == "synthetic" or bool(config.extra_meta.get("synthetic")),
                 "input": str(config.input), "slice_rule": asdict(rule),
@@ -171,8 +177,10 @@ def _convert_synthetic(config: PrepConfig, t0: float) -> dict:
         raise DataError(f"--input {config.input}: not empty; --source synthetic writes its NIfTI "
                         "there, give an empty or new folder (or none: a temporary one)")
     config.output.absolute().parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(config.output)
     root = config.input if keep else Path(tempfile.mkdtemp(
-        prefix=f".{config.output.name}.nifti-", dir=config.output.absolute().parent))
+        prefix=leftover_prefix(config.output.absolute(), "nifti"),
+        dir=config.output.absolute().parent))
     try:
         root.mkdir(parents=True, exist_ok=True)
         _write_synthetic(config, root)
@@ -301,6 +309,9 @@ def main(argv=None) -> int:
         return 130
     print(f"data_prep: wrote {summary['path']}: {summary['cases']} cases, {summary['slices']} "
           f"slices in {summary['seconds']:.1f} s")
+    from nvfp4bench.results import store_dir_name
+    print(f"data_prep: its results go to OUT/{store_dir_name(SliceStore(summary['path']))}/ "
+          f"(the store's name and content fingerprint; use it with --data {config.output})")
     if summary["skipped"]:
         print(f"data_prep: skipped {len(summary['skipped'])} bad case(s):", file=sys.stderr)
         for msg in summary["skipped"]:

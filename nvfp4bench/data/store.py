@@ -13,9 +13,12 @@ Layout (every array a plain ``.npy``, opened with ``mmap_mode="r"`` so nothing i
                           of the fingerprint)
 
 A patient's slices are contiguous and in increasing z. The writer builds everything in a hidden
-temporary directory beside the target (``.NAME.tmp-PID-XXXX``) and renames it into place only
+temporary directory beside the target (``.NAME.tmp-HOST-PID-XXXX``) and renames it into place only
 after ``index.json`` (written last) is complete, so an interrupted run never leaves a directory
-that opens as a store; ``SliceStore`` also checks the arrays against the index.
+that opens as a store; ``SliceStore`` also checks the arrays against the index. The next build
+of the same target removes the work folders of builds killed on this host (``sweep_leftovers``).
+``--overwrite`` replaces only a folder that is a store of this format, and never the input or a
+folder above it (``check_replaceable``).
 
 fingerprint = BLAKE2b-128 over (modalities, image size, then per case in order: id, images,
 masks, positions), hex.
@@ -25,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -46,6 +51,78 @@ def is_store(path: str | Path) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
+def written_by_us(path: str | Path) -> bool:
+    """True when ``path`` is a directory whose index.json says it is a store of this format."""
+    try:
+        index = json.loads((Path(path) / INDEX).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("format") == FORMAT
+
+
+def check_replaceable(target: str | Path, protect=()) -> None:
+    """Refuse (DataError, one line naming the folder) to replace ``target`` unless it is a store.
+
+    ``--overwrite`` replaces only a folder that is a store this tool wrote: never a plain file, a
+    folder of anything else, or a folder that is or contains one of ``protect`` (the input).
+    """
+    target = Path(target).absolute()
+    for p in protect:
+        p = Path(p).absolute()
+        if target.resolve() == p.resolve() or target.resolve() in p.resolve().parents:
+            raise DataError(f"--output {target} is the input {p} or a folder above it; "
+                            "choose another --output")
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise DataError(f"--output {target} is not a folder; not replacing it (remove it yourself "
+                        "or choose another --output)")
+    if not written_by_us(target):
+        raise DataError(f"--output {target} is a folder but not a slice store written by "
+                        "data_prep.py; --overwrite replaces only such stores (choose another "
+                        "--output)")
+
+
+def leftover_prefix(target: Path, kind: str) -> str:
+    """Name prefix of a hidden work folder beside ``target``: ``.NAME.KIND-HOST-PID-``.
+
+    Host and pid let a later run tell the folder of a killed build from one still in use.
+    """
+    return f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_leftovers(target: str | Path) -> list[Path]:
+    """Remove the hidden work folders beside ``target`` left by builds killed on this host.
+
+    A build killed with SIGKILL cannot clean up; the next build of the same target does, for
+    folders whose host is this one and whose pid is dead. -> the folders removed.
+    """
+    target = Path(target).absolute()
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old|nifti)-"
+                         rf"{re.escape(socket.gethostname())}-(\d+)-")
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except FileNotFoundError:
+        return removed
+    for p in entries:
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 class StoreWriter:
     """Append cases, then ``finalize(meta)``; any exit without finalize removes the temp dir.
 
@@ -54,13 +131,17 @@ class StoreWriter:
     ...     w.finalize({"name": "brats", ...})
     """
 
-    def __init__(self, target: str | Path, *, image_size: int, modalities, overwrite: bool = False):
+    def __init__(self, target: str | Path, *, image_size: int, modalities, overwrite: bool = False,
+                 protect=()):
         self.target = Path(target).absolute()
         if self.target.exists() and not overwrite:
             raise DataError(f"{self.target} already exists; pass --overwrite (overwrite=True) "
                             "to replace it")
+        self.protect = tuple(protect)
+        check_replaceable(self.target, self.protect)
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-{os.getpid()}-",
+        sweep_leftovers(self.target)
+        self.tmp = Path(tempfile.mkdtemp(prefix=leftover_prefix(self.target, "tmp"),
                                          dir=self.target.parent))
         self.image_size, self.modalities = int(image_size), tuple(modalities)
         self.overwrite = overwrite
@@ -138,12 +219,14 @@ class StoreWriter:
         if self.target.exists():
             if not self.overwrite:
                 raise DataError(f"{self.target} appeared while building; not overwriting it")
-            trash = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            check_replaceable(self.target, self.protect)  # it may have changed meanwhile
+            trash = Path(tempfile.mkdtemp(prefix=leftover_prefix(self.target, "old"),
+                                          dir=self.target.parent)) / self.target.name
             os.replace(self.target, trash)
         os.replace(self.tmp, self.target)
         self.done = True
         if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(trash.parent, ignore_errors=True)
         return self.target
 
     def abort(self) -> None:
