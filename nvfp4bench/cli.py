@@ -12,7 +12,7 @@ import math
 import sys
 
 from nvfp4bench.config import (DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THREADS, OPTIMIZER_NAMES,
-                               OPTIMIZERS, PRECISIONS, SPLITS, SYNTHETIC_EPOCHS, RunConfig)
+                               OPTIMIZERS, PRECISIONS, SPLITS, RunConfig)
 from nvfp4bench.quant import kernels
 from nvfp4bench.quant.backends import BACKENDS
 from nvfp4bench.quant.recipes import RECIPES
@@ -134,9 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train without the study's augmentation")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, default=None,
-                   help=f"maximum epochs (default: {DEFAULT_EPOCHS}; {SYNTHETIC_EPOCHS} on the "
-                        f"embedded synthetic dataset)")
+    g.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
+                   help="maximum epochs (default: %(default)s, the study's)")
     g.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
     g.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default=None,
                    help="(default: per architecture, below)")
