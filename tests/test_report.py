@@ -191,13 +191,13 @@ def test_cells_run_with_different_options_or_data_are_flagged(results, tmp_path)
 
 
 def test_report_without_baseline_cells_says_what_is_missing(tmp_path, capsys):
-    # what the README's first command leaves: one nvfp4_full cell, no bf16
+    # what the README's first command leaves: one nvfp4_full cell, no baseline
     root = tmp_path / "results"
     _write(root, "swin", "tiny", "nvfp4_full", 0, SEED, _cell("swin", "nvfp4_full", 0))
     assert R.main([str(root), "--no-figures"]) == 0
-    assert "no `bf16` cell yet" in capsys.readouterr().out
+    assert "no `baseline` cell yet" in capsys.readouterr().out
     text = (root / "report" / "report.md").read_text()
-    assert "**Missing comparisons**: no cell of the baseline `bf16`" in text
+    assert "**Missing comparisons**: no cell of the baseline `baseline`" in text
     assert "recipes present: `nvfp4_full`" in text
     assert "| swin | tiny | nvfp4_full | 1 |" in text  # its numbers are still reported
     assert R.main([str(root), "--baseline", "fp32", "--no-figures"]) == 0  # absent, but valid
@@ -205,6 +205,6 @@ def test_report_without_baseline_cells_says_what_is_missing(tmp_path, capsys):
 
 def test_report_with_only_failed_cells_still_writes(tmp_path, capsys):
     root = tmp_path / "results"
-    _write(root, "cnn", "tiny", "bf16", 0, SEED, _cell("cnn", "bf16", 0, status="failed"))
+    _write(root, "cnn", "tiny", "baseline", 0, SEED, _cell("cnn", "baseline", 0, status="failed"))
     assert R.main([str(root), "--no-figures"]) == 0
     assert "NonFiniteError" in (root / "report" / "report.md").read_text()

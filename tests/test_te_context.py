@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from nvfp4bench import results
 from nvfp4bench.config import RunConfig
 from nvfp4bench.quant import te
 
@@ -119,7 +120,7 @@ def test_every_te_forward_of_a_run_is_inside_te_autocast(fake_te, store, tmp_pat
                                       disable_2d_quantization=False, backward_override=None)
                for r in fake_te.recipes)
 
-    on_disk = json.loads(config.result_path().read_text())
+    on_disk = json.loads(results.result_path(config).read_text())
     placement = on_disk["model"]["layer_backends"]
     assert list(placement) == on_disk["model"]["quantized_layers"]
     linears = [n for n in placement if n.rsplit(".", 1)[-1] in ("qkv", "proj", "fc1", "fc2")]
