@@ -5,14 +5,16 @@ study cost?
 (``bash benchmarks/gpu_check.sh`` wraps it in a hard timeout). Stages, each with a time cap; a
 stage that fails or runs out of time reports FAIL and the next one runs:
 
-  env          torch / CUDA / GPU / capability, TF32 flags, which quantizer kernels run on CUDA
+  env          torch / CUDA / GPU / capability, TF32 flags, which quantizer kernels the checks
+               and the trainer run on the device
   tests        pytest: tests/test_nvfp4_device.py (exactness tests on the device) and the
                CUDA-only tests of tests/test_layers.py
   ops          elementwise arithmetic of the quantizer, device vs CPU, bit for bit
   quantizer    quantize / fake_quantize codes, scales, amax, values; device vs CPU, bit for bit
   layers       Linear, Conv2d x2, ConvTranspose2d fwd+bwd, every quantized recipe: quantized
                operands bit for bit, GEMMs to fp32 rounding
-  compiled     the torch.compile quantizer kernels vs eager on the device (CUDA only)
+  compiled     the compiled quantizer kernels (kernels="compiled") vs eager on the device
+               (CUDA only)
   syncs        host-device synchronisations per layer fwd+bwd (CUDA only)
   bench_quant  fake_quantize vs a plain copy (nvfp4bench.bench quant), eager kernels
   store        a synthetic slice store at the training image size (data_prep --source synthetic)
@@ -42,7 +44,8 @@ from pathlib import Path
 import torch
 
 # The project's modules (the only place this file names them).
-from nvfp4bench import bench, gpu_check_bits, gpu_check_train, nvfp4
+from nvfp4bench import bench, gpu_check_bits, gpu_check_train
+from nvfp4bench.quant import kernels
 
 STATUSES = ("PASS", "FAIL", "SKIP", "INFO")
 
@@ -122,8 +125,9 @@ def stage_env(ctx: Context) -> dict:
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "quantizer_backend": nvfp4.get_backend(),
-            "compiled_kernels_on_device": _compiled_on(dev)}
+            "check_kernels": gpu_check_bits.CHECK_KERNELS,
+            "train_kernels": gpu_check_train.TRAIN_KERNELS,
+            "kernels_on_device": _kernels_on(dev)}
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         info.update(gpu=props.name, capability=list(torch.cuda.get_device_capability(dev)),
@@ -131,16 +135,20 @@ def stage_env(ctx: Context) -> dict:
     tf32 = info["cuda_matmul_allow_tf32"] or info["float32_matmul_precision"] != "highest"
     line = (f"{info.get('gpu', 'CPU')} cc {info.get('capability', '-')}, torch {info['torch']}, "
             f"CUDA {info['cuda']}; fp32 matmul {'TF32 (!)' if tf32 else 'IEEE fp32'}; "
-            f"quantizer kernels on {dev.type}: {info['compiled_kernels_on_device']}")
+            f"quantizer kernels on {dev.type}: {info['kernels_on_device']}")
     return result("FAIL" if tf32 else "INFO", line, **info)
 
 
-def _compiled_on(dev: torch.device) -> str:
-    """Which quantizer kernels this run and the trainer's default (``--quant-kernels auto``) use
-    on ``dev``."""
-    here = nvfp4.get_backend()
-    trainer = "compiled" if dev.type == "cpu" else "eager"  # auto compiles CPU tensors only
-    return f"{here} in these checks, {trainer} in training (--quant-kernels auto)"
+def _kernels_on(dev: torch.device) -> str:
+    """Which quantizer kernels the exactness checks and the timed training cells run on ``dev``
+    (the trainer's ``--quant-kernels``; ``auto`` compiles CPU tensors of at least
+    ``kernels.COMPILE_MIN_NUMEL`` elements only, so on CUDA it runs eager)."""
+    train = gpu_check_train.TRAIN_KERNELS
+    if train == "auto":
+        train = (f"compiled from {kernels.COMPILE_MIN_NUMEL} elements" if dev.type == "cpu"
+                 else "eager")
+    return (f"{gpu_check_bits.CHECK_KERNELS} in the checks, {train} in training "
+            f"(--quant-kernels {gpu_check_train.TRAIN_KERNELS})")
 
 
 def stage_tests(ctx: Context) -> dict:
@@ -213,7 +221,7 @@ def stage_compiled(ctx: Context) -> dict:
                          "error": f"{type(err).__name__}: {str(err)[:300]}"})
     bad = [r["case"] for r in rows if r["mismatches"] or "error" in r]
     done = [r for r in rows if r["mismatches"] is not None]
-    line = (f"compiled == eager on CUDA for {len(done)}/{len(rows)} cases (the auto backend "
+    line = (f"compiled == eager on CUDA for {len(done)}/{len(rows)} cases (kernels auto "
             f"still runs eager on CUDA)" if not bad else
             f"compiled differs from eager (or fails) on CUDA: {', '.join(bad)}")
     return result("FAIL" if bad else "PASS" if done else "SKIP", line, rows=rows)
@@ -232,10 +240,12 @@ def stage_syncs(ctx: Context) -> dict:
 
 def stage_bench_quant(ctx: Context) -> dict:
     s = ctx.sizes
-    rows = bench.run_quant(s.bench_size, str(ctx.device), s.bench_repeats, ["eager"])
+    rows = bench.run_quant(s.bench_size, str(ctx.device), s.bench_repeats,
+                           [gpu_check_bits.CHECK_KERNELS])
     ratios = {r["case"]: r["ratio_to_copy"] for r in rows if r["case"] != "copy"}
     copy_ms = next(r["median_ms"] for r in rows if r["case"] == "copy")
-    line = (f"{s.bench_size}^2 fp32, copy {copy_ms:.3f} ms; x copy: "
+    line = (f"{s.bench_size}^2 fp32, {gpu_check_bits.CHECK_KERNELS} kernels, copy "
+            f"{copy_ms:.3f} ms; x copy: "
             + ", ".join(f"{k} {v:.1f}" for k, v in ratios.items()))
     return result("INFO", line, rows=rows)
 

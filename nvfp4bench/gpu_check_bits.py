@@ -16,27 +16,36 @@ Each check runs the same computation on ``device`` and on the CPU and compares t
       gamma_K = K u / (1 - K u),  u = 2 ** -24
 
   (``dA``, ``dB``: operand differences, nonzero only for fwd_rht's fp32-rotated dY);
-- ``compiled``: the torch.compile backend against the eager one on ``device``.
+- ``compiled``: the compiled quantizer kernels (``kernels="compiled"``) against the eager ones
+  on ``device``.
 
-Stochastic rounding: a ``torch.Generator`` on CUDA draws other numbers than one on the CPU, so
-both runs take their SR bits from the same CPU generator (``shared_noise`` replaces the
-quantizer's draw function for the duration), which tests the arithmetic, not the RNG.
+The exactness checks run the eager kernels (``CHECK_KERNELS``), the quantized layers' default;
+the kernel choice is an argument (``fake_quantize(..., kernels=)``, ``quantized(...,
+kernels=)``), never a global.
+
+Stochastic rounding: a ``torch.Generator`` on CUDA draws other numbers than one on the CPU, and
+no public argument takes the random bits themselves, so ``shared_noise`` is the one place that
+swaps an internal for the duration of a check: every binding of the quantizer's draw function
+(``nvfp4._draw_noise``, imported by ``kernels``) inside ``nvfp4bench.quant`` is replaced by one
+that draws from a single CPU generator (same shape, dtype and count) and moves the bits to the
+tensor's device. Both runs then take the same SR bits, which tests the arithmetic, not the RNG;
+the generator check still runs. Recording the layers' operands (``recording``) wraps the public
+``fake_quantize``, ``fake_quantize_columnwise`` and ``gemm`` the same way (``rebound``).
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 from unittest import mock
 
 import torch
 from torch import nn
 
 # The project's modules (the only place this file names them).
-from nvfp4bench import layers as layers_mod
-from nvfp4bench import nvfp4
-from nvfp4bench.layers import quantized
-from nvfp4bench.recipes import STUDY_RECIPES, get_recipe
+from nvfp4bench.quant import STUDY_RECIPES, get_recipe, gemm, kernels, nvfp4, quantized, taps
 
 U32 = 2.0 ** -24  # fp32 unit roundoff
+CHECK_KERNELS = "eager"  # the quantizer kernels of the exactness checks (``compiled``: both)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -88,12 +97,36 @@ def wide_floats(n: int, seed: int = 0) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Shared SR noise
+# Shared SR noise, recorded operands
 # --------------------------------------------------------------------------------------------
+QUANT_PACKAGE = "nvfp4bench.quant"
+
+
+def bindings(fn) -> list[tuple[object, str]]:
+    """Every (module, name) of the loaded ``nvfp4bench.quant`` modules that binds ``fn`` (a
+    function imported by name is bound in each importing module as well as in its own)."""
+    modules = [m for name, m in list(sys.modules.items())
+               if m is not None and (name == QUANT_PACKAGE or name.startswith(QUANT_PACKAGE + "."))]
+    return [(m, name) for m in modules for name, value in list(vars(m).items()) if value is fn]
+
+
+@contextlib.contextmanager
+def rebound(fn, replacement):
+    """Within the block ``replacement`` stands for ``fn`` at each of its ``bindings``."""
+    found = bindings(fn)
+    if not found:
+        raise LookupError(f"{fn.__qualname__} is bound nowhere in {QUANT_PACKAGE}")
+    with contextlib.ExitStack() as stack:
+        for module, name in found:
+            stack.enter_context(mock.patch.object(module, name, replacement))
+        yield
+
+
 @contextlib.contextmanager
 def shared_noise(seed: int = 0):
     """Within the block every SR draw of the quantizer comes from one CPU generator seeded with
-    ``seed`` and is then moved to the tensor's device: the same bits on every device."""
+    ``seed`` and is then moved to the tensor's device: the same bits on every device (module
+    docstring). The caller's generator is still checked, never drawn from."""
     original = nvfp4._draw_noise
     cpu_gen = torch.Generator().manual_seed(seed)
 
@@ -101,7 +134,7 @@ def shared_noise(seed: int = 0):
         nvfp4._check_sr(generator, mode)
         return original(shape, cpu_gen, mode, torch.device("cpu")).to(device)
 
-    with mock.patch.object(nvfp4, "_draw_noise", draw):
+    with rebound(original, draw):
         yield
 
 
@@ -131,7 +164,7 @@ def _op_cases(n: int):
         "e2m1 SR ideal": (lambda m: nvfp4._round_sr_abs(m, noisef.to(m.device), "ideal"), mags),
         "bf16 rounding": (lambda x: x.to(torch.bfloat16).float(), randn.flatten()),
         "block amax": (lambda x: nvfp4._block_amax(x.view(x.shape[0], -1, 16)), randn),
-        "tensor amax (aminmax)": (lambda x: layers_mod._amax(x).view(1), randn),
+        "tensor amax (aminmax)": (lambda x: taps._amax(x).view(1), randn),
         "RHT (bf16 in, fp32 matmul, bf16 out)": (nvfp4.rht, randn),
     }
 
@@ -186,7 +219,7 @@ def _quantize_both(x: torch.Tensor, kw: dict, device: torch.device) -> dict:
         with shared_noise(0):
             q = nvfp4.quantize(x.to(where), **kwd)
         with shared_noise(0):
-            fq = nvfp4.fake_quantize(x.to(where), **kwd)
+            fq = kernels.fake_quantize(x.to(where), **kwd, kernels=CHECK_KERNELS)
         out[str(where)] = (q.codes, q.scales.view(torch.uint8), q.amax, fq)
     return out
 
@@ -209,8 +242,8 @@ def check_quantizer(device: torch.device, size: int) -> list[dict]:
             for where in ("cpu", device):
                 gen = torch.Generator(where).manual_seed(0) if sr else None
                 with shared_noise(0):
-                    got[str(where)] = nvfp4.fake_quantize_columnwise(x3.to(where), sr=sr,
-                                                                     generator=gen)
+                    got[str(where)] = kernels.fake_quantize_columnwise(
+                        x3.to(where), sr=sr, generator=gen, kernels=CHECK_KERNELS)
             rows.append({"input": iname, "case": f"columnwise_{'sr' if sr else 'rn'}",
                          "n": x3.numel(), "codes": None, "scales": None, "amax": None,
                          "fake_quantize": mismatches(got[str(device)], got["cpu"])})
@@ -236,7 +269,7 @@ LAYER_CASES = {  # name -> (module factory, input shape)
 def recording(log: list):
     """Append ("q", output) for every fake_quantize / fake_quantize_columnwise call and ("gemm",
     a, b, output) for every GEMM of the layers, all copied to the CPU; SR draws shared."""
-    fq, fqc, gemm = nvfp4.fake_quantize, nvfp4.fake_quantize_columnwise, layers_mod.gemm
+    fq, fqc, mm = kernels.fake_quantize, kernels.fake_quantize_columnwise, gemm.gemm
 
     def rec_q(fn):
         def wrapper(*args, **kwargs):
@@ -246,18 +279,18 @@ def recording(log: list):
         return wrapper
 
     def rec_gemm(a, b, out=None):
-        r = gemm(a, b, out=out)
+        r = mm(a, b, out=out)
         log.append(("gemm", a.detach().float().cpu(), b.detach().float().cpu(), r.cpu().clone()))
         return r
 
-    with shared_noise(0), mock.patch.object(nvfp4, "fake_quantize", rec_q(fq)), \
-            mock.patch.object(nvfp4, "fake_quantize_columnwise", rec_q(fqc)), \
-            mock.patch.object(layers_mod, "gemm", rec_gemm):
+    with shared_noise(0), rebound(fq, rec_q(fq)), rebound(fqc, rec_q(fqc)), \
+            rebound(mm, rec_gemm):
         yield
 
 
-def make_layer(case: str, recipe: str, device: torch.device):
-    """(module, its quantized twin, input x, dY) of one layer case, fixed seeds, on ``device``."""
+def make_layer(case: str, recipe: str, device: torch.device, kernels: str = CHECK_KERNELS):
+    """(module, its quantized twin on ``kernels``, input x, dY) of one layer case, fixed seeds,
+    on ``device``."""
     factory, shape = LAYER_CASES[case]
     torch.manual_seed(0)
     layer = factory()
@@ -266,7 +299,8 @@ def make_layer(case: str, recipe: str, device: torch.device):
     with torch.no_grad():
         dy = torch.randn(layer(x).shape, generator=g)
     layer = layer.to(device)
-    twin = quantized(layer, recipe, generator=torch.Generator(device).manual_seed(0))
+    twin = quantized(layer, recipe, generator=torch.Generator(device).manual_seed(0),
+                     kernels=kernels)
     return layer, twin, x.to(device).requires_grad_(), dy.to(device)
 
 
@@ -335,20 +369,21 @@ COMPILED_CASES = ("rn_1x16", "rn_16x16", "sr_1x16", "rht_sr_1x16", "columnwise_r
 
 
 def check_compiled(device: torch.device, size: int, case: str) -> dict:
-    """The compiled backend against eager on ``device`` for one of ``COMPILED_CASES``, SR from
+    """The compiled kernels against eager on ``device`` for one of ``COMPILED_CASES``, SR from
     the same shared draws: elements whose bits differ."""
     x = adversarial(11, size, size)
     outs = {}
-    for backend in ("eager", "compiled"):
-        with nvfp4.use_backend(backend), shared_noise(0), torch.no_grad():
+    for choice in ("eager", "compiled"):
+        with shared_noise(0), torch.no_grad():
             xd = x.to(device)
             if case == "columnwise_rn":
-                outs[backend] = nvfp4.fake_quantize_columnwise(xd.view(4, -1, size))
+                outs[choice] = kernels.fake_quantize_columnwise(xd.view(4, -1, size),
+                                                                kernels=choice)
                 continue
             kw = dict(QUANT_CASES[case])
             if kw.get("sr"):
                 kw["generator"] = torch.Generator(device).manual_seed(0)
-            outs[backend] = nvfp4.fake_quantize(xd, **kw)
+            outs[choice] = kernels.fake_quantize(xd, **kw, kernels=choice)
     return {"case": case, "n": x.numel(), "mismatches": mismatches(outs["compiled"], outs["eager"])}
 
 

@@ -1,10 +1,12 @@
 """Training timings and the study's cost, for ``nvfp4bench.gpu_check``.
 
 ``train``: per arch, the baseline, nvfp4_full and 2d_rht_sr each train one epoch on a synthetic
-store through the trainer's own loop (``train.train_one_epoch``: data loading, autocast,
-GradScaler, clipping, optimizer), then run one validation pass (``train.validate``), at the
-study's precision (fp16 autocast + GradScaler on CUDA, fp32 on the CPU). An epoch that would
-overrun its share of the time cap stops early and is extrapolated (``complete: false``).
+store through the trainer's own loop (``train.setup`` -> ``CellRun``, ``train.train_one_epoch``:
+data loading, the backend's autocast context, GradScaler, clipping, optimizer), then run one
+validation pass (``train.validate``), at the study's precision (``train.DEVICE_PRECISION``: fp16
+autocast + GradScaler on CUDA, fp32 on the CPU) and the trainer's default quantizer kernels
+(``RunConfig.quant_kernels``, ``TRAIN_KERNELS``). An epoch that would overrun its share of the
+time cap stops early and is extrapolated (``complete: false``).
 
 Projection (``projection`` stage) of one cell of the study::
 
@@ -29,16 +31,17 @@ from pathlib import Path
 import torch
 
 # The project's modules (the only place this file names them).
-from nvfp4bench import bench, nvfp4, train
+from nvfp4bench import bench, train
 from nvfp4bench.config import RunConfig
 from nvfp4bench.losses import BCETverskyLoss
-from nvfp4bench.recipes import RECIPES, STUDY_RECIPES
+from nvfp4bench.quant.recipes import RECIPES, STUDY_RECIPES
 
 ARCHS = ("cnn", "vit", "swin")
 SCALES = ("tiny", "small", "base")
 MIDDLE_SCALE = "small"
 TIMED_RECIPES = (bench.BASELINE_RECIPE, "nvfp4_full", "2d_rht_sr")
-PRECISION = {"cuda": "fp16", "cpu": "fp32"}  # the study's: fp16 autocast + GradScaler on CUDA
+PRECISION = train.DEVICE_PRECISION  # the study's: fp16 autocast + GradScaler on CUDA
+TRAIN_KERNELS = RunConfig.quant_kernels  # the trainer's default --quant-kernels
 STUDY_SLICES = 3929
 TRAIN_SLICES, VAL_SLICES = round(0.8 * STUDY_SLICES), round(0.1 * STUDY_SLICES)
 EPOCHS = 100
@@ -130,9 +133,10 @@ def train_cell(arch: str, scale: str, recipe: str, ctx, seconds: float,
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(arch=arch, scale=scale, recipe=recipe, data=str(ctx.store_dir),
                         device=str(dev), precision=PRECISION[dev.type],
-                        batch_size=s.batch_size, image_size=s.image_size, workers=workers,
-                        progress=False, diagnostics=False, out=tmp)
-        cell = train.setup(cfg)
+                        quant_kernels=TRAIN_KERNELS, batch_size=s.batch_size,
+                        image_size=s.image_size, workers=workers, progress=False,
+                        diagnostics=False, out=tmp)
+        cell = train.setup(cfg)  # a train.CellRun
         model = train.build_quantized_model(cell, torch.Generator(dev).manual_seed(0))
         train_set, train_loader, val_loader, _ = train.make_loaders(
             cell, torch.Generator().manual_seed(0))
@@ -161,7 +165,7 @@ def train_cell(arch: str, scale: str, recipe: str, ctx, seconds: float,
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     return {"arch": arch, "scale": scale, "recipe": recipe, "precision": cell.precision,
             "image_size": s.image_size, "batch_size": s.batch_size, "workers": workers,
-            "quant_kernels": nvfp4.get_backend(),
+            "quant_kernels": cell.config.quant_kernels, "skipped_steps": tr["skipped_steps"],
             "steps": steps, "steps_per_epoch": capped.full, "complete": steps == capped.full,
             "epoch_s": epoch_s, "train_wall_s": train_s, "val_s": val_s,
             "val_batches": vcap.done, "step_s": step_s, "val_batch_s": val_batch_s,

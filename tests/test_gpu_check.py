@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvfp4bench import gpu_check, gpu_check_bits, gpu_check_train, nvfp4
+from nvfp4bench import bench, gpu_check, gpu_check_bits, gpu_check_train
+from nvfp4bench.quant import gemm, kernels, nvfp4
 
 REHEARSAL = list(gpu_check.STAGES)
 
@@ -90,7 +91,7 @@ def test_projection_hours_and_proxies():
     assert with_base["5-fold CV"]["gpu_hours"] == pytest.approx(20)
     assert with_base["hold-out"]["gpu_hours"] == pytest.approx(72 + 3)
     assert gpu_check_train.PROXY == {
-        "bf16": "bf16", "nvfp4_full": "nvfp4_full", "fwd_only": "nvfp4_full",
+        "baseline": "baseline", "nvfp4_full": "nvfp4_full", "fwd_only": "nvfp4_full",
         "chain_rule": "nvfp4_full", "sr_only": "nvfp4_full", "2d_rht": "2d_rht_sr",
         "2d_rht_sr": "2d_rht_sr", "fwd_rht": "2d_rht_sr"}
     assert "error" in gpu_check_train.project(rows[:1])
@@ -119,18 +120,41 @@ def test_bits_and_gemm_bound_catch_a_one_ulp_change():
     assert gpu_check_bits.gemm_excess(a, b, c * (1 + 1e-4), a, b, c) > 1.0
 
 
-def test_shared_noise_makes_sr_independent_of_the_generator():
+@pytest.mark.parametrize("choice", ["eager", "compiled"])
+def test_shared_noise_makes_sr_independent_of_the_generator(choice):
     x = gpu_check_bits.adversarial(0)
-    draws = {}
+    draws, codes = {}, {}
     for seed in (1, 2):
         with gpu_check_bits.shared_noise(0):
-            draws[seed] = nvfp4.fake_quantize(x, sr=True,
-                                              generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(draws[1], draws[2])
-    own = nvfp4.fake_quantize(x, sr=True, generator=torch.Generator().manual_seed(2))
+            draws[seed] = kernels.fake_quantize(
+                x, sr=True, generator=torch.Generator().manual_seed(seed), kernels=choice)
+            codes[seed] = nvfp4.quantize(x, sr=True,
+                                         generator=torch.Generator().manual_seed(seed)).codes
+    assert torch.equal(draws[1], draws[2]) and torch.equal(codes[1], codes[2])
+    own = kernels.fake_quantize(x, sr=True, generator=torch.Generator().manual_seed(2),
+                                kernels=choice)
     assert not torch.equal(own, draws[2])
+    bound = {m.__name__ for m, _ in gpu_check_bits.bindings(nvfp4._draw_noise)}
+    assert {"nvfp4bench.quant.nvfp4", "nvfp4bench.quant.kernels"} <= bound
+    assert kernels._draw_noise is nvfp4._draw_noise  # restored after the block
     with pytest.raises(ValueError, match="generator"), gpu_check_bits.shared_noise(0):
-        nvfp4.fake_quantize(x, sr=True)  # the check that a generator is given still runs
+        kernels.fake_quantize(x, sr=True)  # the check that a generator is given still runs
+
+
+def test_recording_sees_every_quantized_operand_and_gemm():
+    """A Linear's fwd + bwd under nvfp4_full: 2 + 2 + 2 fake_quantize calls (X and W; dY and
+    W along N; dY^T and X^T) and 3 GEMMs, each recorded once; the originals come back after."""
+    made = gpu_check_bits.make_layer("linear_64x48_40tok", "nvfp4_full", torch.device("cpu"))
+    log = []
+    gpu_check_bits.run_layer(made, log)
+    assert [e[0] for e in log].count("gemm") == 3
+    assert [e[0] for e in log].count("q") == 6
+    for _, a, b, c in (e for e in log if e[0] == "gemm"):
+        assert torch.equal(c, a @ b.mT)
+    assert all(getattr(m, n) is gemm.gemm for m, n in gpu_check_bits.bindings(gemm.gemm))
+    assert kernels.fake_quantize.__name__ == "fake_quantize"  # not the recording wrapper
+    with pytest.raises(LookupError), gpu_check_bits.rebound(lambda: None, None):
+        pass
 
 
 def test_cell_runner_reports_errors_skips_and_ratios(tmp_path, monkeypatch):
@@ -142,7 +166,7 @@ def test_cell_runner_reports_errors_skips_and_ratios(tmp_path, monkeypatch):
         calls.append((arch, scale, recipe))
         if (arch, recipe) == ("vit", "nvfp4_full"):
             raise RuntimeError("out of memory")
-        step = {"bf16": 0.1, "nvfp4_full": 0.3, "2d_rht_sr": 0.4}[recipe]
+        step = {bench.BASELINE_RECIPE: 0.1, "nvfp4_full": 0.3, "2d_rht_sr": 0.4}[recipe]
         return {"arch": arch, "scale": scale, "recipe": recipe, "step_s": step,
                 "study_epoch_s": step * 100, "epoch_s": step * 10, "complete": True, "steps": 10,
                 "steps_per_epoch": 10, "median_step_ms": step * 1e3, "peak_gb": None}

@@ -8,8 +8,9 @@ import torch
 from test_nvfp4 import (E2M1_RN_TABLE, GOLDEN_CODES, GOLDEN_INPUT, GOLDEN_PACKED, _adversarial,
                         _bytes_hex, _e4m3_boundaries, _reference_fake_quantize)
 
-from nvfp4bench import nvfp4
-from nvfp4bench.nvfp4 import dequantize, fake_quantize, pack, quantize, rht, rht_matrix
+from nvfp4bench.quant import nvfp4
+from nvfp4bench.quant.kernels import fake_quantize
+from nvfp4bench.quant.nvfp4 import dequantize, pack, quantize, rht, rht_matrix
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
