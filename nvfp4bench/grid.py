@@ -352,7 +352,6 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-
 def _run_report(out: Path) -> None:
     """``python -m nvfp4bench.report OUT`` when the report module exists."""
     import importlib.util
