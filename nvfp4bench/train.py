@@ -364,7 +364,7 @@ def validate(model, loader, loss_fn, cell: CellRun, epoch: int) -> dict:
     metrics (AUPRC, soft recall / precision / F2 / IoU, soft Dice per image), no per-patient ones.
     A non-finite loss is NaN here (the epoch does not improve, as in the study) and its metrics
     are None."""
-    from nvfp4bench.metrics import SegmentationMeter
+    from nvfp4bench.meter import SegmentationMeter
     meter = SegmentationMeter(patient_metrics=False)
     loss, finite = _predict(model, loader, meter, cell, loss_fn)
     if not (finite and math.isfinite(loss)):
@@ -385,9 +385,9 @@ def voxel_spacing(cell: CellRun, patients) -> tuple[float, float, float] | None:
 
 
 def evaluate(model, loader, cell: CellRun, part: str) -> dict:
-    """Every metric of docs/protocol.md on one partition (nvfp4bench.metrics.SegmentationMeter),
+    """Every metric of docs/protocol.md on one partition (nvfp4bench.meter.SegmentationMeter),
     plus the per-patient rows and the spacing HD95 is measured in."""
-    from nvfp4bench.metrics import SegmentationMeter
+    from nvfp4bench.meter import SegmentationMeter
     spacing = voxel_spacing(cell, cell.split[part])
     meter = SegmentationMeter(store=cell.store, spacing=spacing)
     _, finite = _predict(model, loader, meter, cell)

@@ -259,7 +259,7 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_on_cpu():
 def test_validation_loss_is_the_mean_of_batch_means():
     """The study's average: a 1-slice last batch weighs as much as a 4-slice one."""
     from nvfp4bench.losses import BCETverskyLoss
-    from nvfp4bench.metrics import SegmentationMeter
+    from nvfp4bench.meter import SegmentationMeter
     from nvfp4bench.train import _predict
     model, batches, cell = _toy()
     batches = batches[:2] + [tuple(t[:1] for t in batches[2])]
