@@ -184,7 +184,7 @@ class TrainingCase:
         from nvfp4bench.models import build_model
         from nvfp4bench.quant.swap import quantize_model
         from nvfp4bench.quant.recipes import get_recipe
-        from nvfp4bench.train import AUTOCAST_DTYPES, resolve_precision
+        from nvfp4bench.train_setup import AUTOCAST_DTYPES, resolve_precision
 
         self.device = torch.device(device)
         self.recipe = recipe_name

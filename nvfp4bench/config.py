@@ -25,7 +25,7 @@ from dataclasses import dataclass
 class OptimizerSpec:
     """The study's optimiser for one architecture family."""
 
-    name: str  # a key of nvfp4bench.train.OPTIMIZER_CLASSES
+    name: str  # a key of nvfp4bench.train_loop.OPTIMIZER_CLASSES
     lr: float
     weight_decay: float
 

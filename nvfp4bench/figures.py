@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from nvfp4bench.atomic import write_atomic
 
 if TYPE_CHECKING:  # the report's types; figures import nothing from it at run time
-    from nvfp4bench.report import CellResult, DatasetView
+    from nvfp4bench.report_cells import CellResult, DatasetView
 
 # Diagnostics figures: a numeric summary goes to the first group whose words its key contains.
 DIAGNOSTIC_GROUPS = {"attention": ("collapse", "entropy", "attention", "attn", "distinct"),

@@ -9,7 +9,7 @@
               breaking the same lock cannot remove a fresh lock that a third one just created
     release   only by the holder whose token the lock carries
 
-Used by nvfp4bench.grid (which re-exports these names).
+Used by the grid (nvfp4bench.grid_cells, grid_workers) and by nvfp4bench.slurm.
 """
 from __future__ import annotations
 

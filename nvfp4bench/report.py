@@ -12,297 +12,33 @@ writes, per dataset, to ``--out`` (default ``RESULTS_DIR/report``):
 * ``summary.csv``, ``comparison.csv`` (every table metric), ``ranking.csv``, ``cells.csv``.
 * Figures when matplotlib is installed (else a note): nvfp4bench.figures.
 
-The statistics are nvfp4bench.stats; this module only collects, pairs and prints.
+The statistics are nvfp4bench.stats; the cells are read by nvfp4bench.report_cells, the tables
+computed by nvfp4bench.report_tables; this module renders and writes them.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
-import json
-import math
-import re
 import sys
-from collections import defaultdict
-from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
-from nvfp4bench import stats
 from nvfp4bench.atomic import write_text_atomic
-from nvfp4bench.cell import Cell
-from nvfp4bench.config import NON_RESULT_FIELDS
 from nvfp4bench.figures import diagnostic_summaries, make_figures
 from nvfp4bench.quant.recipes import RECIPES
+from nvfp4bench.report_cells import DatasetView, _ordered, _value, dataset_views, load_cells
+from nvfp4bench.report_tables import (TABLE_METRICS, comparison_rows, consistency_problems,
+                                      hd95_unit, ranking_rows, summary_rows)
 
-ARCH_ORDER = ("cnn", "vit", "swin")
-SCALE_ORDER = ("tiny", "small", "base")
-TABLE_METRICS = ("auprc", "recall", "dice", "hd95_mean")
 METRIC_LABELS = {"auprc": "AUPRC", "recall": "recall", "precision": "precision", "f2": "F2",
                  "iou": "IoU", "dice": "Dice (soft, per image)", "hd95_mean": "HD95",
                  "patient_dice_mean": "Dice (patient)", "lesion_recall": "lesion recall"}
 DEFAULT_FIGURE_RECIPE = "2d_rht_sr"   # TE's default recipe
-# The range of each metric: a confidence interval is cut at it (stats.summarize). Unlisted
-# metrics (counts, HD95 variants) are >= 0.
-UNIT_METRICS = ("auprc", "recall", "precision", "f2", "iou", "dice", "patient_dice_mean",
-                "lesion_recall")
-
-
-def metric_bounds(metric: str) -> tuple[float, float]:
-    return (0.0, 1.0) if metric in UNIT_METRICS else (0.0, math.inf)
-
-CELL_NAME = re.compile(r"^fold(\d+)_seed(\d+)\.json$")
-# Options that may differ between the cells of one arch x scale without making them incomparable:
-# the cell's identity, where and how it ran, and the precision each baseline recipe resolves to.
-IDENTITY_OPTIONS = frozenset({"arch", "scale", "recipe", "fold", "seed"})
-FREE_OPTIONS = NON_RESULT_FIELDS | {"device", "data", "precision", "diagnostics"}
 
 
 class ReportError(Exception):
     """Bad input: the CLI prints it and exits 2."""
-
-
-# ----------------------------------------------------------------------------------------------
-# loading
-
-
-@dataclass
-class CellResult:
-    """What the report reads of one cell's result file (the cell: ``.cell``)."""
-
-    path: Path
-    dataset: str
-    arch: str
-    scale: str
-    recipe: str
-    fold: int
-    seed: int
-    status: str
-    error: str | None = None
-    synthetic: bool | None = None
-    test: dict = field(default_factory=dict)
-    diagnostics: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    fingerprint: str | None = None
-
-    @property
-    def cell(self) -> Cell:
-        return Cell(self.arch, self.scale, self.recipe, self.fold, self.seed)
-
-    @property
-    def key(self) -> tuple:
-        return (self.dataset, self.arch, self.scale, self.recipe, self.fold, self.seed)
-
-    @property
-    def block(self) -> tuple[int, int]:
-        return (self.fold, self.seed)
-
-    @property
-    def complete(self) -> bool:
-        return self.status == "complete"
-
-
-def _read_json(path: Path):
-    try:
-        with open(path) as f:
-            return json.load(f), None
-    except (OSError, ValueError) as e:
-        return None, f"{type(e).__name__}: {e}"
-
-
-def load_cells(root) -> tuple[list[CellResult], list[str]]:
-    """Every cell JSON under ``root`` (layout of docs/interfaces.md) and a list of problems found.
-
-    Identity comes from the path; the ``config`` inside (and ``data.name``) must agree with it,
-    else the file is listed as a problem and left out. Unreadable files count as failed cells."""
-    root = Path(root)
-    cells, problems = [], []
-    for path in sorted(root.rglob("fold*_seed*.json")):
-        match = CELL_NAME.match(path.name)
-        rel = path.relative_to(root).parts
-        if not match or len(rel) < 5:
-            continue
-        dataset, arch, scale, recipe = rel[-5:-1]
-        fold, seed = int(match.group(1)), int(match.group(2))
-        obj, err = _read_json(path)
-        if not isinstance(obj, dict):
-            cell = CellResult(path, dataset, arch, scale, recipe, fold, seed, "unreadable",
-                        err or "not a JSON object")
-        else:
-            config = obj.get("config") or {}
-            data = obj.get("data") or {}
-            stated = {"arch": config.get("arch"), "scale": config.get("scale"),
-                      "recipe": config.get("recipe"), "fold": config.get("fold"),
-                      "seed": config.get("seed"),
-                      "dataset": data.get("results_dir") or data.get("name")}
-            actual = {"arch": arch, "scale": scale, "recipe": recipe, "fold": fold, "seed": seed,
-                      "dataset": dataset}
-            wrong = [f"{k}={stated[k]!r} (path says {actual[k]!r})" for k in actual
-                     if stated[k] is not None and stated[k] != actual[k]]
-            if wrong:
-                problems.append(f"`{path.relative_to(root)}`: left out, its content disagrees with "
-                                f"its path: {', '.join(wrong)}")
-                continue
-            test = obj.get("test") if isinstance(obj.get("test"), dict) else {}
-            diagnostics = obj.get("diagnostics") if isinstance(obj.get("diagnostics"), dict) else {}
-            cell = CellResult(path, dataset, arch, scale, recipe, fold, seed,
-                        str(obj.get("status") or "unknown"), obj.get("error"),
-                        data.get("synthetic"), test, diagnostics, config, data.get("fingerprint"))
-            if cell.complete and not test:
-                cell.status, cell.error = "no test metrics", "status complete but no test block"
-        cells.append(cell)  # one file per identity: the path is the identity
-    return cells, problems
-
-
-def _ordered(values, order) -> list:
-    known = [v for v in order if v in values]
-    return known + sorted(v for v in values if v not in order)
-
-
-# ----------------------------------------------------------------------------------------------
-# analysis
-
-
-def _value(cell: CellResult, metric: str) -> float | None:
-    v = cell.test.get(metric)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
-@dataclass
-class DatasetView:
-    name: str
-    cells: list[CellResult]
-    archs: list[str]
-    scales: list[str]
-    recipes: list[str]
-    blocks: list[tuple[int, int]]
-    missing: list[tuple]
-    synthetic: bool | None
-    by_key: dict
-
-    def complete(self, arch, scale, recipe) -> dict[tuple[int, int], CellResult]:
-        """(fold, seed) -> complete cell."""
-        out = {}
-        for fold, seed in self.blocks:
-            cell = self.by_key.get((self.name, arch, scale, recipe, fold, seed))
-            if cell is not None and cell.complete:
-                out[(fold, seed)] = cell
-        return out
-
-    def values(self, arch, scale, recipe, metric) -> dict[tuple[int, int], float]:
-        return {b: v for b, c in self.complete(arch, scale, recipe).items()
-                if (v := _value(c, metric)) is not None}
-
-
-def dataset_views(cells: list[CellResult]) -> list[DatasetView]:
-    views = []
-    for name in sorted({c.dataset for c in cells}):
-        mine = [c for c in cells if c.dataset == name]
-        archs = _ordered({c.arch for c in mine}, ARCH_ORDER)
-        scales = _ordered({c.scale for c in mine}, SCALE_ORDER)
-        recipes = _ordered({c.recipe for c in mine}, tuple(RECIPES))
-        folds, seeds = sorted({c.fold for c in mine}), sorted({c.seed for c in mine})
-        by_key = {c.key: c for c in mine}
-        missing = [k for k in product([name], archs, scales, recipes, folds, seeds)
-                   if k not in by_key]
-        flags = {c.synthetic for c in mine if c.synthetic is not None}
-        synthetic = True if True in flags else (False if flags == {False} else None)
-        blocks = [(f, s) for f in folds for s in seeds]
-        views.append(DatasetView(name, mine, archs, scales, recipes, blocks, missing, synthetic,
-                                 by_key))
-    return views
-
-
-def _count_values(values: list) -> str:
-    counts: dict[str, int] = defaultdict(int)
-    for v in values:
-        counts[json.dumps(v, sort_keys=True)] += 1
-    return ", ".join(f"{v} ({n} cell{'s' if n > 1 else ''})" for v, n in sorted(counts.items()))
-
-
-def consistency_problems(view: DatasetView) -> list[str]:
-    """Options that differ between the cells of one arch x scale (e.g. --epochs), and data
-    fingerprints that differ within one dataset name: numbers that should not be compared."""
-    problems = []
-    prints = [c.fingerprint for c in view.cells if c.fingerprint is not None]
-    if len(set(prints)) > 1:
-        problems.append(f"dataset `{view.name}`: cells come from different stores (data "
-                        f"fingerprints {_count_values(prints)})")
-    for arch, scale in product(view.archs, view.scales):
-        group = [c for c in view.cells if (c.arch, c.scale) == (arch, scale) and c.config]
-        keys = sorted({k for c in group for k in c.config} - IDENTITY_OPTIONS - FREE_OPTIONS)
-        for key in keys:
-            values = [c.config.get(key) for c in group]
-            if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
-                problems.append(f"{arch} / {scale}: cells differ in `{key}`: "
-                                f"{_count_values(values)}")
-    return problems
-
-
-def summary_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
-    rows = []
-    for arch, scale, recipe in product(view.archs, view.scales, view.recipes):
-        n_cells = len(view.complete(arch, scale, recipe))
-        for metric in metrics:
-            s = stats.summarize(list(view.values(arch, scale, recipe, metric).values()),
-                                bounds=metric_bounds(metric))
-            rows.append({"dataset": view.name, "arch": arch, "scale": scale, "recipe": recipe,
-                         "metric": metric, "n_cells": n_cells, **s})
-    return rows
-
-
-def comparison_rows(view: DatasetView, baseline: str, metrics=TABLE_METRICS) -> list[dict]:
-    """Each recipe vs the baseline, paired per (fold, seed); Holm over the recipes of one
-    arch x scale x metric."""
-    rows = []
-    if baseline not in view.recipes:
-        return rows
-    for arch, scale, metric in product(view.archs, view.scales, metrics):
-        base = view.values(arch, scale, baseline, metric)
-        group = []
-        for recipe in view.recipes:
-            if recipe == baseline:
-                continue
-            mine = view.values(arch, scale, recipe, metric)
-            blocks = sorted(set(base) & set(mine))
-            x, y = [mine[b] for b in blocks], [base[b] for b in blocks]
-            pct = stats.percent_of_baseline(x, y)
-            group.append({"dataset": view.name, "arch": arch, "scale": scale, "recipe": recipe,
-                          "baseline": baseline, "metric": metric, "n_pairs": len(blocks),
-                          "mean_diff": stats.summarize([a - b for a, b in zip(x, y)])["mean"],
-                          "pct_mean": pct["mean"], "pct_ci_low": pct["ci_low"],
-                          "pct_ci_high": pct["ci_high"], "pct_values": [100 * a / b for a, b in
-                                                                        zip(x, y) if b != 0],
-                          "cohens_d": stats.cohens_d_paired(x, y),
-                          "wilcoxon_p": stats.wilcoxon_paired(x, y)})
-        for row, adjusted in zip(group, stats.holm([r["wilcoxon_p"] for r in group])):
-            row["holm_p"] = adjusted
-        # recipes never run at this arch x scale (all cells missing or failed) get no row
-        rows.extend(r for r in group if view.complete(arch, scale, r["recipe"]))
-    return rows
-
-
-def ranking_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
-    """Kendall's W of the recipe ranking over the (fold, seed) blocks where every recipe of
-    the arch x scale has a value (a complete-block design)."""
-    rows = []
-    for arch, scale, metric in product(view.archs, view.scales, metrics):
-        per_recipe = {r: view.values(arch, scale, r, metric) for r in view.recipes}
-        recipes = [r for r in view.recipes if per_recipe[r]]
-        blocks = [b for b in view.blocks if all(b in per_recipe[r] for r in recipes)]
-        table = [[per_recipe[r][b] for r in recipes] for b in blocks]
-        w = stats.kendalls_w(table) if blocks and len(recipes) >= 2 else None
-        rows.append({"dataset": view.name, "arch": arch, "scale": scale, "metric": metric,
-                     "kendalls_w": w, "m_blocks": len(blocks), "n_recipes": len(recipes)})
-    return rows
-
-
-def hd95_unit(view: DatasetView) -> str:
-    units = {c.test.get("hd95_unit") for c in view.cells if c.complete}
-    units.discard(None)
-    return units.pop() if len(units) == 1 else ("mixed units" if units else "unit not recorded")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ from typing import Sequence
 
 from nvfp4bench.atomic import write_text_atomic
 from nvfp4bench.cell import Cell
-from nvfp4bench.grid import (PACKAGE_PARENT, POLL_S, PROCESSES, CellRunner, Resolver, Target,
-                             can_resume, child_env, is_done, resolve, run_cell_inprocess,
-                             signals_deferred)
+from nvfp4bench.grid_cells import Resolver, Target, can_resume, is_done, resolve
+from nvfp4bench.grid_process import (PACKAGE_PARENT, PROCESSES, CellRunner, child_env,
+                                     run_cell_inprocess)
+from nvfp4bench.grid_workers import POLL_S, signals_deferred
 from nvfp4bench.locks import (HEARTBEAT_S, STALE_AFTER_S, Heartbeat, clear_stale, lock_is_stale,
                               log, try_claim)
 

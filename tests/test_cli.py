@@ -126,7 +126,7 @@ def test_precision_comes_from_the_option_the_recipe_or_the_device():
     import torch
 
     from nvfp4bench.quant.recipes import get_recipe
-    from nvfp4bench.train import resolve_device, resolve_precision
+    from nvfp4bench.train_setup import resolve_device, resolve_precision
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", get_recipe("nvfp4_full"), cpu) == "fp32"
     # the study's default on CUDA: fp16 autocast + GradScaler, for every recipe and the baseline

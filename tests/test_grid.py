@@ -1,4 +1,5 @@
-"""The grid runner (nvfp4bench/grid.py): cell list, done-ness, lock files, resume, parallel workers.
+"""The grid runner (nvfp4bench/grid*.py, locks.py): cell list, done-ness, lock files, resume,
+parallel workers.
 
 Most tests drive the scheduler with a fake resolver and a fake cell runner (fast, no torch);
 ``test_real_tiny_grid_killed_and_restarted`` runs `python -m nvfp4bench.grid` through the real
@@ -18,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from nvfp4bench import grid, slurm
-from nvfp4bench.grid import Cell, Target, build_cells, run_grid, try_claim
+from nvfp4bench import grid, grid_cells, grid_process, grid_workers, locks, slurm
+from nvfp4bench.cell import Cell
+from nvfp4bench.grid_cells import Target, build_cells, resolve
+from nvfp4bench.grid_workers import run_grid
+from nvfp4bench.locks import try_claim
 from nvfp4bench.results import is_complete, read_result, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +122,7 @@ def test_presets_are_the_studys_run_matrices(tmp_path, capsys, preset, n, archs,
 
 def test_a_preset_is_narrowed_by_explicit_options_and_holdout_has_one_fold(tmp_path, capsys):
     ns, _ = grid.split_argv(["--preset", "multiseed", "--seeds", "2030", "--scales", "tiny"])
-    assert len(grid.build_cells(ns.archs, ns.scales, ns.recipes, ns.folds, ns.seeds)) == 16
+    assert len(build_cells(ns.archs, ns.scales, ns.recipes, ns.folds, ns.seeds)) == 16
     with pytest.raises(SystemExit) as e:
         grid.main(["--dry-run", "--split", "holdout", "--folds", "0,1", "--out", str(tmp_path)])
     assert e.value.code == 2 and "one partition" in capsys.readouterr().err
@@ -153,8 +157,8 @@ def test_bad_options_exit_2_with_a_message(args, message, tmp_path, capsys):
 def test_forwarded_options_reach_the_cell_and_its_hash(tmp_path):
     ns, forward = grid.split_argv(["--archs", "cnn", "--epochs", "3", "--", "--lr", "0.01"])
     assert forward == ["--epochs", "3", "--lr", "0.01"]
-    a = grid.resolve(Cell("cnn", "tiny", "baseline", 0, 2026), forward + ["--out", str(tmp_path)])
-    b = grid.resolve(Cell("cnn", "tiny", "baseline", 0, 2026), ["--out", str(tmp_path)])
+    a = resolve(Cell("cnn", "tiny", "baseline", 0, 2026), forward + ["--out", str(tmp_path)])
+    b = resolve(Cell("cnn", "tiny", "baseline", 0, 2026), ["--out", str(tmp_path)])
     assert a.argv[-6:] == ("--epochs", "3", "--lr", "0.01", "--out", str(tmp_path))
     assert a.result == b.result and a.config_hash != b.config_hash
     assert a.result.name == "fold0_seed2026.json" and a.lock.name == "fold0_seed2026.lock"
@@ -181,7 +185,7 @@ def test_claim_is_exclusive_until_released(tmp_path):
     lock = try_claim(path)
     assert lock is not None and try_claim(path) is None
     info = json.loads(path.read_text())
-    assert (info["pid"], info["host"]) == (os.getpid(), grid.HOST) and info["started"]
+    assert (info["pid"], info["host"]) == (os.getpid(), locks.HOST) and info["started"]
     lock.release()
     assert not path.exists()
     again = try_claim(path)
@@ -192,8 +196,8 @@ def test_claim_is_exclusive_until_released(tmp_path):
 
 def test_lock_of_a_dead_pid_on_this_host_is_broken(tmp_path):
     path = tmp_path / "c.lock"
-    _write_lock(path, _dead_pid(), grid.HOST)
-    assert grid.lock_is_stale(path)[0]
+    _write_lock(path, _dead_pid(), locks.HOST)
+    assert locks.lock_is_stale(path)[0]
     lock = try_claim(path)
     assert lock is not None and json.loads(path.read_text())["pid"] == os.getpid()
 
@@ -202,14 +206,14 @@ def test_live_lock_is_kept_and_old_heartbeat_is_broken(tmp_path):
     sleeper = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
     try:
         live = tmp_path / "live.lock"
-        _write_lock(live, sleeper.pid, grid.HOST)
+        _write_lock(live, sleeper.pid, locks.HOST)
         assert try_claim(live, stale_after=600) is None
         other = tmp_path / "other.lock"  # another host: only the heartbeat age can tell
         _write_lock(other, 1, "some-other-host", age_s=10)
         assert try_claim(other, stale_after=600) is None
         os.utime(other, (time.time() - 700, time.time() - 700))
         assert try_claim(other, stale_after=600) is not None
-        _write_lock(live, sleeper.pid, grid.HOST, age_s=700)  # alive but silent: stale too
+        _write_lock(live, sleeper.pid, locks.HOST, age_s=700)  # alive but silent: stale too
         assert try_claim(live, stale_after=600) is not None
     finally:
         sleeper.kill()
@@ -220,20 +224,20 @@ def test_half_written_lock_is_kept_briefly_then_broken(tmp_path):
     path = tmp_path / "c.lock"
     path.write_bytes(b"")
     assert try_claim(path) is None
-    t = time.time() - grid.UNREADABLE_GRACE_S - 5
+    t = time.time() - locks.UNREADABLE_GRACE_S - 5
     os.utime(path, (t, t))
     assert try_claim(path) is not None
 
 
 def test_breaking_leaves_a_lock_that_changed_since_it_was_judged(tmp_path):
     path = tmp_path / "c.lock"
-    _write_lock(path, _dead_pid(), grid.HOST)
+    _write_lock(path, _dead_pid(), locks.HOST)
     seen = path.read_bytes()
     fresh = try_claim(tmp_path / "x.lock")  # stands for a worker that re-claimed meanwhile
     path.write_bytes((tmp_path / "x.lock").read_bytes())
-    grid._break_stale(path, seen, "test")
+    locks._break_stale(path, seen, "test")
     assert path.exists() and not path.with_name("c.lock.break").exists()
-    grid._break_stale(path, path.read_bytes(), "test")  # the bytes judged: removed
+    locks._break_stale(path, path.read_bytes(), "test")  # the bytes judged: removed
     assert not path.exists()
     fresh.release()
 
@@ -242,7 +246,7 @@ def test_heartbeat_refreshes_held_locks(tmp_path):
     lock = try_claim(tmp_path / "c.lock")
     old = time.time() - 1000
     os.utime(lock.path, (old, old))
-    beat = grid.Heartbeat(interval=0.05)
+    beat = locks.Heartbeat(interval=0.05)
     beat.add(lock)
     deadline = time.time() + 10
     while lock.path.stat().st_mtime < old + 500 and time.time() < deadline:
@@ -279,7 +283,7 @@ def test_a_changed_config_hash_reruns_the_cell(tmp_path):
 
 
 def test_interrupted_cell_resumes_only_from_its_own_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(grid, "can_resume", lambda t: t.checkpoint.exists())
+    monkeypatch.setattr(grid_workers, "can_resume", lambda t: t.checkpoint.exists())
     targets = fake_targets(tmp_path, n_recipes=1, n_folds=2)
     targets[0].checkpoint.parent.mkdir(parents=True)
     targets[0].checkpoint.write_bytes(b"state")
@@ -291,14 +295,14 @@ def test_interrupted_cell_resumes_only_from_its_own_checkpoint(tmp_path, monkeyp
 def test_can_resume_checks_the_checkpoints_config_hash(tmp_path):
     torch = pytest.importorskip("torch")
     t = fake_targets(tmp_path, n_recipes=1, n_folds=1)[0]
-    assert not grid.can_resume(t)
+    assert not grid_cells.can_resume(t)
     t.checkpoint.parent.mkdir(parents=True)
     torch.save({"config_hash": t.config_hash, "epoch": 3}, t.checkpoint)
-    assert grid.can_resume(t)
+    assert grid_cells.can_resume(t)
     torch.save({"config_hash": "another", "epoch": 3}, t.checkpoint)
-    assert not grid.can_resume(t)
+    assert not grid_cells.can_resume(t)
     t.checkpoint.write_bytes(b"garbage")
-    assert not grid.can_resume(t)
+    assert not grid_cells.can_resume(t)
 
 
 def test_cells_held_elsewhere_are_waited_for_then_taken_over(tmp_path):
@@ -314,11 +318,11 @@ def test_cells_held_elsewhere_are_waited_for_then_taken_over(tmp_path):
 
 
 def test_worker_environments_pin_one_gpu_each():
-    envs = grid.worker_envs(["0", "3"], 2, base={"PATH": "/bin"})
+    envs = grid_workers.worker_envs(["0", "3"], 2, base={"PATH": "/bin"})
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "0", "3", "3"]
-    assert all(str(grid.PACKAGE_PARENT) in e["PYTHONPATH"] for e in envs)
+    assert all(str(grid_process.PACKAGE_PARENT) in e["PYTHONPATH"] for e in envs)
     assert all(e["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 4)) for e in envs)
-    solo = grid.worker_envs(None, 1, base={"PATH": "/bin"})
+    solo = grid_workers.worker_envs(None, 1, base={"PATH": "/bin"})
     assert len(solo) == 1 and "CUDA_VISIBLE_DEVICES" not in solo[0]
 
 
@@ -327,7 +331,7 @@ CONCURRENT_WORKER = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     from tests.test_grid import fake_targets, FakeRunner
-    from nvfp4bench import grid
+    from nvfp4bench import grid_workers
     tmp, record = Path(sys.argv[2]), Path(sys.argv[3])
     first = []
 
@@ -343,8 +347,8 @@ CONCURRENT_WORKER = textwrap.dedent("""
                     time.sleep(0.02)
             return super().__call__(target, env=env, resume=resume)
 
-    s = grid.run_grid(fake_targets(tmp, n_recipes=4, n_folds=2), [{}], runner=Runner(),
-                      poll_s=0.1)
+    s = grid_workers.run_grid(fake_targets(tmp, n_recipes=4, n_folds=2), [{}], runner=Runner(),
+                              poll_s=0.1)
     sys.exit(0 if not s.failed and not s.held else 1)
 """)
 
@@ -371,18 +375,18 @@ SIGTERM_WORKER = textwrap.dedent("""
     import signal, subprocess, sys, time
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
-    from nvfp4bench import grid
+    from nvfp4bench import grid, grid_process, grid_workers
     from tests.test_grid import fake_targets
     tmp = Path(sys.argv[2])
 
     def runner(target, *, env, resume):  # a long cell, registered like the real runner's
         p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-        grid.PROCESSES.add(p)
+        grid_process.PROCESSES.add(p)
         (tmp / "child.pid").write_text(str(p.pid))
         try:
             return p.wait()
         finally:
-            grid.PROCESSES.discard(p)
+            grid_process.PROCESSES.discard(p)
             # A worker slow to wind down after its cell died (writing a log, say): this widens
             # the window in which an exiting main thread would lose the worker's lock, so the
             # race fails every time instead of now and then.
@@ -390,7 +394,7 @@ SIGTERM_WORKER = textwrap.dedent("""
 
     signal.signal(signal.SIGTERM, grid._raise_interrupt)
     try:
-        grid.run_grid(fake_targets(tmp), [{}], runner=runner)
+        grid_workers.run_grid(fake_targets(tmp), [{}], runner=runner)
     except KeyboardInterrupt:
         sys.exit(130)
 """)
@@ -479,7 +483,7 @@ INPROCESS = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     import nvfp4bench.cli
-    from nvfp4bench import grid
+    from nvfp4bench import grid_process
     from tests.test_grid import fake_targets
 
     def fake_main(argv):
@@ -492,10 +496,10 @@ INPROCESS = textwrap.dedent("""
 
     nvfp4bench.cli.main = fake_main
     t = fake_targets(Path(sys.argv[2]), n_recipes=1, n_folds=1)[0]
-    rc = grid.run_cell_inprocess(t, resume=True)
+    rc = grid_process.run_cell_inprocess(t, resume=True)
     print("task stdout after", rc)
     t2 = fake_targets(Path(sys.argv[2]), n_recipes=1, n_folds=1, forward=["--epochs", "1"])[0]
-    print("second", grid.run_cell_inprocess(t2, resume=False))
+    print("second", grid_process.run_cell_inprocess(t2, resume=False))
 """)
 
 
@@ -641,10 +645,10 @@ def test_a_data_directory_that_is_not_a_store_is_a_clear_error(tmp_path, capsys)
 
 def test_cell_logs_get_no_progress_bars_and_headers_on_their_own_line(tmp_path):
     (target,) = fake_targets(tmp_path)[:1]
-    assert grid._cell_argv(target, resume=True)[-2:] == ["--resume", "--no-progress"]
+    assert grid_process._cell_argv(target, resume=True)[-2:] == ["--resume", "--no-progress"]
     target.log.parent.mkdir(parents=True, exist_ok=True)
-    assert grid._log_header(target.log, ["x"], {}).startswith(b"==== ")  # no log yet
+    assert grid_process._log_header(target.log, ["x"], {}).startswith(b"==== ")  # no log yet
     target.log.write_bytes(b"epoch 1/40: loss 0.3\nepoch 2/4")  # killed mid-line
-    assert grid._log_header(target.log, ["x"], {}).startswith(b"\n==== ")
+    assert grid_process._log_header(target.log, ["x"], {}).startswith(b"\n==== ")
     target.log.write_bytes(b"epoch 1/40: loss 0.3\n")
-    assert grid._log_header(target.log, ["x"], {}).startswith(b"==== ")
+    assert grid_process._log_header(target.log, ["x"], {}).startswith(b"==== ")

@@ -7,6 +7,8 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from nvfp4bench import metrics as M
+from nvfp4bench import volume_metrics as V
+from nvfp4bench.meter import SegmentationMeter
 
 
 def _tied_scores(n, levels, prevalence, seed):
@@ -100,26 +102,26 @@ def test_confusion_at_threshold():
 def test_hard_dice_and_empty_mask_policy():
     a = np.zeros((4, 4), bool)
     b = a.copy()
-    assert M.hard_dice(a, b) == 1.0 and M.hd95(a, b) == 0.0
+    assert V.hard_dice(a, b) == 1.0 and V.hd95(a, b) == 0.0
     b[1, 1] = True
     diag = math.sqrt(4 ** 2 + 4 ** 2)
-    assert M.hard_dice(a, b) == 0.0 and M.hd95(a, b) == pytest.approx(diag)   # hallucinated
-    assert M.hard_dice(b, a) == 0.0 and M.hd95(b, a) == pytest.approx(diag)   # missed
-    assert M.hd95(b, a, spacing=(2.0, 0.5)) == pytest.approx(math.sqrt(8 ** 2 + 2 ** 2))
+    assert V.hard_dice(a, b) == 0.0 and V.hd95(a, b) == pytest.approx(diag)   # hallucinated
+    assert V.hard_dice(b, a) == 0.0 and V.hd95(b, a) == pytest.approx(diag)   # missed
+    assert V.hd95(b, a, spacing=(2.0, 0.5)) == pytest.approx(math.sqrt(8 ** 2 + 2 ** 2))
     a[1, 1] = a[1, 2] = True
-    assert M.hard_dice(a, b) == pytest.approx(2 / 3)
+    assert V.hard_dice(a, b) == pytest.approx(2 / 3)
 
 
 def test_hd95_known_shift():
     target = np.zeros((6, 30, 40), bool)
     target[:, 5:25, 10] = True                   # a one-voxel-thick plate, normal along x
     pred = np.roll(target, 3, axis=2)            # shifted 3 voxels along x: every distance is 3
-    assert M.hd95(pred, target) == pytest.approx(3.0)
-    assert M.hd95(pred, target, spacing=(5.0, 1.0, 0.5)) == pytest.approx(1.5)
+    assert V.hd95(pred, target) == pytest.approx(3.0)
+    assert V.hd95(pred, target, spacing=(5.0, 1.0, 0.5)) == pytest.approx(1.5)
     plate = np.zeros((6, 30, 40), bool)
     plate[2, 5:25, 5:25] = True
-    assert M.hd95(np.roll(plate, 1, axis=0), plate, spacing=(5.0, 1.0, 1.0)) == pytest.approx(5.0)
-    assert M.hd95(target, target) == 0.0
+    assert V.hd95(np.roll(plate, 1, axis=0), plate, spacing=(5.0, 1.0, 1.0)) == pytest.approx(5.0)
+    assert V.hd95(target, target) == 0.0
 
 
 def _surface_bruteforce(mask):
@@ -142,7 +144,7 @@ def test_hd95_equals_bruteforce_pairwise_distances(seed):
     spacing = (3.0, 0.8, 1.1)
     d = cdist(_surface_bruteforce(a) * spacing, _surface_bruteforce(b) * spacing)
     expected = max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
-    assert M.hd95(a, b, spacing) == pytest.approx(expected, rel=1e-12)
+    assert V.hd95(a, b, spacing) == pytest.approx(expected, rel=1e-12)
 
 
 def test_hd95_takes_the_95th_percentile_not_the_maximum():
@@ -150,7 +152,7 @@ def test_hd95_takes_the_95th_percentile_not_the_maximum():
     target[0, 50:150, 50:150] = True
     pred = target.copy()
     pred[0, 190, 190] = True                     # one far outlier among ~400 surface voxels
-    assert M.hd95(pred, target) == 0.0
+    assert V.hd95(pred, target) == 0.0
 
 
 def test_lesion_recall_hand_made_components():
@@ -162,12 +164,12 @@ def test_lesion_recall_hand_made_components():
     pred[1, 2, 2] = True                         # one voxel inside lesion 1: detected
     pred[1, 17, 17] = True                       # detects lesion 3
     pred[0, 10:12, 5:7] = True                   # false-positive component
-    r = M.lesion_recall(pred, target)
+    r = V.lesion_recall(pred, target)
     assert (r["n_lesions"], r["n_detected"], r["n_false_positive_components"]) == (3, 2, 1)
     assert r["recall"] == pytest.approx(2 / 3)
-    none = M.lesion_recall(pred, np.zeros_like(target))
+    none = V.lesion_recall(pred, np.zeros_like(target))
     assert none["recall"] is None and none["n_false_positive_components"] == 3
-    assert M.lesion_recall(np.zeros_like(target), target)["recall"] == 0.0
+    assert V.lesion_recall(np.zeros_like(target), target)["recall"] == 0.0
 
 
 def _volume_batches():
@@ -185,7 +187,7 @@ def _volume_batches():
 def test_meter_matches_one_shot_functions_and_patient_policy():
     logits, targets, patients, positions = _volume_batches()
     probs = torch.sigmoid(logits)
-    meter = M.SegmentationMeter(from_logits=True)
+    meter = SegmentationMeter(from_logits=True)
     order = [4, 0, 5, 2, 1, 3]                    # arrive shuffled, in two batches
     for chunk in (order[:4], order[4:]):
         meter.update(logits[chunk], targets[chunk], patients=[patients[i] for i in chunk],
@@ -205,7 +207,7 @@ def test_meter_matches_one_shot_functions_and_patient_policy():
     # patient b: both empty -> Dice 1, HD95 0. One lesion in all, detected.
     assert out["n_patients"] == 2
     assert out["patient_dice_mean"] == pytest.approx((18 / 27 + 1.0) / 2)
-    hd_a = M.hd95(probs[:3, 0] >= 0.5, targets[:3, 0])
+    hd_a = V.hd95(probs[:3, 0] >= 0.5, targets[:3, 0])
     assert hd_a > 0 and out["hd95_mean"] == pytest.approx(hd_a / 2)
     assert out["lesion_recall"] == 1.0 and out["n_lesions"] == 1
     assert all(v is None or isinstance(v, (int, float)) for v in out.values())
@@ -214,7 +216,7 @@ def test_meter_matches_one_shot_functions_and_patient_policy():
 def test_meter_missed_tumour_counts_as_failure():
     targets = torch.zeros(2, 1, 8, 8)
     targets[0, 0, 3:5, 3:5] = 1
-    meter = M.SegmentationMeter()
+    meter = SegmentationMeter()
     meter.update(torch.zeros(2, 1, 8, 8), targets, patients=["p", "p"], positions=[0, 1])
     out = meter.compute()
     assert out["patient_dice_mean"] == 0.0
@@ -232,21 +234,21 @@ class _Store:
 
 def test_meter_maps_indices_through_the_store_and_checks_duplicates():
     logits, targets, patients, positions = _volume_batches()
-    by_ids = M.SegmentationMeter(from_logits=True)
+    by_ids = SegmentationMeter(from_logits=True)
     by_ids.update(logits, targets, patients=patients, positions=positions)
-    by_store = M.SegmentationMeter(from_logits=True, store=_Store())
+    by_store = SegmentationMeter(from_logits=True, store=_Store())
     by_store.update(logits, targets, torch.arange(6))
     a, b = by_ids.compute(), by_store.compute()
     assert {k: a[k] for k in ("patient_dice_mean", "hd95_mean", "lesion_recall")} == \
         {k: b[k] for k in ("patient_dice_mean", "hd95_mean", "lesion_recall")}
     with pytest.raises(ValueError, match="seen twice"):
         by_store.update(logits[:1], targets[:1], torch.tensor([0]))
-    no_ids = M.SegmentationMeter(from_logits=True)
+    no_ids = SegmentationMeter(from_logits=True)
     no_ids.update(logits, targets)
     assert no_ids.compute()["patient_dice_mean"] is None
     with pytest.raises(ValueError, match="probabilities"):
-        M.SegmentationMeter().update(logits, targets)
-    empty = M.SegmentationMeter().compute()
+        SegmentationMeter().update(logits, targets)
+    empty = SegmentationMeter().compute()
     assert empty["auprc"] is None and empty["dice"] is None and empty["n_pixels"] == 0
     assert empty["patient_dice_mean"] is None and empty["lesion_recall"] is None
 
@@ -261,7 +263,7 @@ def _study_dice(p, t, eps=1e-6):
 def test_dice_is_the_studys_soft_dice_averaged_over_batches():
     torch.manual_seed(0)
     empty = torch.sigmoid(torch.full((1, 1, 64, 64), -20.0))  # a confident empty prediction
-    meter = M.SegmentationMeter()
+    meter = SegmentationMeter()
     meter.update(empty, torch.zeros(1, 1, 64, 64))
     out = meter.compute()
     # an empty slice with an empty prediction scores about 0 in the study's Dice, ~1 in ours
@@ -269,7 +271,7 @@ def test_dice_is_the_studys_soft_dice_averaged_over_batches():
     assert out["dice"] < 0.11 and out["dice_s1"] > 0.99
     probs = torch.rand(3, 1, 16, 16)
     targets = (torch.rand(3, 1, 16, 16) > 0.7).float()
-    meter = M.SegmentationMeter()
+    meter = SegmentationMeter()
     meter.update(probs[:2], targets[:2])
     meter.update(probs[2:], targets[2:])  # a last batch of one weighs as much as the first
     want = (_study_dice(probs[:2], targets[:2]) + _study_dice(probs[2:], targets[2:])) / 2
@@ -282,7 +284,7 @@ def test_pooled_metrics_see_the_studys_clipped_probabilities():
     """Below 1e-7 every probability ties at 1e-7, as the study's np.clip makes them."""
     probs = torch.tensor([[[[0.9, 5e-8, 3e-8, 1e-9]]]])
     targets = torch.tensor([[[[1.0, 0.0, 1.0, 0.0]]]])
-    meter = M.SegmentationMeter()
+    meter = SegmentationMeter()
     meter.update(probs, targets)
     clipped = np.clip(probs.numpy().ravel(), 1e-7, 1 - 1e-7)
     assert clipped.dtype == np.float32
@@ -290,6 +292,6 @@ def test_pooled_metrics_see_the_studys_clipped_probabilities():
     study = average_precision_score(targets.ravel(), clipped)
     assert raw != pytest.approx(study)
     assert meter.compute()["auprc"] == pytest.approx(study)
-    unclipped = M.SegmentationMeter(clip=None)
+    unclipped = SegmentationMeter(clip=None)
     unclipped.update(probs, targets)
     assert unclipped.compute()["auprc"] == pytest.approx(raw)

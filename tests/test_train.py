@@ -13,7 +13,9 @@ import torch
 from nvfp4bench import results
 from nvfp4bench.config import RunConfig
 from nvfp4bench.data import SliceStore
-from nvfp4bench.train import EarlyStopping, build_quantized_model, init_seed, run, setup
+from nvfp4bench.train import run
+from nvfp4bench.train_loop import EarlyStopping
+from nvfp4bench.train_setup import build_quantized_model, init_seed, setup
 
 TOP_KEYS = {"schema_version", "status", "config", "config_hash", "env", "data", "model", "history",
             "best_epoch", "val", "test", "timing", "diagnostics"}
@@ -214,7 +216,7 @@ def _toy(precision="fp32"):
 def test_a_skipped_batch_takes_no_step():
     """Loss NaN on batches 2 and 3: the epoch's weights are those after batch 1's step alone."""
     from nvfp4bench.losses import BCETverskyLoss
-    from nvfp4bench.train import train_one_epoch
+    from nvfp4bench.train_loop import train_one_epoch
     model, batches, cell = _toy()
     n = {"k": 0}
 
@@ -239,7 +241,7 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_on_cpu():
     """The study's fp16 autocast + GradScaler path, on the CPU: an infinite gradient is not
     applied, the scale halves, and the step is counted."""
     from nvfp4bench.losses import BCETverskyLoss
-    from nvfp4bench.train import train_one_epoch
+    from nvfp4bench.train_loop import train_one_epoch
     model, batches, cell = _toy("fp16")
     before = [p.detach().clone() for p in model.parameters()]
 
@@ -259,8 +261,8 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_on_cpu():
 def test_validation_loss_is_the_mean_of_batch_means():
     """The study's average: a 1-slice last batch weighs as much as a 4-slice one."""
     from nvfp4bench.losses import BCETverskyLoss
-    from nvfp4bench.metrics import SegmentationMeter
-    from nvfp4bench.train import _predict
+    from nvfp4bench.meter import SegmentationMeter
+    from nvfp4bench.train_eval import _predict
     model, batches, cell = _toy()
     batches = batches[:2] + [tuple(t[:1] for t in batches[2])]
     loss, finite = _predict(model, batches, SegmentationMeter(patient_metrics=False), cell,
@@ -275,7 +277,7 @@ def test_validation_loss_is_the_mean_of_batch_means():
 def test_scheduler_is_the_studys_max_mode_on_minus_the_loss():
     """ReduceLROnPlateau(mode max) stepped with -L: a loss 0.5e-4 relatively worse still counts as
     better (threshold on a negative best), where mode min on L would count it as bad."""
-    from nvfp4bench.train import make_scheduler
+    from nvfp4bench.train_loop import make_scheduler
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = make_scheduler(opt, _config("x", "y", lr_patience=1))
     sched.step(-1.0)
@@ -335,7 +337,7 @@ def test_results_and_checkpoints_are_readable_by_others(store, tmp_path):
 
 def test_a_last_batch_of_one_slice_is_kept_unless_asked(store, tmp_path):
     """The study keeps every training batch; --drop-last-single drops a 1-slice last batch."""
-    from nvfp4bench.train import make_loaders
+    from nvfp4bench.train_setup import make_loaders
     n = len(make_loaders(setup(_config(store, tmp_path)), torch.Generator())[0])
     for drop, batches in ((False, 2), (True, 1)):
         cell = setup(_config(store, tmp_path, batch_size=n - 1, drop_last_single=drop))
