@@ -42,9 +42,9 @@ from nvfp4bench.quant import nvfp4
 from nvfp4bench.te_cases import (BIT_EXACT_SPECS, BLOCK, CheckResult, FLT_MAX, LAYER_REL_TOL,
                                 LayerCase, LayerRunner, QuantOut, QuantSpec, Quantizer,
                                 SR_MEAN_SIGMAS, SR_RATIO_TOL, SR_SPECS, applicable,
-                                e2m1_tie_tensor, emulator_layer_runner, make_inputs,
+                                emulator_layer_runner, make_inputs,
                                 make_layer_cases, make_sr_inputs, spec_input,
-                                subnormal_scale_tensor, te_layer_runner)
+                                te_layer_runner)
 
 # --------------------------------------------------------------------------------------------
 # Quantizers

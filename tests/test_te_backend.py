@@ -21,6 +21,7 @@ from torch import nn
 
 from nvfp4bench.quant import nvfp4
 from nvfp4bench import verify_te as v
+from nvfp4bench import te_cases
 from nvfp4bench.quant import te as te_backend
 from nvfp4bench.quant import te_linear
 from nvfp4bench.quant.swap import BACKENDS, quantize_model
@@ -427,11 +428,11 @@ def test_unpack_inverts_pack():
 
 def test_tie_input_reaches_the_cast_unscaled():
     # S_enc = 1 and s_b = 1 for the tie blocks: docs/nvfp4.md section 8's golden codes
-    q = nvfp4.quantize(v.e2m1_tie_tensor())
+    q = nvfp4.quantize(te_cases.e2m1_tie_tensor())
     assert q.amax.item() == 2688.0 and q.scales[0, 0].float().item() == 1.0
     ties = torch.tensor([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 6])
     expected = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6, 7, 7], dtype=torch.uint8)
-    row = v.e2m1_tie_tensor()[0, :16]
+    row = te_cases.e2m1_tie_tensor()[0, :16]
     assert torch.equal(row.abs(), ties)
     assert torch.equal(q.codes[0, :16] & 7, expected)  # magnitudes: ties to the even code
     assert torch.equal((q.codes[0, :16] & 8) != 0, torch.signbit(row))  # -0.25 -> code 8

@@ -14,7 +14,6 @@ import sys
 import types
 
 import pytest
-import torch
 from torch import nn
 
 from nvfp4bench.config import RunConfig

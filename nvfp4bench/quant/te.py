@@ -65,12 +65,10 @@ import importlib.util
 import inspect
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import nn
-import torch.nn.functional as F
 
 from nvfp4bench.quant.recipes import Recipe
 
