@@ -221,7 +221,7 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
                              chosen, out))
         sections.append(text)
 
-    synthetic = [v.name for v in views if v.synthetic]
+    synthetic = list(dict.fromkeys(v.name for v in views if v.synthetic))  # once per dataset
     head = ["# nvfp4bench report"]
     if synthetic:
         head.append(f"\n> **These results come from a synthetic dataset** "

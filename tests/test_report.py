@@ -271,6 +271,7 @@ def test_holdout_cells_are_read_paired_by_seed_and_never_pooled_with_kfold(resul
     assert "- cnn / tiny / nvfp4_full / holdout seed 2028" in holdout_text
     assert "fold" not in holdout_text
     assert "k-fold cross-validation (29 cells), patient hold-out (11 cells)" in text
+    assert "synthetic dataset** (`synthetic`), not" in text      # the dataset named once
     with open(tmp_path / "rep" / "cells.csv") as f:
         rows = list(csv.DictReader(f))
     assert sum(r["split"] == "holdout" for r in rows) == 11 and len(rows) == 40
