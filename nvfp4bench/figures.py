@@ -1,8 +1,9 @@
 """The report's figures (matplotlib, optional): cross-validation bars, sensitivity grid, diagnostics.
 
 ``make_figures(view, comparison, baseline, metric, label, recipe, out_dir)`` writes, for one dataset of
-``nvfp4bench.report``: the study's cross-validation bar chart (baseline vs ``recipe`` per arch,
-one point per fold), its sensitivity grid (arch rows x scale columns, each recipe as % of
+``nvfp4bench.report`` under one split protocol (files ``<dataset>_*.png``, hold-out
+``<dataset>_holdout_*.png``): the study's cross-validation bar chart (baseline vs ``recipe`` per
+arch, one point per fold, hold-out: per seed), its sensitivity grid (arch rows x scale columns, each recipe as % of
 baseline with its 95 % CI), and the diagnostics (attention collapse, gradient fidelity: every
 numeric summary found under a cell's ``diagnostics``, grouped by ``DIAGNOSTIC_GROUPS``). Without
 matplotlib it returns a note instead.
@@ -60,7 +61,8 @@ def make_figures(view: DatasetView, comparison, baseline, metric, label, recipe,
     except ImportError:
         return ["Figures skipped: matplotlib is not installed (`pip install matplotlib`)."]
     notes = []
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", view.name)
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", view.stem)  # <dataset>[_holdout]
+    unit = view.protocol.unit
 
     def save(fig, name, caption):
         path = out_dir / f"{stem}_{name}.png"
@@ -86,7 +88,7 @@ def make_figures(view: DatasetView, comparison, baseline, metric, label, recipe,
             ax.set_title(scale)
             ax.set_ylabel(label)
         axes[0][0].legend(fontsize=8)
-        save(fig, "cv_bars", f"{label}: {baseline} vs {recipe}, one point per fold")
+        save(fig, "cv_bars", f"{label}: {baseline} vs {recipe}, one point per {unit}")
     else:
         notes.append(f"Cross-validation bars skipped: need `{baseline}` and `{recipe}` cells "
                      "(choose another with --recipe).")
@@ -154,7 +156,7 @@ def make_figures(view: DatasetView, comparison, baseline, metric, label, recipe,
             ax.axis("off")
         axes[0][0].legend(fontsize=6)
         name = group or "other"
-        save(fig, f"diagnostics_{name}", f"diagnostics ({name}): mean over folds")
+        save(fig, f"diagnostics_{name}", f"diagnostics ({name}): mean over {unit}s")
         if len(keys) > len(shown):
             notes.append(f"({name} diagnostics: {len(keys) - len(shown)} more keys in cells.csv "
                          "are not plotted.)")

@@ -1,15 +1,18 @@
 """``python -m nvfp4bench.report RESULTS_DIR``: aggregate cell results into tables and figures.
 
-Reads every ``OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json`` under RESULTS_DIR and
-writes, per dataset, to ``--out`` (default ``RESULTS_DIR/report``):
+Reads every ``OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json`` (k-fold split) and
+``.../holdout_seed<s>.json`` (hold-out split) under RESULTS_DIR and writes, per dataset and split
+protocol (each its own section, never pooled), to ``--out`` (default ``RESULTS_DIR/report``):
 
 * ``report.md``: mean, sd, 95 % CI and n of the test metrics per arch x scale x recipe; each
   recipe against the baseline (``--baseline``, default baseline) on ``--metric`` (default auprc),
-  paired per (fold, seed): % of baseline with its CI, mean difference, paired Cohen's d, Wilcoxon
-  signed-rank p and its Holm correction over the recipes of one arch x scale; Kendall's W of the
-  recipe ranking over folds; the missing cells (expected from the grid of the archs, scales,
-  recipes, folds and seeds present) and the failed ones. Synthetic data is said at the top.
-* ``summary.csv``, ``comparison.csv`` (every table metric), ``ranking.csv``, ``cells.csv``.
+  paired per (fold, seed) (hold-out: per seed): % of baseline with its CI, mean difference, paired
+  Cohen's d, Wilcoxon signed-rank p and its Holm correction over the recipes of one arch x scale;
+  Kendall's W of the recipe ranking over folds (seeds); the missing cells (expected from the grid
+  of the archs, scales, recipes, folds and seeds present) and the failed ones. Synthetic data is
+  said at the top.
+* ``summary.csv``, ``comparison.csv`` (every table metric), ``ranking.csv``, ``cells.csv``; every
+  row names its ``dataset`` and ``split``.
 * Figures when matplotlib is installed (else a note): nvfp4bench.figures.
 
 The statistics are nvfp4bench.stats; the cells are read by nvfp4bench.report_cells, the tables
@@ -25,9 +28,11 @@ from itertools import product
 from pathlib import Path
 
 from nvfp4bench.atomic import write_text_atomic
+from nvfp4bench.config import SPLITS
 from nvfp4bench.figures import diagnostic_summaries, make_figures
 from nvfp4bench.quant.recipes import RECIPES
-from nvfp4bench.report_cells import DatasetView, _ordered, _value, dataset_views, load_cells
+from nvfp4bench.report_cells import (PROTOCOLS, DatasetView, _ordered, _value, dataset_views,
+                                     load_cells)
 from nvfp4bench.report_tables import (TABLE_METRICS, comparison_rows, consistency_problems,
                                       hd95_unit, ranking_rows, summary_rows)
 
@@ -80,7 +85,8 @@ def _summary_cell(s: dict, metric: str) -> str:
 def render_dataset(view: DatasetView, baseline: str, metric: str, summary, comparison,
                    ranking) -> str:
     unit = hd95_unit(view)
-    out = [f"## Dataset `{view.name}`" + (" (synthetic)" if view.synthetic else "")]
+    proto = view.protocol
+    out = [f"## Dataset `{view.name}`: {proto.title}" + (" (synthetic)" if view.synthetic else "")]
     if view.synthetic:
         out.append(f"\n**Synthetic data**: `{view.name}` is simulated tumours on a brain template; "
                    "these numbers test the pipeline and say nothing about real patients.")
@@ -88,14 +94,14 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
     out.append(f"\nCells: {len(view.cells)} found, {n_complete} complete, "
                f"{len(view.cells) - n_complete} not complete, {len(view.missing)} missing of the "
                f"{len(view.archs) * len(view.scales) * len(view.recipes) * len(view.blocks)} "
-               f"expected (archs x scales x recipes x (fold, seed) blocks = {len(view.archs)} x "
+               f"expected (archs x scales x recipes x {proto.blocks} = {len(view.archs)} x "
                f"{len(view.scales)} x {len(view.recipes)} x {len(view.blocks)}).")
 
     conflicts = consistency_problems(view)
     if conflicts:
         out.append("\n**Warning: cells that should not be compared** (their options differ):\n"
                    + "\n".join(f"- {p}" for p in conflicts))
-    out.append("\n### Test metrics: mean ± sd [95 % CI] over folds and seeds\n")
+    out.append(f"\n### Test metrics: mean ± sd [95 % CI] over {proto.over}\n")
     by = {(r["arch"], r["scale"], r["recipe"], r["metric"]): r for r in summary}
     labels = [METRIC_LABELS.get(m, m) + (f" ({unit})" if m.startswith("hd95") else "")
               for m in TABLE_METRICS]
@@ -110,11 +116,12 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
                     [_summary_cell(c, m) for c, m in zip(cols, TABLE_METRICS)])
     out.append(_md_table(["arch", "scale", "recipe", "n"] + labels, rows))
     if any(r.get("ci_clipped") for r in summary):
-        out.append("\n\\* the t-interval crossed the metric's range (few folds: with 2 values "
-                   "t = 12.7) and is cut at its bound; read it as \"too few folds to say\".")
+        out.append(f"\n\\* the t-interval crossed the metric's range (few {proto.unit}s: with 2 "
+                   f"values t = 12.7) and is cut at its bound; read it as \"too few "
+                   f"{proto.unit}s to say\".")
 
     label = METRIC_LABELS.get(metric, metric)
-    out.append(f"\n### {label}: each recipe against `{baseline}`, paired per (fold, seed)\n")
+    out.append(f"\n### {label}: each recipe against `{baseline}`, paired per {proto.block}\n")
     mine = [r for r in comparison if r["metric"] == metric]
     if baseline not in view.recipes:
         out.append(f"Missing: no `{baseline}` cell in this dataset, so no comparison "
@@ -133,27 +140,28 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
         out.append("\n% of baseline: mean over pairs of 100 x recipe / baseline; Cohen's d = "
                    "mean(diff) / sd(diff), diff = recipe - baseline; Wilcoxon signed-rank, "
                    "two-sided, Holm-corrected over the recipes of one arch x scale. With n pairs "
-                   "the smallest possible Wilcoxon p is 2 / 2^n (0.0625 for 5 folds).")
+                   f"the smallest possible Wilcoxon p is 2 / 2^n (0.0625 for 5 {proto.unit}s).")
 
-    out.append(f"\n### Stability of the recipe ranking over folds (Kendall's W, {label})\n")
+    out.append(f"\n### Stability of the recipe ranking over {proto.unit}s (Kendall's W, {label})\n")
     rk = [r for r in ranking if r["metric"] == metric]
     out.append(_md_table(["arch", "scale", "W", "blocks", "recipes"],
                          [[r["arch"], r["scale"], _f(r["kendalls_w"], 3), str(r["m_blocks"]),
                            str(r["n_recipes"])] for r in rk]))
-    out.append("\nW = 1: every fold ranks the recipes alike; 0: no agreement. Only (fold, seed) "
-               "blocks where every recipe has a value count.")
+    out.append(f"\nW = 1: every {proto.unit} ranks the recipes alike; 0: no agreement. Only "
+               f"{proto.blocks} where every recipe has a value count.")
 
     out.append("\n### Missing cells\n")
     if view.missing:
-        out.append("\n".join(f"- {a} / {s} / {r} / fold {f} seed {sd}"
+        out.append("\n".join(f"- {a} / {s} / {r} / {view.block_label(f, sd)}"
                              for _, a, s, r, f, sd in view.missing))
     else:
-        out.append("None: the grid of the archs, scales, recipes, folds and seeds present is full.")
+        out.append(f"None: the grid of the archs, scales, recipes, {proto.over} present is full.")
     out.append("\n### Failed or unfinished cells\n")
     bad = [c for c in view.cells if not c.complete]
     if bad:
         out.append("\n".join(
-            f"- {c.arch} / {c.scale} / {c.recipe} / fold {c.fold} seed {c.seed}: **{c.status}**"
+            f"- {c.arch} / {c.scale} / {c.recipe} / {view.block_label(c.fold, c.seed)}: "
+            f"**{c.status}**"
             + (f": {str(c.error).strip().splitlines()[0][:200]}" if c.error else "") for c in bad))
     else:
         out.append("None.")
@@ -182,7 +190,7 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
     cells, problems = load_cells(root)
     if not cells:
         raise ReportError("no cell results (<dataset>/<arch>/<scale>/<recipe>/"
-                          f"fold<k>_seed<s>.json) under {root}")
+                          f"fold<k>_seed<s>.json or holdout_seed<s>.json) under {root}")
     all_recipes = {c.recipe for c in cells}
     if baseline not in RECIPES:
         raise ReportError(f"--baseline {baseline!r} is not a recipe; choose from "
@@ -213,13 +221,17 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
                              chosen, out))
         sections.append(text)
 
-    synthetic = [v.name for v in views if v.synthetic]
+    synthetic = list(dict.fromkeys(v.name for v in views if v.synthetic))  # once per dataset
     head = ["# nvfp4bench report"]
     if synthetic:
         head.append(f"\n> **These results come from a synthetic dataset** "
                     f"({', '.join(f'`{n}`' for n in synthetic)}), not from patients.")
     head.append(f"\nSource: `{root}`; {len(cells)} cell files; baseline `{baseline}`; "
                 f"primary metric {METRIC_LABELS.get(metric, metric)} (test partition).")
+    head.append("\nSplit protocols: " + ", ".join(
+        f"{PROTOCOLS[s].title} ({sum(c.split == s for c in cells)} cells)"
+        for s in SPLITS if any(c.split == s for c in cells))
+        + "; each has its own sections: cells of different protocols are never pooled or paired.")
     if baseline not in all_recipes:
         head.append(f"\n**Missing comparisons**: no cell of the baseline `{baseline}`, so no "
                     f"recipe is compared with it (recipes present: "
@@ -233,26 +245,29 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
 
     stat_cols = ["n", "mean", "sd", "ci_low", "ci_high", "ci_clipped"]
     write_text_atomic(out / "summary.csv", _csv(
-        summary, ["dataset", "arch", "scale", "recipe", "metric", "n_cells", *stat_cols]))
+        summary, ["dataset", "split", "arch", "scale", "recipe", "metric", "n_cells",
+                  *stat_cols]))
     write_text_atomic(out / "comparison.csv", _csv(
-        comparison, ["dataset", "arch", "scale", "recipe", "baseline", "metric", "n_pairs",
+        comparison, ["dataset", "split", "arch", "scale", "recipe", "baseline", "metric",
+                     "n_pairs",
                      "mean_diff", "pct_mean", "pct_ci_low", "pct_ci_high", "cohens_d",
                      "wilcoxon_p", "holm_p"]))
     write_text_atomic(out / "ranking.csv", _csv(
-        ranking, ["dataset", "arch", "scale", "metric", "kendalls_w", "m_blocks", "n_recipes"]))
+        ranking, ["dataset", "split", "arch", "scale", "metric", "kendalls_w", "m_blocks",
+                  "n_recipes"]))
     cell_rows, test_keys, diag_keys = [], set(), set()
     for c in cells:
         tests = {k: c.test[k] for k in c.test if _value(c, k) is not None}  # ints stay ints
         diags = {f"diag.{k}": v for k, v in diagnostic_summaries(c).items()}
         test_keys |= set(tests)
         diag_keys |= set(diags)
-        cell_rows.append({"dataset": c.dataset, "arch": c.arch, "scale": c.scale,
+        cell_rows.append({"dataset": c.dataset, "split": c.split, "arch": c.arch, "scale": c.scale,
                           "recipe": c.recipe, "fold": c.fold, "seed": c.seed, "status": c.status,
                           "synthetic": c.synthetic, "path": str(c.path.relative_to(root)),
                           **tests, **diags})
     write_text_atomic(out / "cells.csv", _csv(
-        cell_rows, ["dataset", "arch", "scale", "recipe", "fold", "seed", "status", "synthetic",
-                    "path", *sorted(test_keys), *sorted(diag_keys)]))
+        cell_rows, ["dataset", "split", "arch", "scale", "recipe", "fold", "seed", "status",
+                    "synthetic", "path", *sorted(test_keys), *sorted(diag_keys)]))
     return {"out": out, "cells": cells, "problems": problems, "summary": summary,
             "comparison": comparison, "ranking": ranking, "views": views}
 

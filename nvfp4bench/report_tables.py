@@ -1,6 +1,7 @@
 """The report's tables: summary statistics, each recipe against the baseline, ranking stability.
 
-Per dataset view (nvfp4bench.report_cells): ``summary_rows`` (mean, sd, 95 % CI, n of each metric
+Per dataset view (one dataset, one split protocol: nvfp4bench.report_cells; every row names
+both): ``summary_rows`` (mean, sd, 95 % CI, n of each metric
 per arch x scale x recipe, the CI cut at the metric's range: ``metric_bounds``),
 ``comparison_rows`` (each recipe vs the baseline, paired per (fold, seed): % of baseline with its
 CI, mean difference, paired Cohen's d, Wilcoxon signed-rank p, Holm over the recipes of one
@@ -32,7 +33,7 @@ def metric_bounds(metric: str) -> tuple[float, float]:
 
 # Options that may differ between the cells of one arch x scale without making them incomparable:
 # the cell's identity, where and how it ran, and the precision each baseline recipe resolves to.
-IDENTITY_OPTIONS = frozenset({"arch", "scale", "recipe", "fold", "seed"})
+IDENTITY_OPTIONS = frozenset({"arch", "scale", "recipe", "fold", "seed", "split"})
 FREE_OPTIONS = NON_RESULT_FIELDS | {"device", "data", "precision", "diagnostics"}
 
 
@@ -69,14 +70,15 @@ def summary_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
         for metric in metrics:
             s = stats.summarize(list(view.values(arch, scale, recipe, metric).values()),
                                 bounds=metric_bounds(metric))
-            rows.append({"dataset": view.name, "arch": arch, "scale": scale, "recipe": recipe,
-                         "metric": metric, "n_cells": n_cells, **s})
+            rows.append({"dataset": view.name, "split": view.split, "arch": arch,
+                         "scale": scale, "recipe": recipe, "metric": metric, "n_cells": n_cells,
+                         **s})
     return rows
 
 
 def comparison_rows(view: DatasetView, baseline: str, metrics=TABLE_METRICS) -> list[dict]:
-    """Each recipe vs the baseline, paired per (fold, seed); Holm over the recipes of one
-    arch x scale x metric."""
+    """Each recipe vs the baseline, paired per (fold, seed) block (hold-out: per seed); Holm over
+    the recipes of one arch x scale x metric."""
     rows = []
     if baseline not in view.recipes:
         return rows
@@ -90,8 +92,9 @@ def comparison_rows(view: DatasetView, baseline: str, metrics=TABLE_METRICS) -> 
             blocks = sorted(set(base) & set(mine))
             x, y = [mine[b] for b in blocks], [base[b] for b in blocks]
             pct = stats.percent_of_baseline(x, y)
-            group.append({"dataset": view.name, "arch": arch, "scale": scale, "recipe": recipe,
-                          "baseline": baseline, "metric": metric, "n_pairs": len(blocks),
+            group.append({"dataset": view.name, "split": view.split, "arch": arch,
+                          "scale": scale, "recipe": recipe, "baseline": baseline,
+                          "metric": metric, "n_pairs": len(blocks),
                           "mean_diff": stats.summarize([a - b for a, b in zip(x, y)])["mean"],
                           "pct_mean": pct["mean"], "pct_ci_low": pct["ci_low"],
                           "pct_ci_high": pct["ci_high"], "pct_values": [100 * a / b for a, b in
@@ -115,8 +118,9 @@ def ranking_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
         blocks = [b for b in view.blocks if all(b in per_recipe[r] for r in recipes)]
         table = [[per_recipe[r][b] for r in recipes] for b in blocks]
         w = stats.kendalls_w(table) if blocks and len(recipes) >= 2 else None
-        rows.append({"dataset": view.name, "arch": arch, "scale": scale, "metric": metric,
-                     "kendalls_w": w, "m_blocks": len(blocks), "n_recipes": len(recipes)})
+        rows.append({"dataset": view.name, "split": view.split, "arch": arch, "scale": scale,
+                     "metric": metric, "kendalls_w": w, "m_blocks": len(blocks),
+                     "n_recipes": len(recipes)})
     return rows
 
 

@@ -208,3 +208,102 @@ def test_report_with_only_failed_cells_still_writes(tmp_path, capsys):
     _write(root, "cnn", "tiny", "baseline", 0, SEED, _cell("cnn", "baseline", 0, status="failed"))
     assert R.main([str(root), "--no-figures"]) == 0
     assert "NonFiniteError" in (root / "report" / "report.md").read_text()
+
+
+# hold-out split: <recipe>/holdout_seed<s>.json, one partition (fold 0), replicates are seeds
+HOLDOUT_SEEDS = range(SEED, SEED + 6)
+HOLDOUT_MISSING = ("cnn", "nvfp4_full", SEED + 2)
+
+
+def _holdout_cell(arch, recipe, seed):
+    obj = _cell(arch, recipe, 0)
+    obj["config"].update(split="holdout", seed=seed)
+    obj["test"] = {m: _value(arch, recipe, f"holdout{seed}", m)
+                   for m in ("auprc", "recall", "dice", "hd95_mean")} | {"hd95_unit": "voxel"}
+    return obj
+
+
+def _write_holdout(root, arch, recipe, seed, obj):
+    path = root / "synthetic" / arch / "tiny" / recipe / f"holdout_seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _add_holdout(root, archs=("cnn",), recipes=("baseline", "nvfp4_full")):
+    for arch in archs:
+        for recipe in recipes:
+            for seed in HOLDOUT_SEEDS:
+                if (arch, recipe, seed) != HOLDOUT_MISSING:
+                    _write_holdout(root, arch, recipe, seed, _holdout_cell(arch, recipe, seed))
+
+
+def test_holdout_cells_are_read_paired_by_seed_and_never_pooled_with_kfold(results, tmp_path,
+                                                                          capsys):
+    kfold_only = R.build_report(results, tmp_path / "k", figures=False)
+    _add_holdout(results)                   # seed 2026 and fold 0 also name k-fold cells
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    assert [(v.name, v.split) for v in out["views"]] == [("synthetic", "kfold"),
+                                                         ("synthetic", "holdout")]
+    for key in ("summary", "comparison", "ranking"):     # k-fold numbers exactly as before
+        assert [r for r in out[key] if r["split"] == "kfold"] == kfold_only[key]
+    holdout = out["views"][1]
+    assert holdout.blocks == [(0, s) for s in HOLDOUT_SEEDS]
+    assert [m[1:] for m in holdout.missing] == [("cnn", "tiny", "nvfp4_full", 0, SEED + 2)]
+    seeds = [s for s in HOLDOUT_SEEDS if s != SEED + 2]  # paired by seed, not by position
+    x = np.array([_value("cnn", "nvfp4_full", f"holdout{s}", "auprc") for s in seeds])
+    y = np.array([_value("cnn", "baseline", f"holdout{s}", "auprc") for s in seeds])
+    r = next(r for r in out["comparison"] if r["split"] == "holdout" and r["metric"] == "auprc")
+    assert (r["arch"], r["recipe"], r["n_pairs"]) == ("cnn", "nvfp4_full", 5)
+    assert r["wilcoxon_p"] == pytest.approx(sst.wilcoxon(x - y).pvalue)
+    assert r["pct_mean"] == pytest.approx(np.mean(100 * x / y))
+    assert r["cohens_d"] == pytest.approx((x - y).mean() / (x - y).std(ddof=1))
+    s = next(r for r in out["summary"] if (r["split"], r["recipe"], r["metric"])
+             == ("holdout", "baseline", "auprc"))
+    base = [_value("cnn", "baseline", f"holdout{s}", "auprc") for s in HOLDOUT_SEEDS]
+    assert s["n"] == 6 and s["mean"] == pytest.approx(np.mean(base))
+    w = next(r for r in out["ranking"] if (r["split"], r["metric"]) == ("holdout", "auprc"))
+    assert (w["m_blocks"], w["n_recipes"]) == (5, 2)
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Dataset `synthetic`: k-fold cross-validation (synthetic)" in text
+    holdout_text = text.split("## Dataset `synthetic`: patient hold-out (synthetic)")[1]
+    assert "each recipe against `baseline`, paired per seed" in holdout_text
+    assert "- cnn / tiny / nvfp4_full / holdout seed 2028" in holdout_text
+    assert "fold" not in holdout_text
+    assert "k-fold cross-validation (29 cells), patient hold-out (11 cells)" in text
+    assert "synthetic dataset** (`synthetic`), not" in text      # the dataset named once
+    with open(tmp_path / "rep" / "cells.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(r["split"] == "holdout" for r in rows) == 11 and len(rows) == 40
+    assert R.main([str(results), "--out", str(tmp_path / "cli"), "--no-figures"]) == 0
+    assert "40 cells" in capsys.readouterr().out
+
+
+def test_holdout_only_results_get_their_own_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    root = tmp_path / "results"
+    _add_holdout(root, archs=("cnn", "vit"))
+    out = R.build_report(root, tmp_path / "rep")
+    assert [v.split for v in out["views"]] == ["holdout"] and not out["problems"]
+    names = {p.name for p in (tmp_path / "rep").glob("*.png")}
+    assert {"synthetic_holdout_cv_bars.png", "synthetic_holdout_sensitivity.png"} <= names
+    assert not any(n.startswith("synthetic_cv") for n in names)
+
+
+def test_holdout_file_disagreeing_with_its_name_is_flagged(results, tmp_path):
+    _add_holdout(results)
+    as_kfold = _holdout_cell("cnn", "baseline", 7)
+    as_kfold["config"].update(split="kfold", fold=3)      # a k-fold result, hold-out name
+    _write_holdout(results, "cnn", "baseline", 7, as_kfold)
+    as_holdout = _holdout_cell("cnn", "baseline", 7)     # a hold-out result, fold name
+    _write(results, "cnn", "tiny", "baseline", 0, 7, as_holdout)
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    flagged = {p.split("`")[1]: p for p in out["problems"]}
+    wrong_holdout = flagged["synthetic/cnn/tiny/baseline/holdout_seed7.json"]
+    assert "split='kfold' (path says 'holdout')" in wrong_holdout and "fold=3" in wrong_holdout
+    assert "split='holdout' (path says 'kfold')" in \
+        flagged["synthetic/cnn/tiny/baseline/fold0_seed7.json"]
+    assert len(out["problems"]) == 2
+    assert all("disagrees with its path" in p for p in flagged.values())
+    assert 7 not in {c.seed for c in out["cells"]}
+    assert "**Problems**" in (tmp_path / "rep" / "report.md").read_text()
