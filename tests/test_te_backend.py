@@ -157,6 +157,8 @@ def test_precision_refusal_and_preflight_order():
     assert te_backend.preflight(get_recipe("fp32"), None) is None  # baselines need no TE
     with pytest.raises(TEUnavailable, match="bf16"):  # checked before looking for TE
         te_backend.preflight(get_recipe("nvfp4_full"), torch.float16)
+    with pytest.raises(TEUnavailable, match="CUDA GPU"):  # the device before the dtype
+        te_backend.preflight(get_recipe("nvfp4_full"), torch.float16, "cpu")
 
 
 @needs_no_te

@@ -152,7 +152,7 @@ def test_the_emulator_backend_records_its_layers(store, tmp_path):
 
 @pytest.mark.skipif(TE_INSTALLED, reason="TE is installed here: its absence cannot be tested")
 @pytest.mark.parametrize("extra, message", [
-    ([], "the te backend computes in bf16"),  # CPU: fp32 by default
+    ([], "the te backend runs on a CUDA GPU"),  # the device first, whatever the precision
     (["--precision", "bf16"], "the te backend runs on a CUDA GPU")])
 def test_backend_te_refuses_before_building_any_data(tmp_path, monkeypatch, capsys, extra,
                                                      message):

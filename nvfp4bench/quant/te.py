@@ -262,11 +262,11 @@ def preflight(recipe: Recipe, dtype: torch.dtype | None = torch.bfloat16,
               device: torch.device | str = "cuda") -> TEInfo | None:
     """Every refusal that does not need the model, before a run starts (call it before building
     or writing anything): the recipe, the compute dtype, the device, TE, CUDA, the GPU and the
-    environment. None for a baseline (which runs in plain PyTorch and needs no TE)."""
+    environment (the device before the dtype). None for a baseline (which runs in plain PyTorch and needs no TE)."""
     if te_recipe_kwargs(recipe) is None:
         return None
+    check_device(device)  # first: on a machine without a GPU, the precision is beside the point
     check_precision(dtype)
-    check_device(device)
     return check_te_available()
 
 
