@@ -4,7 +4,7 @@
 # (--slurm). The default is the full 5-fold grid (360 cells); `--preset holdout|multiseed|cv`
 # runs one of the study's three run matrices instead. `bash run_all.sh --help` lists the
 # options; `--dry-run` lists the cells.
-# Everything is decided in nvfp4bench/grid.py; this script only forwards to it.
+# Everything is decided in nvfp4bench/grid/cli.py; this script only forwards to it.
 # Python: $PYTHON if set, else the active virtual environment's, else this checkout's .venv,
 # else python3 on PATH.
 set -euo pipefail

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn as nn
 
-from nvfp4bench.bench import TrainingCase
+from nvfp4bench.checks.bench import TrainingCase
 from nvfp4bench.quant import kernels, twins
 from nvfp4bench.quant.recipes import get_recipe
 

@@ -1,7 +1,7 @@
-"""``python -m nvfp4bench``: train and evaluate one cell (see nvfp4bench.cli)."""
+"""``python -m nvfp4bench``: train and evaluate one cell (see nvfp4bench.train.cli)."""
 import sys
 
-from nvfp4bench.cli import entry
+from nvfp4bench.train.cli import entry
 
 if __name__ == "__main__":
     sys.exit(entry())

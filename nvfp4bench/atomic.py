@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 
 def write_atomic(path, fill: Callable[[Path], None]) -> Path:
     """Write ``path`` atomically: ``fill(tmp)`` writes a temporary file that replaces it."""
@@ -47,5 +49,4 @@ def write_json_atomic(path, obj, indent: int | None = 1) -> Path:
 
 def save_torch_atomic(obj, path) -> Path:
     """``torch.save(obj, path)``, atomically (the argument order of torch.save)."""
-    import torch
     return write_atomic(path, lambda tmp: torch.save(obj, tmp))

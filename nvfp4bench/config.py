@@ -25,7 +25,7 @@ from dataclasses import dataclass
 class OptimizerSpec:
     """The study's optimiser for one architecture family."""
 
-    name: str  # a key of nvfp4bench.train_loop.OPTIMIZER_CLASSES
+    name: str  # a key of nvfp4bench.train.loop.OPTIMIZER_CLASSES
     lr: float
     weight_decay: float
 
@@ -54,7 +54,7 @@ IMAGE_SIZE_STEP = 16
 # Options that never change the numbers a cell produces: left out of the config hash.
 # (The CPU thread count can change float summation order; bit-identical reruns on CPU need the
 # same --threads.)
-# The quantizer's kernels (eager or torch.compile'd) give the same bits (tests/test_nvfp4.py).
+# The quantizer's kernels (eager or torch.compile'd) give the same bits (tests/quant/test_nvfp4.py).
 NON_RESULT_FIELDS = frozenset({"out", "resume", "workers", "threads", "progress",
                                "quant_kernels"})
 

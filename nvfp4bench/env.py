@@ -1,7 +1,10 @@
-"""The environment a cell ran in, for its result JSON: versions, device, git commit."""
+"""The environment a cell ran in, for its result JSON: versions, device, git commit; this host's
+name and whether a process of it is alive (the grid's locks, a store's leftover work folders)."""
 from __future__ import annotations
 
+import os
 import platform
+import socket
 import subprocess
 import sys
 from importlib import metadata
@@ -12,6 +15,18 @@ import torch
 import nvfp4bench
 
 PACKAGE_ROOT = Path(nvfp4bench.__file__).resolve().parent.parent
+HOST = socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _version(dist: str) -> str | None:

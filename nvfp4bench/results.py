@@ -28,17 +28,16 @@ import hashlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from nvfp4bench import atomic
 from nvfp4bench.cell import Cell
 from nvfp4bench.config import NON_RESULT_FIELDS
+from nvfp4bench.data.store import (DEFAULT_DATA_DIR, SYNTHETIC_NAME, SliceStore, is_store,
+                                   store_dir_name)
 
 SCHEMA_VERSION = 1
-SYNTHETIC_NAME = "synthetic"  # dataset folder of the embedded store
-FINGERPRINT_DIGITS = 8  # hex digits of the store fingerprint in its dataset folder name
 
 
 def config_hash(config) -> str:
@@ -56,7 +55,6 @@ def config_hash(config) -> str:
 
 
 def _store_path(data) -> Path:
-    from nvfp4bench.data import DEFAULT_DATA_DIR
     return Path(data).expanduser() if data is not None else Path(DEFAULT_DATA_DIR)
 
 
@@ -64,28 +62,15 @@ def data_identity(data) -> str | None:
     """What identifies the data of a cell: ``fingerprint:<hex>`` of the store at ``data`` (None:
     the embedded store) when it exists; otherwise its absolute path (None for the embedded store
     not built yet: it is deterministic, and the grid builds it before it hashes any cell)."""
-    from nvfp4bench.data import SliceStore
-    from nvfp4bench.data.store import is_store
     path = _store_path(data)
     if is_store(path):
         return "fingerprint:" + SliceStore(path).fingerprint
     return None if data is None else str(path.resolve())
 
 
-def store_dir_name(store) -> str:
-    """The ``<dataset>`` folder of an open SliceStore: ``synthetic`` for the embedded store,
-    else ``<name>-<fingerprint[:8]>`` (the name made safe as one path component)."""
-    from nvfp4bench.data import DEFAULT_DATA_DIR
-    if Path(store.path).resolve() == Path(DEFAULT_DATA_DIR).resolve():
-        return SYNTHETIC_NAME
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(store.name)).strip(".") or "data"
-    return f"{name}-{store.fingerprint[:FINGERPRINT_DIGITS]}"
-
-
 def dataset_dir(data) -> str:
     """The ``<dataset>`` folder of the store at ``data`` (None: the embedded synthetic store,
     ``synthetic`` even before it is built). A missing store raises FileNotFoundError."""
-    from nvfp4bench.data import SliceStore
     if data is None and not _store_path(None).exists():
         return SYNTHETIC_NAME
     return store_dir_name(SliceStore(_store_path(data)))
@@ -149,8 +134,8 @@ def to_jsonable(obj: Any, where: str = "result") -> Any:
     raise TypeError(f"{where}: cannot write {type(obj).__name__} to JSON")
 
 
-def write_json_atomic(path, obj) -> Path:
-    """Write ``obj`` (made plain by ``to_jsonable``) as JSON to ``path``, atomically."""
+def write_result(path, obj) -> Path:
+    """Write the result ``obj`` (made plain by ``to_jsonable``) as JSON to ``path``, atomically."""
     return atomic.write_json_atomic(path, to_jsonable(obj))
 
 

@@ -15,12 +15,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {
-    "nvfp4bench": "nvfp4bench.cli:entry",
+    "nvfp4bench": "nvfp4bench.train.cli:entry",
     "nvfp4bench-prep": "nvfp4bench.data.prep:main",
-    "nvfp4bench-grid": "nvfp4bench.grid:main",
-    "nvfp4bench-report": "nvfp4bench.report:main",
-    "nvfp4bench-verify-te": "nvfp4bench.verify_te:main",
-    "nvfp4bench-bench": "nvfp4bench.bench:main",
+    "nvfp4bench-grid": "nvfp4bench.grid.cli:main",
+    "nvfp4bench-report": "nvfp4bench.report.cli:main",
+    "nvfp4bench-verify-te": "nvfp4bench.checks.verify_te:main",
+    "nvfp4bench-bench": "nvfp4bench.checks.bench:main",
 }
 
 

@@ -56,7 +56,7 @@ def test_the_embedded_store_keeps_a_stable_path(tmp_path):
 def test_a_result_of_another_store_is_never_replaced(tmp_path):
     p = tmp_path / "r.json"
     results.check_same_store(p, "a" * 32)  # nothing there: fine
-    results.write_json_atomic(p, {"status": "complete", "data": {"fingerprint": "a" * 32}})
+    results.write_result(p, {"status": "complete", "data": {"fingerprint": "a" * 32}})
     results.check_same_store(p, "a" * 32)  # the same store: fine (a rerun replaces it)
     with pytest.raises(ValueError, match="another data store") as e:
         results.check_same_store(p, "b" * 32)

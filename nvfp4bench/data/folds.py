@@ -24,7 +24,7 @@ Where scikit-learn refuses a stratified split that the study's code asks for (a 
 single patient, fewer patients per stratum than folds, NaN strata), the study's code stops with
 that error. We do not: the same call runs unstratified (``KFold(5, shuffle=True, random_state)``
 for the folds) and the fold records ``"stratified": false`` with sklearn's reason. Every split the
-study's code produces is reproduced exactly (tests/test_folds.py compares with pandas + sklearn).
+study's code produces is reproduced exactly (tests/data/test_folds.py compares with pandas + sklearn).
 
 Each partition is stored sorted by patient id (the study's DataFrames keep the file order, i.e.
 sorted by patient folder). Every split is checked: train, val and test are disjoint and cover all
@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from nvfp4bench.atomic import write_json_atomic
+from nvfp4bench.data.store import SliceStore
 
 N_FOLDS = 5
 SPLIT_SEED = 2026
@@ -68,7 +69,7 @@ def positive_fraction(store) -> dict[str, float]:
 def strata(fraction: dict[str, float], n_bins: int = N_BINS) -> tuple[np.ndarray, np.ndarray]:
     """(patient ids sorted, their qcut labels): pandas.qcut(q=n_bins, labels=False,
     duplicates="drop") over the patients sorted by id (int labels, float NaN when undefined)."""
-    import pandas as pd
+    import pandas as pd  # pandas and scikit-learn (~1 s to import): only when a split is made
     s = pd.Series(fraction, dtype=np.float64).sort_index()
     labels = pd.qcut(s, q=n_bins, labels=False, duplicates="drop")
     return s.index.to_numpy(dtype=object), labels.to_numpy()
@@ -82,7 +83,7 @@ def _can_stratify(labels: np.ndarray) -> bool:
 def _two_way(ids, labels, test_size: float, seed: int, stratify: bool):
     """train_test_split(ids, test_size, random_state=seed, stratify=labels if stratify) ->
     (a, b, stratified, reason); unstratified when sklearn refuses the stratified split."""
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # (~1 s): only when a split is made
     if stratify:
         try:
             a, b = train_test_split(ids, test_size=test_size, random_state=seed, stratify=labels)
@@ -103,7 +104,7 @@ def _fold(ids, train, val, test, **info) -> dict:
 def kfold_split(ids: np.ndarray, labels: np.ndarray, n_folds: int = N_FOLDS,
                 seed: int = SPLIT_SEED) -> list[dict]:
     """The study's patient_kfold_split (module docstring, point 2)."""
-    from sklearn.model_selection import KFold, StratifiedKFold
+    from sklearn.model_selection import KFold, StratifiedKFold  # (~1 s): only for a split
     if len(ids) < 2 * n_folds:
         raise ValueError(f"{len(ids)} patients cannot make {n_folds} folds with a validation and "
                          f"a test patient each (need >= {2 * n_folds})")
@@ -160,7 +161,7 @@ def make_split(fraction: dict[str, float], n_folds: int = N_FOLDS,
             "n_bins": N_BINS, "rule": "the study's main.py splits (nvfp4bench.data.folds)",
             "stratified_by": "positive_slice_fraction", "patients": ids.tolist(),
             "positive_fraction": {p: fraction[p] for p in ids.tolist()},
-            "stratum": {p: None if l != l else int(l) for p, l in zip(ids.tolist(), labels)},
+            "stratum": {p: None if s != s else int(s) for p, s in zip(ids.tolist(), labels)},
             "protocols": protocols}
 
 
@@ -202,7 +203,6 @@ def _write(path: Path, split: dict) -> None:
 
 def write_folds(store_dir: str | Path, n_folds: int = N_FOLDS, seed: int = SPLIT_SEED) -> Path:
     """Compute both protocols' splits of the store at ``store_dir`` and write its folds file."""
-    from nvfp4bench.data.store import SliceStore
     path = folds_path(store_dir, n_folds, seed)
     _write(path, make_split(positive_fraction(SliceStore(store_dir)), n_folds, seed))
     return path
@@ -240,7 +240,6 @@ def load_folds(store_dir: str | Path, n_folds: int = N_FOLDS, seed: int = SPLIT_
     file is validated against the store (same patients and fractions, same k and seed, no leak);
     a mismatch raises ValueError: delete the file to re-split on purpose.
     """
-    from nvfp4bench.data.store import SliceStore
 
     if split not in PROTOCOLS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(PROTOCOLS)}")

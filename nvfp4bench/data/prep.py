@@ -32,11 +32,9 @@ from nvfp4bench.data.errors import DataError
 from nvfp4bench.data.folds import write_folds
 from nvfp4bench.data.preprocess import INTENSITY_RULES, SLICE_MODES, SliceRule, process_volume
 from nvfp4bench.data.sources import DEFAULT_MODALITIES, MODALITIES, SOURCES, get_source
-from nvfp4bench.data.store import (SliceStore, StoreWriter, check_replaceable, is_store,
-                                   leftover_prefix, sweep_leftovers)
+from nvfp4bench.data.store import (DEFAULT_DATA_DIR, SliceStore, StoreWriter, check_replaceable,
+                                   is_store, leftover_prefix, store_dir_name, sweep_leftovers)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT / "data" / "synthetic"
 # The embedded default dataset (small enough for a CPU training run; see the data notes).
 DEFAULT_PATIENTS = 40
 DEFAULT_IMAGE_SIZE = 64
@@ -309,7 +307,6 @@ def main(argv=None) -> int:
         return 130
     print(f"data_prep: wrote {summary['path']}: {summary['cases']} cases, {summary['slices']} "
           f"slices in {summary['seconds']:.1f} s")
-    from nvfp4bench.results import store_dir_name
     print(f"data_prep: its results go to OUT/{store_dir_name(SliceStore(summary['path']))}/ "
           f"(the store's name and content fingerprint; use it with --data {config.output})")
     if summary["skipped"]:

@@ -30,12 +30,12 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from nvfp4bench.env import HOST, pid_alive
 from nvfp4bench.data.errors import DataError
 from nvfp4bench.data.preprocess import CaseSlices
 
@@ -44,6 +44,11 @@ VERSION = 1
 INDEX = "index.json"
 ARRAYS = {"images": np.uint8, "masks": np.uint8, "positions": np.int32, "patient": np.int32}
 _COPY_CHUNK = 64 << 20
+# The embedded default dataset's store (built on first use by prep.ensure_synthetic_store), and the
+# results folder of a store (results.py): ``synthetic`` for it, else <name>-<fingerprint[:8]>.
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "synthetic"
+SYNTHETIC_NAME = "synthetic"
+FINGERPRINT_DIGITS = 8
 
 
 def is_store(path: str | Path) -> bool:
@@ -88,17 +93,8 @@ def leftover_prefix(target: Path, kind: str) -> str:
 
     Host and pid let a later run tell the folder of a killed build from one still in use.
     """
-    return f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+    return f".{target.name}.{kind}-{HOST}-{os.getpid()}-"
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def sweep_leftovers(target: str | Path) -> list[Path]:
@@ -109,7 +105,7 @@ def sweep_leftovers(target: str | Path) -> list[Path]:
     """
     target = Path(target).absolute()
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old|nifti)-"
-                         rf"{re.escape(socket.gethostname())}-(\d+)-")
+                         rf"{re.escape(HOST)}-(\d+)-")
     removed = []
     try:
         entries = list(target.parent.iterdir())
@@ -117,7 +113,7 @@ def sweep_leftovers(target: str | Path) -> list[Path]:
         return removed
     for p in entries:
         m = pattern.match(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(2))):
+        if m and p.is_dir() and not p.is_symlink() and not pid_alive(int(m.group(2))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -336,3 +332,12 @@ class SliceStore:
     def mask(self, i: int) -> np.ndarray:
         """uint8 (H, W) in {0, 1}."""
         return np.asarray(self._arrays["masks"][i])
+
+
+def store_dir_name(store) -> str:
+    """The ``<dataset>`` folder of an open SliceStore: ``synthetic`` for the embedded store,
+    else ``<name>-<fingerprint[:8]>`` (the name made safe as one path component)."""
+    if Path(store.path).resolve() == Path(DEFAULT_DATA_DIR).resolve():
+        return SYNTHETIC_NAME
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(store.name)).strip(".") or "data"
+    return f"{name}-{store.fingerprint[:FINGERPRINT_DIGITS]}"

@@ -43,6 +43,7 @@ import math
 import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,6 @@ def _template_1mm() -> tuple[dict, tuple, bool]:
                       stacklevel=3)
         maps, procedural = _procedural_template(), True
     else:
-        import nibabel as nib
 
         maps = {k: np.asarray(nib.as_closest_canonical(nib.load(str(d / f))).dataobj,
                               dtype=np.float32) / 255.0 for k, f in TEMPLATE_FILES.items()}

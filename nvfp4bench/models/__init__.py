@@ -27,7 +27,7 @@ FAMILIES: dict[str, type[nn.Module]] = {"cnn": cnn.UNet, "vit": vit.ViT, "swin":
 ARCHS: dict[str, dict[str, object]] = {"cnn": cnn.SCALES, "vit": vit.SCALES, "swin": swin.SCALES}
 
 # The study's models' exact parameter counts at 256 px with 3 input channels (docs/protocol.md); ours
-# equal them (tests/test_models.py).
+# equal them (tests/models/test_models.py).
 STUDY_PARAMETERS: dict[str, dict[str, int]] = {
     "cnn": {"tiny": 530_753, "small": 3_684_481, "base": 13_674_529},
     "vit": {"tiny": 494_473, "small": 3_634_921, "base": 13_880_777},

@@ -18,7 +18,7 @@ Attention is written out so that it can be instrumented or quantized by a module
     p       = dropout(softmax(logits))             # rows sum to 1 (before the dropout)
     out     = proj(av(p, v))                       # (..., T, D)
 
-``qk`` and ``av`` are ``nvfp4bench.quant.linear.Matmul`` modules (plain ``torch.matmul``);
+``qk`` and ``av`` are ``nvfp4bench.quant.matmul.Matmul`` modules (plain ``torch.matmul``);
 quantization with ``quantize_attention=True`` swaps them for ``QuantizedMatmul``. The leading
 dimensions ``...`` are free, so a windowed attention passes ``(B, windows, N, D)`` and a bias of
 shape ``(windows, heads, N, N)`` that broadcasts over the batch.
@@ -35,7 +35,7 @@ import math
 import torch
 from torch import nn
 
-from nvfp4bench.quant.linear import Matmul
+from nvfp4bench.quant.matmul import Matmul
 
 PATCH = 16            # patch size: a 256 px image is a 16 x 16 token grid
 DECODER_STAGES = 4    # log2(PATCH) upsampling stages of the token decoder

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvfp4bench.models.blocks import (INIT_STD, TRANSFORMER_ATTENTION_MATMULS, TRANSFORMER_QUANTIZED,
-                                      Attention, Block, PatchEmbed, TokenDecoder,
-                                      check_input, drop_path_rates, init_transformer_weights,
-                                      token_grid)
+from nvfp4bench.models.blocks import (INIT_STD, TRANSFORMER_ATTENTION_MATMULS,
+                                      TRANSFORMER_QUANTIZED, Attention, Block, PatchEmbed,
+                                      TokenDecoder, check_input, drop_path_rates,
+                                      init_transformer_weights, token_grid)
 
 MASK_VALUE = -100.0  # added to the logits of token pairs that the shifted window must not mix
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nvfp4bench.models.blocks import (INIT_STD, TRANSFORMER_ATTENTION_MATMULS, TRANSFORMER_QUANTIZED,
-                                      Attention, Block, PatchEmbed, TokenDecoder,
-                                      check_input, drop_path_rates, token_grid)
+from nvfp4bench.models.blocks import (INIT_STD, TRANSFORMER_ATTENTION_MATMULS,
+                                      TRANSFORMER_QUANTIZED, Attention, Block, PatchEmbed,
+                                      TokenDecoder, check_input, drop_path_rates, token_grid)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,15 @@ nvfp4bench). Its modules, from the bottom up::
     kernels.py   fake_quantize (the QAT hot path) as eager PyTorch or compiled kernels
     gemm.py      the fp32 GEMM and a convolution's implicit-GEMM geometry
     roles.py     how each GEMM operand is quantized, per recipe (fprop, dgrad, wgrad)
-    linear.py    Linear and attention-matmul autograd functions and modules
+    autograd.py  what the quantized autograd functions share (fp32 region, dtypes, saving)
+    matmul.py    Matmul: the plain attention-matmul layer the models use
+    linear.py    QuantizedLinearFunction / QuantizedLinear, QuantizedMatmul
     taps.py      im2col / col2im one tap at a time, the unfolded wgrad operand
-    conv.py      Conv2d and ConvTranspose2d autograd functions and modules
+    conv.py      Quantized(Conv2d|ConvTranspose2d)Function and their modules
     twins.py     quantized(module, recipe): a layer's NVFP4 twin
     swap.py      quantize_model / high_precision: swapping a model's layers
-    te.py        the Transformer Engine backend (TE imported only when used)
+    backends.py  BACKENDS: who runs the quantized layers, in which run context
+    te/          the Transformer Engine backend (TE imported only when used)
 """
 from nvfp4bench.quant.kernels import fake_quantize
 from nvfp4bench.quant.nvfp4 import NVFP4Tensor, dequantize, pack, quantize

@@ -1,7 +1,10 @@
 """Quantization backends: who runs a model's quantized layers, and in which run context.
 
-A backend is an object with three methods, called in this order by a training run::
+A backend is an object with four methods; a training run resolves it once (``get_backend``)
+and calls them in this order::
 
+    default_precision(device)          its compute precision when neither --precision nor the
+                                       recipe sets one (None: the device's default)
     preflight(recipe, device, dtype)   every refusal that needs no model or data (first thing)
     swap(model, recipe, names, generator=..., kernels=...) -> {name: backend that runs it}
     context(recipe, device, dtype)     the context every forward runs in (training steps,
@@ -13,13 +16,14 @@ backend   what runs the quantized layers
 emulator  the NVFP4 emulator (``twins.py``): plain PyTorch, bit-exact with TE's
           round-to-nearest path (docs/nvfp4.md); CPU or any GPU. Its context is
           ``torch.autocast`` at the run's compute dtype (none for fp32).
-te        Transformer Engine (``te.py``, ``te_linear.py``): ``te.Linear`` with
+te        Transformer Engine (``te/runtime.py``, ``te/linear.py``): ``te.Linear`` with
           ``NVFP4BlockScaling`` on Blackwell GPUs; convolutions and attention matmuls stay on the
           emulator. Its context is ``torch.autocast`` (bf16) plus
           ``te.autocast(recipe=NVFP4BlockScaling(...))``.
 ========  ===================================================================================
 
-Nothing here imports Transformer Engine: ``te.py`` imports it inside the functions that need it.
+Nothing here imports Transformer Engine: ``te/runtime.py`` imports it inside the functions that
+need it.
 """
 from __future__ import annotations
 
@@ -30,13 +34,16 @@ from typing import ContextManager, Protocol
 import torch
 from torch import nn
 
-from nvfp4bench.quant import te, te_linear
 from nvfp4bench.quant.recipes import Recipe
+from nvfp4bench.quant.te import linear as te_linear
+from nvfp4bench.quant.te import runtime as te
 from nvfp4bench.quant.twins import emulator_twin, set_submodule
 
 
 class Backend(Protocol):
     name: str
+
+    def default_precision(self, device: torch.device) -> str | None: ...
 
     def preflight(self, recipe: Recipe, device: torch.device,
                   dtype: torch.dtype | None) -> object | None: ...
@@ -61,6 +68,10 @@ class Emulator:
 
     name = "emulator"
 
+    def default_precision(self, device):
+        """None: the device's default (fp16 autocast on CUDA, fp32 on the CPU)."""
+        return None
+
     def preflight(self, recipe, device, dtype):
         return None
 
@@ -83,6 +94,10 @@ class TransformerEngine:
 
     name = "te"
 
+    def default_precision(self, device):
+        """bf16 on CUDA: Transformer Engine's NVFP4 runs under bf16 only."""
+        return "bf16" if torch.device(device).type == "cuda" else None
+
     def preflight(self, recipe, device, dtype):
         return te.preflight(recipe, dtype, device)
 
@@ -96,8 +111,11 @@ class TransformerEngine:
 BACKENDS: dict[str, Backend] = {"emulator": Emulator(), "te": TransformerEngine()}
 
 
-def get_backend(name: str) -> Backend:
-    """The backend called ``name``; a ValueError listing the valid names otherwise."""
+def get_backend(name: str | Backend) -> Backend:
+    """The backend called ``name`` (a backend object passes through); a ValueError listing the
+    valid names otherwise."""
+    if not isinstance(name, str):
+        return name
     try:
         return BACKENDS[name]
     except KeyError:

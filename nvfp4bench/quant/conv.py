@@ -33,14 +33,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from nvfp4bench.quant.autograd import (QuantizedLayer, check_generator, fp32_region,
+                                       in_compute_dtype, save_operands)
 from nvfp4bench.quant.gemm import ConvGeometry, bias_grad, gemm
-from nvfp4bench.quant.roles import (Op, Roles, _check_generator, _fp32_region, _in_compute_dtype,
-                                    _Quantized, _save, _tokens_last_cnhw)
-from nvfp4bench.quant.taps import (_amax, _is_channels_last, _nchw, _nhwc, _per_tap, _unfolded,
-                                   gather_taps, scatter_taps)
+from nvfp4bench.quant.roles import Op, Roles, tokens_last_cnhw
+from nvfp4bench.quant.taps import (abs_max, gather_taps, is_channels_last, per_tap, scatter_taps,
+                                   to_nchw, to_nhwc, unfolded_operands)
 
 
-class NVFP4Conv2d(torch.autograd.Function):
+class QuantizedConv2dFunction(torch.autograd.Function):
     """Conv2d (groups=1) as an implicit GEMM, tap by tap (module docstring)."""
 
     @staticmethod
@@ -49,19 +50,20 @@ class NVFP4Conv2d(torch.autograd.Function):
         n, c, h, wd = x.shape
         cout, taps = w.shape[0], g.taps
         oh, ow = g.out_size(h, wd)
-        with _fp32_region(x.device):
+        with fp32_region(x.device):
             # X quantized along C per pixel: (N, H, W, C_in); padding pixels are zeros
-            xq = op.roles.activation(_nhwc(x))
+            xq = op.roles.activation(to_nhwc(x))
             # W viewed (C_out, K), K = (kh, kw, C_in): 1x16 along C_in or 16x16 tiles per tap
             wq = op.roles.weight(w.permute(0, 2, 3, 1).reshape(cout, taps * c))
+            # --- fprop ---
             # fprop: Y (M, C_out) = sum_t im2col_t(Q(X)) (M, C_in) @ Q_w(W)_t (C_out, C_in)^T
-            y = gather_taps(xq, _per_tap(wq, taps), g, (oh, ow), (h, wd))
+            y = gather_taps(xq, per_tap(wq, taps), g, (oh, ow), (h, wd))
             if bias is not None:
                 y += bias.float()
-        _save(ctx, op, x, xq, w, wq)
+        save_operands(ctx, op, x, xq, w, wq)
         ctx.op, ctx.has_bias, ctx.shape = op, bias is not None, (n, c, h, wd, oh, ow)
-        ctx.channels_last, ctx.dtypes = _is_channels_last(x), (x.dtype, w.dtype)
-        return _nchw(y.view(n, oh, ow, cout), x.dtype, ctx.channels_last)
+        ctx.channels_last, ctx.dtypes = is_channels_last(x), (x.dtype, w.dtype)
+        return to_nchw(y.view(n, oh, ow, cout), x.dtype, ctx.channels_last)
 
     @staticmethod
     def backward(ctx, dy):
@@ -69,32 +71,34 @@ class NVFP4Conv2d(torch.autograd.Function):
         x_saved, w_saved = ctx.saved_tensors
         n, c, h, wd, oh, ow = ctx.shape
         cout, taps, m = dy.shape[1], g.taps, n * oh * ow
-        _check_generator(op, dy.device)
+        check_generator(op, dy.device)
         dx = dw = db = None
-        with _fp32_region(dy.device):
+        with fp32_region(dy.device):
             dy_tokens = None
             if ctx.needs_input_grad[0] or (ctx.has_bias and ctx.needs_input_grad[2]):
-                dy_tokens = _nhwc(dy).view(m, cout)  # (M, C_out)
+                dy_tokens = to_nhwc(dy).view(m, cout)  # (M, C_out)
             if ctx.needs_input_grad[0]:
                 from_fwd = policy.reads_forward_w(roles)
                 w2d = None if from_fwd else w_saved.permute(0, 2, 3, 1).reshape(cout, taps * c)
+                # --- dgrad ---
                 # dgrad: dX = sum_t col2im_t(B(dY) (M, C_out) @ D(W)_t (C_in, C_out)^T)
                 gq, wdq = policy.dgrad_operands(roles, dy_tokens, w2d,
                                                 w_saved if from_fwd else None)  # D(W): (K, C_out)
                 dx_nhwc = scatter_taps(gq, wdq.contiguous().view(taps, c, cout), g, (oh, ow),
                                        (h, wd))
-                dx = _nchw(dx_nhwc, ctx.dtypes[0], ctx.channels_last)
+                dx = to_nchw(dx_nhwc, ctx.dtypes[0], ctx.channels_last)
             if ctx.needs_input_grad[1]:
+                # --- wgrad ---
                 # wgrad: dW_t (C_out, C_in) = B(dY^T) (C_out, Mp) @ A(im2col_t(X)^T) (C_in, Mp)^T
                 g_spec, a_spec = policy.wgrad_columns(roles)
-                gt = g_spec.apply(_tokens_last_cnhw(dy.permute(1, 0, 2, 3)), roles.generator)
+                gt = g_spec.apply(tokens_last_cnhw(dy.permute(1, 0, 2, 3)), roles.generator)
                 if policy.reads_forward_x(roles):  # the forward's Q(X), (N, H, W, C_in)
                     src = x_saved.permute(3, 0, 1, 2)
                 else:
                     src = x_saved.permute(1, 0, 2, 3)
-                whole = _amax(x_saved) if a_spec.quantize and not a_spec.rht else None
+                whole = abs_max(x_saved) if a_spec.quantize and not a_spec.rht else None
                 dw_taps = torch.empty(taps, cout, c, device=dy.device)
-                for t, xt in _unfolded(src, g, oh, ow, a_spec, roles.generator, whole):
+                for t, xt in unfolded_operands(src, g, oh, ow, a_spec, roles.generator, whole):
                     dw_taps[t] = gemm(gt, xt)
                 kh, kw = g.kernel
                 dw = dw_taps.view(kh, kw, cout, c).permute(2, 3, 0, 1)
@@ -104,7 +108,7 @@ class NVFP4Conv2d(torch.autograd.Function):
         return dx, dw, db, None
 
 
-class NVFP4ConvTranspose2d(torch.autograd.Function):
+class QuantizedConvTranspose2dFunction(torch.autograd.Function):
     """ConvTranspose2d (groups=1): the adjoint of the Conv2d of ``op.geometry`` (docstring)."""
 
     @staticmethod
@@ -114,18 +118,19 @@ class NVFP4ConvTranspose2d(torch.autograd.Function):
         cout, taps = w.shape[1], g.taps
         oh, ow = out_size  # the adjoint Conv2d maps (oh, ow) -> (h, wd)
         m = n * h * wd
-        with _fp32_region(x.device):
-            xq = op.roles.activation(_nhwc(x)).view(m, cin)  # (M, C_in)
+        with fp32_region(x.device):
+            xq = op.roles.activation(to_nhwc(x)).view(m, cin)  # (M, C_in)
             # W viewed (K', C_in), K' = (kh, kw, C_out): the fprop contracts over C_in
             wq = op.roles.weight(w.permute(2, 3, 1, 0).reshape(taps * cout, cin))
+            # --- fprop ---
             # fprop (a Conv2d dgrad): Y = sum_t col2im_t(Q(X) (M, C_in) @ Q_w(W)_t (C_out, C_in)^T)
             y = scatter_taps(xq, wq.view(taps, cout, cin), g, (h, wd), (oh, ow))
             if bias is not None:
                 y += bias.float()
-        _save(ctx, op, x, xq, w, wq)
+        save_operands(ctx, op, x, xq, w, wq)
         ctx.op, ctx.has_bias, ctx.shape = op, bias is not None, (n, cin, h, wd, oh, ow)
-        ctx.channels_last, ctx.dtypes = _is_channels_last(x), (x.dtype, w.dtype)
-        return _nchw(y, x.dtype, ctx.channels_last)
+        ctx.channels_last, ctx.dtypes = is_channels_last(x), (x.dtype, w.dtype)
+        return to_nchw(y, x.dtype, ctx.channels_last)
 
     @staticmethod
     def backward(ctx, dy):
@@ -133,32 +138,34 @@ class NVFP4ConvTranspose2d(torch.autograd.Function):
         x_saved, w_saved = ctx.saved_tensors
         n, cin, h, wd, oh, ow = ctx.shape
         cout, taps = dy.shape[1], g.taps
-        _check_generator(op, dy.device)
+        check_generator(op, dy.device)
         dx = dw = db = None
-        with _fp32_region(dy.device):
+        with fp32_region(dy.device):
             dy_nhwc = None
             if ctx.needs_input_grad[0] or (ctx.has_bias and ctx.needs_input_grad[2]):
-                dy_nhwc = _nhwc(dy)  # (N, OH, OW, C_out)
+                dy_nhwc = to_nhwc(dy)  # (N, OH, OW, C_out)
             if ctx.needs_input_grad[0]:
                 from_fwd = policy.reads_forward_w(roles)
                 w2d = None if from_fwd else w_saved.permute(2, 3, 1, 0).reshape(taps * cout, cin)
+                # --- dgrad ---
                 # dgrad (a Conv2d fprop on dY): dX (M, C_in) = sum_t im2col_t(B(dY)) (M, C_out)
                 #                                              @ D(W)_t (C_in, C_out)^T
                 gq, wdq = policy.dgrad_operands(roles, dy_nhwc, w2d,
                                                 w_saved if from_fwd else None)  # D(W): (C_in, K')
-                acc = gather_taps(gq, _per_tap(wdq, taps), g, (h, wd), (oh, ow))  # (M, C_in)
-                dx = _nchw(acc.view(n, h, wd, cin), ctx.dtypes[0], ctx.channels_last)
+                acc = gather_taps(gq, per_tap(wdq, taps), g, (h, wd), (oh, ow))  # (M, C_in)
+                dx = to_nchw(acc.view(n, h, wd, cin), ctx.dtypes[0], ctx.channels_last)
             if ctx.needs_input_grad[1]:
+                # --- wgrad ---
                 # wgrad: dW_t (C_out, C_in) = B(im2col_t(dY)^T) (C_out, Mp) @ A(X^T) (C_in, Mp)^T
                 g_spec, a_spec = policy.wgrad_columns(roles)
                 if policy.reads_forward_x(roles):  # the forward's Q(X), (M, C_in)
                     x_cnhw = x_saved.view(n, h, wd, cin).permute(3, 0, 1, 2)
                 else:
                     x_cnhw = x_saved.permute(1, 0, 2, 3)
-                xt = a_spec.apply(_tokens_last_cnhw(x_cnhw), roles.generator)
-                whole = _amax(dy) if g_spec.quantize and not g_spec.rht else None
+                xt = a_spec.apply(tokens_last_cnhw(x_cnhw), roles.generator)
+                whole = abs_max(dy) if g_spec.quantize and not g_spec.rht else None
                 dw_taps = torch.empty(taps, cout, cin, device=dy.device)
-                for t, gt in _unfolded(dy.permute(1, 0, 2, 3), g, h, wd, g_spec,
+                for t, gt in unfolded_operands(dy.permute(1, 0, 2, 3), g, h, wd, g_spec,
                                        roles.generator, whole):
                     dw_taps[t] = gemm(gt, xt)
                 kh, kw = g.kernel
@@ -176,14 +183,14 @@ def _check_4d(x: torch.Tensor, name: str) -> None:
                          f"{tuple(x.shape)}; add the batch dim with x.unsqueeze(0)")
 
 
-class QuantizedConv2d(_Quantized):
+class QuantizedConv2d(QuantizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_4d(x, self.op.name)
-        (x, b), w = _in_compute_dtype(x, self.bias), self.weight
-        return NVFP4Conv2d.apply(x, w, b, self.op)
+        (x, b), w = in_compute_dtype(x, self.bias), self.weight
+        return QuantizedConv2dFunction.apply(x, w, b, self.op)
 
 
-class QuantizedConvTranspose2d(_Quantized):
+class QuantizedConvTranspose2d(QuantizedLayer):
     def __init__(self, module: nn.ConvTranspose2d, roles: Roles, name: str,
                  geometry: ConvGeometry):
         super().__init__(module, roles, name, geometry)
@@ -204,12 +211,12 @@ class QuantizedConvTranspose2d(_Quantized):
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         _check_4d(x, self.op.name)
-        (x, b), w = _in_compute_dtype(x, self.bias), self.weight
+        (x, b), w = in_compute_dtype(x, self.bias), self.weight
         out = self.output_shape(x.shape[-2], x.shape[-1], output_size)
-        return NVFP4ConvTranspose2d.apply(x, w, b, self.op, out)
+        return QuantizedConvTranspose2dFunction.apply(x, w, b, self.op, out)
 
 
-def _conv_geometry(module: nn.Module, name: str) -> ConvGeometry:
+def conv_geometry(module: nn.Module, name: str) -> ConvGeometry:
     if module.groups != 1:
         raise ValueError(f"{name}: quantized convolutions need groups=1, got {module.groups}")
     if module.padding_mode != "zeros":

@@ -12,7 +12,7 @@ made by ``torch.compile`` per call (``"compiled"``; ``"auto"`` compiles CPU tens
 ``COMPILE_MIN_NUMEL`` elements and falls back to eager, with one warning, when compiling fails).
 Pick one with the ``kernels=`` argument (the quantized layers carry it in their ``Roles``;
 ``quantize_model(..., kernels=...)`` sets it for a model). Both run the same
-functions in the same order (``_dequantized``, ``_block_scales_f32``); the only difference is
+functions in the same order (``dequantize_blocks``, ``block_scales_f32``); the only difference is
 the E4M3 rounding of the block scales, the FP8 cast in eager and exact fp32 arithmetic in the
 kernels (tested equal on every rounding boundary). Every fp32 operation on x is a product, a
 scaling by a power of two, a round/floor or a comparison: no sum that contraction (FMA) or
@@ -27,11 +27,12 @@ import math
 import warnings
 
 import torch
+import torch._inductor.config as inductor_config
 
-from nvfp4bench.quant.nvfp4 import (BLOCK, _block_amax, _block_scales_f32, _check_sr,
-                                    _check_tokens_first, _dequantized, _draw_noise, _e4m3_cast,
-                                    _e4m3_round, _prepare, _row_blocks, _tile_amax,
-                                    columnwise_copy, padded_tokens)
+from nvfp4bench.quant.nvfp4 import (BLOCK, block_amax, block_scales_f32, check_sr,
+                                    check_tokens_first, columnwise_copy, dequantize_blocks,
+                                    draw_noise, e4m3_cast, e4m3_round, padded_tokens,
+                                    prepare_operand, row_blocks, tile_amax)
 
 KERNELS = ("eager", "compiled", "auto")  # how fake_quantize runs: the same bits
 # "auto" compiles tensors with at least this many elements. One compiled call costs ~40 us of
@@ -50,11 +51,11 @@ EAGER_CHUNK = 1 << 18  # elements per chunk of the eager CPU path: its temporari
 # (measured on (520, 192): 121 us per call against 146 us).
 def _fake_quantize_graph(x3, tile_rows: int, amax, noise, mode: str):
     """Block amax, tile max, tensor amax (unless given), scales and x_hat of (M, K/16, 16) x3."""
-    bamax = _tile_amax(_block_amax(x3), tile_rows)
+    bamax = tile_amax(block_amax(x3), tile_rows)
     if amax is None:
         amax = bamax.amax()
-    scale, encode, s_dec = _block_scales_f32(bamax, amax, _e4m3_round)  # FP8 rounding in fp32
-    return _dequantized(x3, scale, encode, s_dec, noise, mode), scale, encode
+    scale, encode, s_dec = block_scales_f32(bamax, amax, e4m3_round)  # FP8 rounding in fp32
+    return dequantize_blocks(x3, scale, encode, s_dec, noise, mode), scale, encode
 
 
 def _rn_kernel(x3, tile_rows: int, amax):
@@ -69,7 +70,7 @@ def _fake_quantize_compiled(x: torch.Tensor, tile_rows: int, amax, noise, mode: 
     """The compiled path: one kernel call on 1x16 blocks (M, K/16, 16), whatever the tile;
     reshaping outside it keeps every view a view (inside, dynamic shapes would make
     ``view(M, K)`` a copy)."""
-    x3 = _plain(_row_blocks(x))
+    x3 = _plain(row_blocks(x))
     if noise is None:
         out, _, _ = _compiled(_rn_kernel)(x3, tile_rows, amax)
     else:
@@ -92,10 +93,10 @@ def _columns_graph(x3, mp: int, amax, noise, mode: str):
     bamax = blocks.abs().amax(dim=2, keepdim=True)  # (B, Mp/16, 1, C)
     if amax is None:
         amax = bamax.amax()
-    scale, encode, s_dec = _block_scales_f32(bamax, amax, _e4m3_round)
+    scale, encode, s_dec = block_scales_f32(bamax, amax, e4m3_round)
     if noise is not None:  # drawn for the (B * C, Mp) result: element [b, c, t] for token t
         noise = noise.view(b, c, mp // BLOCK, BLOCK).permute(0, 2, 3, 1)
-    out = _dequantized(blocks, scale, encode, s_dec, noise, mode)
+    out = dequantize_blocks(blocks, scale, encode, s_dec, noise, mode)
     return out.permute(0, 3, 1, 2).contiguous(), scale, encode
 
 
@@ -144,19 +145,19 @@ def _row_chunks(rows: int, row_numel: int, device) -> list:
 def _fake_quantize_eager(x: torch.Tensor, tile_rows: int, amax, noise, mode: str):
     """The eager path: the same functions, chunk by chunk on the CPU so that every temporary is
     small and stays in cache; the output is the only full-size new tensor."""
-    x3 = _row_blocks(x)
+    x3 = row_blocks(x)
     chunks = _row_chunks(x.shape[0], x.shape[1], x.device)
     bamax = x3.new_empty((x3.shape[0], x3.shape[1], 1))
     for c in chunks:
         torch.amax(x3[c].abs(), dim=-1, keepdim=True, out=bamax[c])
-    bamax = _tile_amax(bamax, tile_rows)
+    bamax = tile_amax(bamax, tile_rows)
     if amax is None:
         amax = bamax.amax()
-    scale, encode, s_dec = _block_scales_f32(bamax, amax, _e4m3_cast)
+    scale, encode, s_dec = block_scales_f32(bamax, amax, e4m3_cast)
     noise = None if noise is None else noise.view(x3.shape)
     out = torch.empty_like(x3)
     for c in chunks:
-        _dequantized(x3[c], scale[c], encode[c], s_dec, None if noise is None else noise[c], mode,
+        dequantize_blocks(x3[c], scale[c], encode[c], s_dec, None if noise is None else noise[c], mode,
                      out=out[c])
     return out.view(x.shape)
 
@@ -204,7 +205,6 @@ def _ieee_inductor_options() -> dict:
     ``x / y`` and ``1 / x`` as IEEE divisions (``div_rn``; Triton's default ``div.full`` is
     approximate) and no flushing of subnormals to zero. No effect on CPU code. Only the options
     this torch version knows."""
-    import torch._inductor.config as inductor_config
     known = inductor_config.get_config_copy()
     wanted = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}
     return {k: v for k, v in wanted.items() if k in known}
@@ -246,7 +246,7 @@ def _fake_quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str,
         amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return x.clone()
-    noise = _draw_noise(x.shape, generator, sr_mode, x.device) if sr else None
+    noise = draw_noise(x.shape, generator, sr_mode, x.device) if sr else None
     args = (x, tile[0], amax, noise, sr_mode if sr else "rn")
     if _use_compiled(x, kernels):
         return _run_compiled(kernels, _fake_quantize_compiled, _fake_quantize_eager, *args)
@@ -265,9 +265,9 @@ def fake_quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bo
     """
     check_kernels(kernels)
     if sr:  # refuse a bad SR call before any work
-        _check_sr(generator, sr_mode)
+        check_sr(generator, sr_mode)
     with torch.no_grad():  # no autograd history: the QAT layers define their own backward
-        x, tile = _prepare(x.detach(), tile, rht, "fake_quantize")
+        x, tile = prepare_operand(x.detach(), tile, rht, "fake_quantize")
         return _fake_quantize_2d(x, tile, sr, generator, sr_mode, amax, kernels)
 
 
@@ -282,8 +282,8 @@ def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,
     """
     check_kernels(kernels)
     if sr:
-        _check_sr(generator, sr_mode)
-    _check_tokens_first(x, "fake_quantize_columnwise")
+        check_sr(generator, sr_mode)
+    check_tokens_first(x, "fake_quantize_columnwise")
     with torch.no_grad():
         x = x.detach().float().contiguous()
         if amax is not None:
@@ -291,7 +291,7 @@ def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,
         shape = (math.prod(x.shape[:-2]) * x.shape[-1], padded_tokens(x.shape[-2]))
         if x.numel() == 0:
             return x.new_zeros(shape)
-        noise = _draw_noise(shape, generator, sr_mode, x.device) if sr else None
+        noise = draw_noise(shape, generator, sr_mode, x.device) if sr else None
         args = (x, amax, noise, sr_mode if sr else "rn")
         if _use_compiled(x, kernels):
             return _run_compiled(kernels, _fake_quantize_columns_compiled,

@@ -9,27 +9,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nvfp4bench.quant.autograd import (QuantizedLayer, check_generator, fp32_region,
+                                       in_compute_dtype, resolve_recipe, save_operands)
 from nvfp4bench.quant.gemm import bias_grad, gemm
 from nvfp4bench.quant.nvfp4 import padded_tokens
 from nvfp4bench.quant.recipes import Recipe
-from nvfp4bench.quant.roles import (ROW_BLOCK, Op, Roles, _check_generator, _fp32_region,
-                                    _in_compute_dtype, _Quantized, _resolve, _save)
+from nvfp4bench.quant.roles import ROW_BLOCK, Op, Roles
 
 
-class NVFP4Linear(torch.autograd.Function):
+class QuantizedLinearFunction(torch.autograd.Function):
     """Y = X W^T (+ b) with NVFP4 operands. x (..., M, K), w (..., N, K) (2-D for a Linear,
     batched for a matmul), K and N multiples of 16; M any."""
 
     @staticmethod
     def forward(ctx, x, w, bias, op: Op):
-        with _fp32_region(x.device):
+        with fp32_region(x.device):
+            # --- fprop ---
             # fprop: Y (..., M, N) = Q(X) (..., M, K) @ Q_w(W)^T (..., K, N)
             xq = op.roles.activation(x)
             wq = op.roles.weight(w)
             y = gemm(xq, wq)
             if bias is not None:
                 y += bias.float()
-        _save(ctx, op, x, xq, w, wq)
+        save_operands(ctx, op, x, xq, w, wq)
         ctx.op, ctx.has_bias, ctx.dtypes = op, bias is not None, (x.dtype, w.dtype)
         return y.to(x.dtype)
 
@@ -37,16 +39,18 @@ class NVFP4Linear(torch.autograd.Function):
     def backward(ctx, dy):
         op, policy, roles = ctx.op, ctx.op.policy, ctx.op.roles
         x_saved, w_saved = ctx.saved_tensors
-        _check_generator(op, dy.device)
+        check_generator(op, dy.device)
         dx = dw = db = None
-        with _fp32_region(dy.device):
+        with fp32_region(dy.device):
             if ctx.needs_input_grad[0]:
+                # --- dgrad ---
                 # dgrad: dX (..., M, K) = B(dY) (..., M, N) @ D(W) (..., K, N)^T
                 from_fwd = policy.reads_forward_w(roles)
                 g, wd = policy.dgrad_operands(roles, dy, None if from_fwd else w_saved,
                                               w_saved if from_fwd else None)
                 dx = gemm(g, wd).to(ctx.dtypes[0])
             if ctx.needs_input_grad[1]:
+                # --- wgrad ---
                 # wgrad: dW (..., N, K) = B(dY^T) (..., N, Mp) @ A(X^T) (..., K, Mp)^T
                 n, k = dy.shape[-1], x_saved.shape[-1]
                 g_spec, a_spec = policy.wgrad_columns(roles)
@@ -59,23 +63,16 @@ class NVFP4Linear(torch.autograd.Function):
         return dx, dw, db, None
 
 
-class QuantizedLinear(_Quantized):
+class QuantizedLinear(QuantizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (x, b), w = _in_compute_dtype(x, self.bias), self.weight
-        y = NVFP4Linear.apply(x.reshape(-1, x.shape[-1]), w, b, self.op)
+        (x, b), w = in_compute_dtype(x, self.bias), self.weight
+        y = QuantizedLinearFunction.apply(x.reshape(-1, x.shape[-1]), w, b, self.op)
         return y.view(*x.shape[:-1], w.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
 # Attention matmuls (opt-in extension)
 # --------------------------------------------------------------------------------------------
-class Matmul(nn.Module):
-    """``torch.matmul(a, b)`` as a module, so that a model's attention matmuls can be swapped."""
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(a, b)
-
-
 def _pad_last(t: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
     """Zero-pad the last two dims of t up to multiples of 16 where ``dims`` says (rows, cols)."""
     pr = padded_tokens(t.shape[-2]) - t.shape[-2] if dims[0] else 0
@@ -97,7 +94,7 @@ class QuantizedMatmul(nn.Module):
     def __init__(self, recipe: Recipe | str, *, generator: torch.Generator | None = None,
                  kernels: str = "eager"):
         super().__init__()
-        recipe = _resolve(recipe, generator, "QuantizedMatmul")
+        recipe = resolve_recipe(recipe, generator, "QuantizedMatmul")
         if not recipe.quantized:
             raise ValueError(f"QuantizedMatmul: recipe {recipe.name!r} quantizes nothing; "
                              f"use Matmul")
@@ -110,10 +107,10 @@ class QuantizedMatmul(nn.Module):
         if a.dim() < 2 or b.dim() < 2:
             raise ValueError(f"QuantizedMatmul: expected (..., M, K) @ (..., K, N), got "
                              f"{tuple(a.shape)} @ {tuple(b.shape)}")
-        a, b = _in_compute_dtype(a, b)
+        a, b = in_compute_dtype(a, b)
         (m, k), n = a.shape[-2:], b.shape[-1]
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a3 = _pad_last(a.expand(*batch, m, k).reshape(-1, m, k), (False, True))
         b3 = _pad_last(b.expand(*batch, k, n).reshape(-1, k, n), (True, True))
-        y = NVFP4Linear.apply(a3, b3.mT, None, self.op)  # (B, M, Np)
+        y = QuantizedLinearFunction.apply(a3, b3.mT, None, self.op)  # (B, M, Np)
         return y[..., :n].reshape(*batch, m, n)

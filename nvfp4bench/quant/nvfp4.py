@@ -15,7 +15,7 @@ and the whole tensor shares one fp32 decode scale ``S_dec`` derived from its ama
     x_hat = fl(fl(e2m1(code) * f32(s_b)) * S_dec)
 
 ``fl`` is one IEEE fp32 rounding (nearest, ties to even). Each formula is evaluated in exactly that
-order, because other algebraically equal orders round differently (see ``_block_scales_f32``).
+order, because other algebraically equal orders round differently (see ``block_scales_f32``).
 
 Rounding of the final E2M1 cast: round to nearest with ties to the even code (RN), or stochastic
 rounding (SR) between the two neighbouring magnitudes, for gradients only. Before quantization an
@@ -109,13 +109,13 @@ def global_decode_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.reciprocal(global_encode_scale(amax))
 
 
-def _e4m3_cast(v: torch.Tensor) -> torch.Tensor:
+def e4m3_cast(v: torch.Tensor) -> torch.Tensor:
     """fp32 values in [0, 448] -> the nearest E4M3 value (RNE, subnormals kept), as fp32."""
     return v.to(torch.float8_e4m3fn).float()
 
 
-def _e4m3_round(v: torch.Tensor) -> torch.Tensor:
-    """``_e4m3_cast`` in fp32 arithmetic (for compiled kernels, which then need no FP8 cast):
+def e4m3_round(v: torch.Tensor) -> torch.Tensor:
+    """``e4m3_cast`` in fp32 arithmetic (for compiled kernels, which then need no FP8 cast):
     round to a multiple of the E4M3 step ``2 ** max(e - 3, -9)`` (3 mantissa bits; 2**-9 is the
     subnormal step) with ties to even. Scaling by the step and its reciprocal is exact."""
     exponent = torch.bitwise_and(v.view(torch.int32), _F32_EXPONENT_MASK)  # bits of 2 ** e
@@ -123,7 +123,7 @@ def _e4m3_round(v: torch.Tensor) -> torch.Tensor:
     return torch.round(v * _reciprocal_pow2(step)) * step
 
 
-def _block_scales_f32(bamax: torch.Tensor, amax: torch.Tensor, to_e4m3=_e4m3_cast):
+def block_scales_f32(bamax: torch.Tensor, amax: torch.Tensor, to_e4m3=e4m3_cast):
     """``s_b`` (fp32 holding E4M3 values), ``enc_b`` and ``S_dec``, in the order of section 2.
 
     Bit-exactness: ``bamax * fl(S_enc * fl(1/6))`` is not ``(bamax / 6) * S_enc`` (TE 2.8-2.13),
@@ -182,7 +182,7 @@ def _round_rn(scaled: torch.Tensor) -> torch.Tensor:
     return torch.round(y * _reciprocal_pow2(step)) * step
 
 
-def _round_sr_abs(magnitude: torch.Tensor, noise: torch.Tensor, mode: str) -> torch.Tensor:
+def round_sr_abs(magnitude: torch.Tensor, noise: torch.Tensor, mode: str) -> torch.Tensor:
     """SR cast of magnitudes |y| >= 0 with the given random draws.
 
     In grid steps ``t = |y| / step`` (exact), ``lo = floor(t)`` and ``f = t - lo`` (exact).
@@ -200,7 +200,7 @@ def _round_sr_abs(magnitude: torch.Tensor, noise: torch.Tensor, mode: str) -> to
     return (low + up) * step
 
 
-def _check_sr(generator, mode: str) -> None:
+def check_sr(generator, mode: str) -> None:
     if mode not in SR_MODES:
         raise ValueError(f"sr_mode must be one of {SR_MODES}, got {mode!r}")
     if not isinstance(generator, torch.Generator):
@@ -208,11 +208,11 @@ def _check_sr(generator, mode: str) -> None:
                          "(pass generator=torch.Generator(device).manual_seed(seed))")
 
 
-def _draw_noise(shape, generator, mode: str, device) -> torch.Tensor:
+def draw_noise(shape, generator, mode: str, device) -> torch.Tensor:
     """The random draws of one SR cast, from ``generator``: 8 random bits per element (uint8,
     taken four at a time from uniform int32 draws, 3x faster than one draw each) for
     ``hardware``; fp32 uniform in [0, 1) for ``ideal``."""
-    _check_sr(generator, mode)
+    check_sr(generator, mode)
     shape = torch.Size(shape)
     if mode == "ideal":
         return torch.rand(shape, generator=generator, device=device)
@@ -236,8 +236,8 @@ def round_e2m1_sr(scaled: torch.Tensor, generator: torch.Generator,
     element: up when ``r < floor(256 f)``, i.e. when ``(r + 1) / 256 <= f``); ``ideal`` rounds up
     with probability f (a continuous uniform). A value on the grid never moves.
     """
-    noise = _draw_noise(scaled.shape, generator, mode, scaled.device)
-    return torch.copysign(_round_sr_abs(scaled.float().abs(), noise, mode), scaled)
+    noise = draw_noise(scaled.shape, generator, mode, scaled.device)
+    return torch.copysign(round_sr_abs(scaled.float().abs(), noise, mode), scaled)
 
 
 def _codes_of(values: torch.Tensor, sign_of: torch.Tensor) -> torch.Tensor:
@@ -251,18 +251,18 @@ def _codes_of(values: torch.Tensor, sign_of: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # The two passes over the tensor: block amax, then x -> x_hat
 # --------------------------------------------------------------------------------------------
-def _row_blocks(x: torch.Tensor) -> torch.Tensor:
+def row_blocks(x: torch.Tensor) -> torch.Tensor:
     """View (M, K) as (M, K / 16, 16): ``[i, j, :]`` is the j-th 1x16 block of row i."""
     m, k = x.shape
     return x.view(m, k // BLOCK, BLOCK)
 
 
-def _block_amax(x3: torch.Tensor) -> torch.Tensor:
+def block_amax(x3: torch.Tensor) -> torch.Tensor:
     """max |x| per 1x16 block: (rows, K/16, 16) -> (rows, K/16, 1)."""
     return x3.abs().amax(dim=-1, keepdim=True)
 
 
-def _tile_amax(bamax: torch.Tensor, tile_rows: int) -> torch.Tensor:
+def tile_amax(bamax: torch.Tensor, tile_rows: int) -> torch.Tensor:
     """1x16 block amax (M, K/16, 1) -> the amax of each T x 16 tile, repeated on its T rows."""
     if tile_rows == 1:
         return bamax
@@ -276,10 +276,10 @@ def _e2m1_values(x3, encode, noise, mode: str) -> torch.Tensor:
     exact, as IEEE products and the rounding are symmetric in the sign."""
     if noise is None:
         return _round_rn(x3 * encode)
-    return torch.copysign(_round_sr_abs(x3.abs() * encode, noise, mode), x3)
+    return torch.copysign(round_sr_abs(x3.abs() * encode, noise, mode), x3)
 
 
-def _dequantized(x3, scale, encode, s_dec, noise, mode: str, out=None) -> torch.Tensor:
+def dequantize_blocks(x3, scale, encode, s_dec, noise, mode: str, out=None) -> torch.Tensor:
     """``x_hat = fl(fl(e2m1(fl(x * enc_b)) * f32(s_b)) * S_dec)``.
 
     ``x3`` is (a chunk of) x as (rows, K/16, 16); ``scale`` and ``encode`` (fp32 ``s_b`` and
@@ -351,7 +351,7 @@ def _check_tile(tile) -> tuple[int, int]:
     return tile
 
 
-def _prepare(x: torch.Tensor, tile, rht_on: bool, what: str) -> tuple[torch.Tensor, tuple]:
+def prepare_operand(x: torch.Tensor, tile, rht_on: bool, what: str) -> tuple[torch.Tensor, tuple]:
     tile = _check_tile(tile)
     _check_2d(x, what, (BLOCK, BLOCK) if tile == (BLOCK, BLOCK) else (1, BLOCK))
     if rht_on and tile != (1, BLOCK):
@@ -376,19 +376,19 @@ def quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bool = 
     With 1x16 blocks the row count is free (as if the rows were zero-padded to 16).
     """
     if sr:
-        _check_sr(generator, sr_mode)
+        check_sr(generator, sr_mode)
     with torch.no_grad():
-        return _quantize_2d(*_prepare(x.detach(), tile, rht, "quantize"), sr, generator, sr_mode,
+        return _quantize_2d(*prepare_operand(x.detach(), tile, rht, "quantize"), sr, generator, sr_mode,
                             amax)
 
 
 def _quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str, amax) -> NVFP4Tensor:
     """quantize of a prepared 2-D tensor (always eager: not the hot path)."""
-    x3 = _row_blocks(x)
-    bamax = _tile_amax(_block_amax(x3), tile[0])
+    x3 = row_blocks(x)
+    bamax = tile_amax(block_amax(x3), tile[0])
     amax = _tensor_amax(bamax, amax, x.device)
-    scale, encode, _ = _block_scales_f32(bamax, amax)
-    noise = _draw_noise(x3.shape, generator, sr_mode, x.device) if sr else None
+    scale, encode, _ = block_scales_f32(bamax, amax)
+    noise = draw_noise(x3.shape, generator, sr_mode, x.device) if sr else None
     values = _e2m1_values(x3, encode, noise, sr_mode if sr else "rn")  # signed
     return NVFP4Tensor(codes=_codes_of(values, x3).view(x.shape),
                        scales=scale.squeeze(-1).to(torch.float8_e4m3fn), amax=amax, tile=tile)
@@ -403,7 +403,7 @@ def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return (blocks * global_decode_scale(q.amax)).view(m, k).to(dtype)
 
 
-def _check_tokens_first(x: torch.Tensor, what: str) -> None:
+def check_tokens_first(x: torch.Tensor, what: str) -> None:
     if x.dim() < 2 or not x.is_floating_point():
         raise ValueError(f"{what}: expected a floating-point (..., M, C) tensor, got {x.dtype} "
                          f"of shape {tuple(x.shape)}")
@@ -418,7 +418,7 @@ def columnwise_copy(x: torch.Tensor) -> torch.Tensor:
     """The high-precision columnwise copy of an (..., M, C) operand, TE's layout for the wgrad:
     each matrix transposed, (C, M), its tokens zero-padded to Mp (a multiple of 16), stacked as
     fp32 (prod(...) * C, Mp). The copy (C rows) may have any row count."""
-    _check_tokens_first(x, "columnwise_copy")
+    check_tokens_first(x, "columnwise_copy")
     *batch, m, c = x.shape
     mp = padded_tokens(m)
     copy = torch.empty(c * math.prod(batch), mp, device=x.device)

@@ -64,16 +64,14 @@ Choices made here
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from nvfp4bench.quant import kernels, nvfp4
 from nvfp4bench.quant.gemm import ConvGeometry
 from nvfp4bench.quant.nvfp4 import BLOCK, padded_tokens
-from nvfp4bench.quant.recipes import Recipe, get_recipe
+from nvfp4bench.quant.recipes import Recipe
 
 ROW_BLOCK = (1, BLOCK)
 TILE_2D = (BLOCK, BLOCK)
@@ -88,18 +86,18 @@ def _rowwise(x: torch.Tensor, **kw) -> torch.Tensor:
     return kernels.fake_quantize(x.reshape(-1, x.shape[-1]), **kw).view(x.shape)
 
 
-def _token_buffer(rows: int, m: int, device) -> torch.Tensor:
+def token_buffer(rows: int, m: int, device) -> torch.Tensor:
     """fp32 (rows, Mp) whose padding columns are zero; the caller fills ``[:, :m]``."""
     buf = torch.empty(rows, padded_tokens(m), device=device)
     buf[:, m:].zero_()
     return buf
 
 
-def _tokens_last_cnhw(src_cnhw: torch.Tensor) -> torch.Tensor:
+def tokens_last_cnhw(src_cnhw: torch.Tensor) -> torch.Tensor:
     """The columnwise copy of a (C, N, H, W) view (an NCHW tensor permuted), tokens (N, H, W):
     fp32 (C, Mp), one copy."""
     c, n, h, w = src_cnhw.shape
-    buf = _token_buffer(c, n * h * w, src_cnhw.device)
+    buf = token_buffer(c, n * h * w, src_cnhw.device)
     buf[:, :n * h * w].view(c, n, h, w).copy_(src_cnhw)
     return buf
 
@@ -265,71 +263,3 @@ class Op:
     def policy(self):
         """What the backward GEMMs multiply: ``BACKWARDS[recipe.backward_override]``."""
         return BACKWARDS[self.roles.recipe.backward_override]
-
-
-
-
-@contextlib.contextmanager
-def _fp32_region(device: torch.device):
-    """Autocast off: the emulated GEMMs run in fp32 on dequantized operands."""
-    with torch.autocast(device.type, enabled=False):
-        yield
-
-
-def _check_generator(op: Op, device: torch.device) -> None:
-    g = op.roles.generator
-    if op.roles.sr and g.device.type != device.type:
-        raise ValueError(f"{op.name}: stochastic rounding on {device} needs a torch.Generator on "
-                         f"that device, got one on {g.device}")
-
-
-def _save(ctx, op: Op, x, xq, w, wq) -> None:
-    policy = op.policy
-    ctx.save_for_backward(xq if policy.reads_forward_x(op.roles) else x,
-                          wq if policy.reads_forward_w(op.roles) else w)
-
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype activations are computed in: the autocast dtype of x's device when autocast is
-    on (as torch's own layers cast), else x's own (floating) dtype."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
-
-
-def _in_compute_dtype(x: torch.Tensor, *others):
-    """x and ``others`` (activations, a bias; None passes) cast to ``compute_dtype(x)``. A
-    layer's weight is not among them: its NVFP4 copies are quantized from the parameter itself
-    (module docstring, "Weights under autocast")."""
-    dtype = compute_dtype(x)
-    return tuple(None if t is None else t.to(dtype) for t in (x, *others))
-
-
-class _Quantized(nn.Module):
-    """Shares ``weight`` and ``bias`` (the same Parameter objects) with the layer it twins."""
-
-    def __init__(self, module: nn.Module, roles: Roles, name: str,
-                 geometry: ConvGeometry | None = None):
-        super().__init__()
-        self.weight = module.weight
-        self.bias = module.bias
-        self.op = Op(roles, name, geometry)
-
-    @property
-    def recipe(self) -> Recipe:
-        return self.op.roles.recipe
-
-    def extra_repr(self) -> str:
-        return f"{self.op.name}, recipe={self.recipe.name}"
-
-
-
-
-def _resolve(recipe: Recipe | str, generator, what: str) -> Recipe:
-    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    if recipe.stochastic_rounding and not isinstance(generator, torch.Generator):
-        raise ValueError(f"{what}: recipe {recipe.name!r} uses stochastic rounding; pass "
-                         f"generator=torch.Generator(device).manual_seed(seed)")
-    return recipe

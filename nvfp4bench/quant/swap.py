@@ -28,6 +28,7 @@ from torch import nn
 from nvfp4bench.quant.backends import BACKENDS, Backend, get_backend
 from nvfp4bench.quant.recipes import Recipe, get_recipe
 from nvfp4bench.quant.twins import set_submodule
+
 ORIGINALS_ATTR = "_nvfp4_originals"  # name -> the high-precision module a backend replaced
 
 
@@ -63,7 +64,7 @@ def register_backend(name: str, backend: Backend) -> None:
     BACKENDS[name] = backend
 
 
-def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str = "emulator", *,
+def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str | Backend = "emulator", *,
                    generator: torch.Generator | None = None, quantize_attention: bool = False,
                    layers: LayerSelection | None = None, kernels: str = "eager") -> nn.Module:
     """Swap, in place, the layers to quantize for their NVFP4 twins; returns ``model``.
@@ -77,7 +78,8 @@ def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str = "emula
     matmuls (an extension beyond the study). ``kernels`` picks how the emulator's layers run
     fake_quantize (``kernels.KERNELS``: eager, compiled or auto; the same bits). Run the model's
     forwards inside
-    ``get_backend(backend).context(recipe, device, dtype)``.
+    ``get_backend(backend).context(recipe, device, dtype)``. ``recipe`` and ``backend`` may be
+    names or the resolved objects (a training run resolves them once and passes the objects).
     """
     chosen = get_backend(backend)
     if isinstance(recipe, str):

@@ -13,18 +13,18 @@ import torch
 from nvfp4bench.quant import kernels, nvfp4
 from nvfp4bench.quant.gemm import ConvGeometry, axis_window, gemm
 from nvfp4bench.quant.nvfp4 import BLOCK
-from nvfp4bench.quant.roles import Columnwise, _token_buffer
+from nvfp4bench.quant.roles import Columnwise, token_buffer
 
 TILE_2D = (BLOCK, BLOCK)
 # A conv wgrad unfolds its input this many bytes (fp32) at a time, at least one plane (tap).
 UNFOLD_CHUNK_BYTES = 256 * 2**20
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def _nhwc(x: torch.Tensor) -> torch.Tensor:
+def to_nhwc(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> contiguous fp32 (N, H, W, C): a view of a channels_last fp32 tensor, else
     one copy (layout and dtype at once)."""
     v = x.permute(0, 2, 3, 1)
@@ -33,7 +33,7 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(v.shape, device=x.device).copy_(v)
 
 
-def _nchw(t_nhwc: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+def to_nchw(t_nhwc: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     """(N, H, W, C) -> (N, C, H, W) in ``dtype``, channels_last or contiguous (as the input was):
     no copy when it already is, else one (layout and dtype at once)."""
     v = t_nhwc.permute(0, 3, 1, 2)
@@ -101,7 +101,7 @@ def _scatter_add(dst: torch.Tensor, part: torch.Tensor, window, hw: tuple[int, i
         dst[_at(dst.dim(), hw, irow, icol)] += part[_at(part.dim(), hw, orow, ocol)]
 
 
-def _amax(t: torch.Tensor) -> torch.Tensor:
+def abs_max(t: torch.Tensor) -> torch.Tensor:
     """max |t| as fp32, in one pass without an |t| temporary."""
     lo, hi = torch.aminmax(t.detach())
     return torch.maximum(-lo, hi).float()
@@ -157,7 +157,7 @@ def _fill_planes(planes: list[Plane], src: torch.Tensor, g: ConvGeometry, oh: in
     c, n, h, w = src.shape
     rows = max(p.rows for p in planes)
     length = n * rows * ow
-    buf = _token_buffer(len(planes) * c, length, src.device)
+    buf = token_buffer(len(planes) * c, length, src.device)
     body = buf[:, :length].view(len(planes), c, n, rows, ow)
     for k, p in enumerate(planes):
         r_win = axis_window(p.row0, g.stride[0], g.padding[0], p.rows, h)
@@ -168,7 +168,7 @@ def _fill_planes(planes: list[Plane], src: torch.Tensor, g: ConvGeometry, oh: in
     return buf, rows
 
 
-def _unfolded(src: torch.Tensor, g: ConvGeometry, oh: int, ow: int, spec: Columnwise,
+def unfolded_operands(src: torch.Tensor, g: ConvGeometry, oh: int, ow: int, spec: Columnwise,
               generator, whole_amax=None):
     """Yield ``(t, operand)`` for every tap t: the wgrad operand (C, Mp), made by ``spec`` from
     tap t of im2col(src)^T (tokens last, zero-padded), src (C, N, H, W) unpadded.
@@ -229,7 +229,7 @@ def _unfolded(src: torch.Tensor, g: ConvGeometry, oh: int, ow: int, spec: Column
 
 
 
-def _per_tap(w2d: torch.Tensor, taps: int) -> torch.Tensor:
+def per_tap(w2d: torch.Tensor, taps: int) -> torch.Tensor:
     """(R, taps * C) -> contiguous (taps, R, C): tap t's columns as one matrix."""
     r, k = w2d.shape
     return w2d.reshape(r, taps, k // taps).transpose(0, 1).contiguous()

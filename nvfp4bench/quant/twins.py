@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from nvfp4bench.quant.conv import QuantizedConv2d, QuantizedConvTranspose2d, _conv_geometry
-from nvfp4bench.quant.linear import Matmul, QuantizedLinear, QuantizedMatmul
+from nvfp4bench.quant.autograd import resolve_recipe
+from nvfp4bench.quant.conv import QuantizedConv2d, QuantizedConvTranspose2d, conv_geometry
+from nvfp4bench.quant.linear import QuantizedLinear, QuantizedMatmul
+from nvfp4bench.quant.matmul import Matmul
 from nvfp4bench.quant.nvfp4 import BLOCK
 from nvfp4bench.quant.recipes import Recipe
-from nvfp4bench.quant.roles import Roles, _resolve
+from nvfp4bench.quant.roles import Roles
 
 
 def _check_channels(name: str, what: str, cin: int, cout: int) -> None:
@@ -27,12 +29,12 @@ def _twin_linear(module, roles, name):
 
 def _twin_conv2d(module, roles, name):
     _check_channels(name, "channels", module.in_channels, module.out_channels)
-    return QuantizedConv2d(module, roles, name, _conv_geometry(module, name))
+    return QuantizedConv2d(module, roles, name, conv_geometry(module, name))
 
 
 def _twin_conv_transpose2d(module, roles, name):
     _check_channels(name, "channels", module.in_channels, module.out_channels)
-    return QuantizedConvTranspose2d(module, roles, name, _conv_geometry(module, name))
+    return QuantizedConvTranspose2d(module, roles, name, conv_geometry(module, name))
 
 
 # Layer type -> constructor of its quantized twin.
@@ -52,7 +54,7 @@ def quantized(module: nn.Module, recipe: Recipe | str, *,
     ``kernels`` picks how its fake_quantize calls run (``kernels.KERNELS``; the same bits).
     """
     name = name or repr(module)
-    recipe = _resolve(recipe, generator, name)
+    recipe = resolve_recipe(recipe, generator, name)
     if not recipe.quantized:
         return module
     for kind, twin in TWINS.items():

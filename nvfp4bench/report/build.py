@@ -1,0 +1,270 @@
+"""``python -m nvfp4bench.report RESULTS_DIR``: aggregate cell results into tables and figures.
+
+Reads every ``OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json`` (k-fold split) and
+``.../holdout_seed<s>.json`` (hold-out split) under RESULTS_DIR and writes, per dataset and split
+protocol (each its own section, never pooled), to ``--out`` (default ``RESULTS_DIR/report``):
+
+* ``report.md``: mean, sd, 95 % CI and n of the test metrics per arch x scale x recipe; each
+  recipe against the baseline (``--baseline``, default baseline) on ``--metric`` (default auprc),
+  paired per (fold, seed) (hold-out: per seed): % of baseline with its CI, mean difference, paired
+  Cohen's d, Wilcoxon signed-rank p and its Holm correction over the recipes of one arch x scale;
+  Kendall's W of the recipe ranking over folds (seeds); the missing cells (expected from the grid
+  of the archs, scales, recipes, folds and seeds present) and the failed ones. Synthetic data is
+  said at the top.
+* ``summary.csv``, ``comparison.csv`` (every table metric), ``ranking.csv``, ``cells.csv``; every
+  row names its ``dataset`` and ``split``.
+* Figures when matplotlib is installed (else a note): nvfp4bench.report.figures.
+
+The statistics are nvfp4bench.report.stats; the cells are read by nvfp4bench.report.cells, the tables
+computed by nvfp4bench.report.tables; this module renders and writes them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from itertools import product
+from pathlib import Path
+
+from nvfp4bench.atomic import write_text_atomic
+from nvfp4bench.config import SPLITS
+from nvfp4bench.quant.recipes import RECIPES
+from nvfp4bench.report.cells import (PROTOCOLS, DatasetView, dataset_views, load_cells,
+                                     metric_value, ordered)
+from nvfp4bench.report.figures import diagnostic_summaries, make_figures
+from nvfp4bench.report.tables import (TABLE_METRICS, comparison_rows, consistency_problems,
+                                      hd95_unit, ranking_rows, summary_rows)
+
+METRIC_LABELS = {"auprc": "AUPRC", "recall": "recall", "precision": "precision", "f2": "F2",
+                 "iou": "IoU", "dice": "Dice (soft, per image)", "hd95_mean": "HD95",
+                 "patient_dice_mean": "Dice (patient)", "lesion_recall": "lesion recall"}
+DEFAULT_FIGURE_RECIPE = "2d_rht_sr"   # TE's default recipe
+
+
+class ReportError(Exception):
+    """Bad input: the CLI prints it and exits 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+
+
+def _f(v, digits=4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _digits(metric: str) -> int:
+    return 2 if metric.startswith("hd95") else 4
+
+
+def _p(v) -> str:
+    return "n/a" if v is None else (f"{v:.3g}" if v >= 1e-3 else f"{v:.1e}")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _summary_cell(s: dict, metric: str) -> str:
+    d = _digits(metric)
+    if s["mean"] is None:
+        return "n/a"
+    text = f"{_f(s['mean'], d)} ± {_f(s['sd'], d)}"
+    if s["ci_low"] is not None:
+        text += f" [{_f(s['ci_low'], d)}, {_f(s['ci_high'], d)}]" + ("*" if s["ci_clipped"] else "")
+    return text
+
+
+def render_dataset(view: DatasetView, baseline: str, metric: str, summary, comparison,
+                   ranking) -> str:
+    unit = hd95_unit(view)
+    proto = view.protocol
+    out = [f"## Dataset `{view.name}`: {proto.title}" + (" (synthetic)" if view.synthetic else "")]
+    if view.synthetic:
+        out.append(f"\n**Synthetic data**: `{view.name}` is simulated tumours on a brain template; "
+                   "these numbers test the pipeline and say nothing about real patients.")
+    n_complete = sum(c.complete for c in view.cells)
+    out.append(f"\nCells: {len(view.cells)} found, {n_complete} complete, "
+               f"{len(view.cells) - n_complete} not complete, {len(view.missing)} missing of the "
+               f"{len(view.archs) * len(view.scales) * len(view.recipes) * len(view.blocks)} "
+               f"expected (archs x scales x recipes x {proto.blocks} = {len(view.archs)} x "
+               f"{len(view.scales)} x {len(view.recipes)} x {len(view.blocks)}).")
+
+    conflicts = consistency_problems(view)
+    if conflicts:
+        out.append("\n**Warning: cells that should not be compared** (their options differ):\n"
+                   + "\n".join(f"- {p}" for p in conflicts))
+    out.append(f"\n### Test metrics: mean ± sd [95 % CI] over {proto.over}\n")
+    by = {(r["arch"], r["scale"], r["recipe"], r["metric"]): r for r in summary}
+    labels = [METRIC_LABELS.get(m, m) + (f" ({unit})" if m.startswith("hd95") else "")
+              for m in TABLE_METRICS]
+    rows = []
+    for arch, scale, recipe in product(view.archs, view.scales, view.recipes):
+        cols = [by[(arch, scale, recipe, m)] for m in TABLE_METRICS]
+        n_cells = cols[0]["n_cells"]
+        n_text = str(n_cells)
+        if any(c["n"] != n_cells for c in cols):   # some metric is null in some cells
+            n_text += " (values: " + "/".join(str(c["n"]) for c in cols) + ")"
+        rows.append([arch, scale, recipe, n_text] +
+                    [_summary_cell(c, m) for c, m in zip(cols, TABLE_METRICS)])
+    out.append(_md_table(["arch", "scale", "recipe", "n"] + labels, rows))
+    if any(r.get("ci_clipped") for r in summary):
+        out.append(f"\n\\* the t-interval crossed the metric's range (few {proto.unit}s: with 2 "
+                   f"values t = 12.7) and is cut at its bound; read it as \"too few "
+                   f"{proto.unit}s to say\".")
+
+    label = METRIC_LABELS.get(metric, metric)
+    out.append(f"\n### {label}: each recipe against `{baseline}`, paired per {proto.block}\n")
+    mine = [r for r in comparison if r["metric"] == metric]
+    if baseline not in view.recipes:
+        out.append(f"Missing: no `{baseline}` cell in this dataset, so no comparison "
+                   f"(recipes present: {', '.join(f'`{r}`' for r in view.recipes)}).")
+    elif not mine:
+        out.append("No recipe besides the baseline.")
+    else:
+        out.append(_md_table(
+            ["arch", "scale", "recipe", "pairs", "% of baseline [95 % CI]", "mean diff",
+             "Cohen's d", "Wilcoxon p", "Holm p"],
+            [[r["arch"], r["scale"], r["recipe"], str(r["n_pairs"]),
+              (f"{_f(r['pct_mean'], 2)} [{_f(r['pct_ci_low'], 2)}, {_f(r['pct_ci_high'], 2)}]"
+               if r["pct_ci_low"] is not None else _f(r["pct_mean"], 2)),
+              _f(r["mean_diff"], _digits(metric)), _f(r["cohens_d"], 3), _p(r["wilcoxon_p"]),
+              _p(r["holm_p"])] for r in mine]))
+        out.append("\n% of baseline: mean over pairs of 100 x recipe / baseline; Cohen's d = "
+                   "mean(diff) / sd(diff), diff = recipe - baseline; Wilcoxon signed-rank, "
+                   "two-sided, Holm-corrected over the recipes of one arch x scale. With n pairs "
+                   f"the smallest possible Wilcoxon p is 2 / 2^n (0.0625 for 5 {proto.unit}s).")
+
+    out.append(f"\n### Stability of the recipe ranking over {proto.unit}s (Kendall's W, {label})\n")
+    rk = [r for r in ranking if r["metric"] == metric]
+    out.append(_md_table(["arch", "scale", "W", "blocks", "recipes"],
+                         [[r["arch"], r["scale"], _f(r["kendalls_w"], 3), str(r["m_blocks"]),
+                           str(r["n_recipes"])] for r in rk]))
+    out.append(f"\nW = 1: every {proto.unit} ranks the recipes alike; 0: no agreement. Only "
+               f"{proto.blocks} where every recipe has a value count.")
+
+    out.append("\n### Missing cells\n")
+    if view.missing:
+        out.append("\n".join(f"- {a} / {s} / {r} / {view.block_label(f, sd)}"
+                             for _, a, s, r, f, sd in view.missing))
+    else:
+        out.append(f"None: the grid of the archs, scales, recipes, {proto.over} present is full.")
+    out.append("\n### Failed or unfinished cells\n")
+    bad = [c for c in view.cells if not c.complete]
+    if bad:
+        out.append("\n".join(
+            f"- {c.arch} / {c.scale} / {c.recipe} / {view.block_label(c.fold, c.seed)}: "
+            f"**{c.status}**"
+            + (f": {str(c.error).strip().splitlines()[0][:200]}" if c.error else "") for c in bad))
+    else:
+        out.append("None.")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metric: str = "auprc",
+                 recipe: str | None = None, figures: bool = True) -> dict:
+    """Read the cells, write report.md and the CSVs (and figures); return what was computed."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ReportError(f"results directory {root} does not exist")
+    cells, problems = load_cells(root)
+    if not cells:
+        raise ReportError("no cell results (<dataset>/<arch>/<scale>/<recipe>/"
+                          f"fold<k>_seed<s>.json or holdout_seed<s>.json) under {root}")
+    all_recipes = {c.recipe for c in cells}
+    if baseline not in RECIPES:
+        raise ReportError(f"--baseline {baseline!r} is not a recipe; choose from "
+                          f"{', '.join(RECIPES)}")
+    numeric = {k for c in cells if c.complete for k in c.test if metric_value(c, k) is not None}
+    if numeric and metric not in numeric:
+        raise ReportError(f"--metric {metric!r} is in no complete cell's test block; available: "
+                          f"{', '.join(sorted(numeric)) or 'none'}")
+    out = Path(out_dir) if out_dir is not None else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = tuple(dict.fromkeys((*TABLE_METRICS, metric)))
+
+    views = dataset_views(cells)
+    summary, comparison, ranking, sections = [], [], [], []
+    for view in views:
+        s = summary_rows(view, metrics)
+        cmp = comparison_rows(view, baseline, metrics)
+        rk = ranking_rows(view, metrics)
+        summary += s
+        comparison += cmp
+        ranking += rk
+        text = render_dataset(view, baseline, metric, s, cmp, rk)
+        if figures:
+            chosen = recipe or (DEFAULT_FIGURE_RECIPE if DEFAULT_FIGURE_RECIPE in view.recipes
+                                else next((r for r in view.recipes if r != baseline), baseline))
+            text += "\n\n### Figures\n\n" + "\n\n".join(
+                make_figures(view, cmp, baseline, metric, METRIC_LABELS.get(metric, metric),
+                             chosen, out))
+        sections.append(text)
+
+    synthetic = list(dict.fromkeys(v.name for v in views if v.synthetic))  # once per dataset
+    head = ["# nvfp4bench report"]
+    if synthetic:
+        head.append(f"\n> **These results come from a synthetic dataset** "
+                    f"({', '.join(f'`{n}`' for n in synthetic)}), not from patients.")
+    head.append(f"\nSource: `{root}`; {len(cells)} cell files; baseline `{baseline}`; "
+                f"primary metric {METRIC_LABELS.get(metric, metric)} (test partition).")
+    head.append("\nSplit protocols: " + ", ".join(
+        f"{PROTOCOLS[s].title} ({sum(c.split == s for c in cells)} cells)"
+        for s in SPLITS if any(c.split == s for c in cells))
+        + "; each has its own sections: cells of different protocols are never pooled or paired.")
+    if baseline not in all_recipes:
+        head.append(f"\n**Missing comparisons**: no cell of the baseline `{baseline}`, so no "
+                    f"recipe is compared with it (recipes present: "
+                    f"{', '.join(f'`{r}`' for r in ordered(all_recipes, tuple(RECIPES)))}). "
+                    f"Run the `{baseline}` cells of the same arch, scale, fold and seed (e.g. "
+                    f"`python -m nvfp4bench --arch A --scale S --recipe {baseline} --fold K`), or "
+                    f"pass `--baseline` one of the recipes present.")
+    if problems:
+        head.append("\n**Problems**:\n" + "\n".join(f"- {p}" for p in problems))
+    write_text_atomic(out / "report.md", "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
+
+    stat_cols = ["n", "mean", "sd", "ci_low", "ci_high", "ci_clipped"]
+    write_text_atomic(out / "summary.csv", _csv(
+        summary, ["dataset", "split", "arch", "scale", "recipe", "metric", "n_cells",
+                  *stat_cols]))
+    write_text_atomic(out / "comparison.csv", _csv(
+        comparison, ["dataset", "split", "arch", "scale", "recipe", "baseline", "metric",
+                     "n_pairs",
+                     "mean_diff", "pct_mean", "pct_ci_low", "pct_ci_high", "cohens_d",
+                     "wilcoxon_p", "holm_p"]))
+    write_text_atomic(out / "ranking.csv", _csv(
+        ranking, ["dataset", "split", "arch", "scale", "metric", "kendalls_w", "m_blocks",
+                  "n_recipes"]))
+    cell_rows, test_keys, diag_keys = [], set(), set()
+    for c in cells:
+        tests = {k: c.test[k] for k in c.test if metric_value(c, k) is not None}  # ints stay ints
+        diags = {f"diag.{k}": v for k, v in diagnostic_summaries(c).items()}
+        test_keys |= set(tests)
+        diag_keys |= set(diags)
+        cell_rows.append({"dataset": c.dataset, "split": c.split, "arch": c.arch, "scale": c.scale,
+                          "recipe": c.recipe, "fold": c.fold, "seed": c.seed, "status": c.status,
+                          "synthetic": c.synthetic, "path": str(c.path.relative_to(root)),
+                          **tests, **diags})
+    write_text_atomic(out / "cells.csv", _csv(
+        cell_rows, ["dataset", "split", "arch", "scale", "recipe", "fold", "seed", "status",
+                    "synthetic", "path", *sorted(test_keys), *sorted(diag_keys)]))
+    return {"out": out, "cells": cells, "problems": problems, "summary": summary,
+            "comparison": comparison, "ranking": ranking, "views": views}

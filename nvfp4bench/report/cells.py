@@ -1,0 +1,220 @@
+"""The report's input: every cell result file under a results directory, grouped per dataset.
+
+``load_cells(root)`` reads each ``<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json``
+(k-fold split) and ``.../holdout_seed<s>.json`` (hold-out split, its one partition is fold 0;
+docs/interfaces.md) into a ``CellResult``; identity comes from the path, and a file whose
+``config`` (or ``data.name``) disagrees with it is left out and listed as a problem; unreadable
+files count as failed cells. ``dataset_views`` groups the cells of one dataset and one split
+protocol into a ``DatasetView`` (the two protocols are never pooled): its archs, scales and
+recipes in the study's order, its (fold, seed) blocks (k-fold: fold x seed; hold-out: (0, seed),
+so recipes pair by seed), the cells missing from that grid, and the finite test values of a
+metric per block (``values``). ``PROTOCOLS`` says how the report names each protocol's blocks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+
+from nvfp4bench.cell import Cell
+from nvfp4bench.config import SPLITS
+from nvfp4bench.quant.recipes import RECIPES
+
+ARCH_ORDER = ("cnn", "vit", "swin")
+SCALE_ORDER = ("tiny", "small", "base")
+# fold<k>_seed<s>.json (k-fold) or holdout_seed<s>.json (hold-out): nvfp4bench.cell.Cell.stem
+CELL_NAME = re.compile(r"^(?:fold(\d+)|(holdout))_seed(\d+)\.json$")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the report names the replicates of one split protocol (a block is (fold, seed))."""
+
+    title: str       # the section's heading
+    block: str       # what recipes are paired by
+    blocks: str      # the blocks, plural
+    over: str        # what the statistics run over
+    unit: str        # one replicate
+    label: str       # one block, str.format(fold=, seed=)
+
+
+PROTOCOLS = {
+    "kfold": Protocol("k-fold cross-validation", "(fold, seed)", "(fold, seed) blocks",
+                      "folds and seeds", "fold", "fold {fold} seed {seed}"),
+    "holdout": Protocol("patient hold-out", "seed", "seeds", "seeds", "seed",
+                        "holdout seed {seed}"),
+}
+
+
+@dataclass
+class CellResult:
+    """What the report reads of one cell's result file (the cell: ``.cell``)."""
+
+    path: Path
+    dataset: str
+    arch: str
+    scale: str
+    recipe: str
+    fold: int
+    seed: int
+    status: str
+    error: str | None = None
+    synthetic: bool | None = None
+    test: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    fingerprint: str | None = None
+    split: str = "kfold"  # nvfp4bench.config.SPLITS
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.arch, self.scale, self.recipe, self.fold, self.seed, self.split)
+
+    @property
+    def key(self) -> tuple:
+        """The cell's identity within one split protocol (a DatasetView)."""
+        return (self.dataset, self.arch, self.scale, self.recipe, self.fold, self.seed)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return (self.fold, self.seed)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+def _read_json(path: Path):
+    try:
+        with open(path) as f:
+            return json.load(f), None
+    except (OSError, ValueError) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def load_cells(root) -> tuple[list[CellResult], list[str]]:
+    """Every cell JSON under ``root`` (layout of docs/interfaces.md) and a list of problems found.
+
+    Identity comes from the path; the ``config`` inside (and ``data.name``) must agree with it,
+    else the file is listed as a problem and left out. Unreadable files count as failed cells."""
+    root = Path(root)
+    cells, problems = [], []
+    for path in sorted(root.rglob("*_seed*.json")):
+        match = CELL_NAME.match(path.name)
+        rel = path.relative_to(root).parts
+        if not match or len(rel) < 5:
+            continue
+        dataset, arch, scale, recipe = rel[-5:-1]
+        split = "holdout" if match.group(2) else "kfold"
+        fold, seed = int(match.group(1) or 0), int(match.group(3))
+        obj, err = _read_json(path)
+        if not isinstance(obj, dict):
+            cell = CellResult(path, dataset, arch, scale, recipe, fold, seed, "unreadable",
+                        err or "not a JSON object", split=split)
+        else:
+            config = obj.get("config") or {}
+            data = obj.get("data") or {}
+            stated = {"arch": config.get("arch"), "scale": config.get("scale"),
+                      "recipe": config.get("recipe"), "fold": config.get("fold"),
+                      "seed": config.get("seed"),
+                      # a config from before --split existed ran the k-fold split
+                      "split": config.get("split", "kfold") if config else None,
+                      "dataset": data.get("results_dir") or data.get("name")}
+            actual = {"arch": arch, "scale": scale, "recipe": recipe, "fold": fold, "seed": seed,
+                      "split": split, "dataset": dataset}
+            wrong = [f"{k}={stated[k]!r} (path says {actual[k]!r})" for k in actual
+                     if stated[k] is not None and stated[k] != actual[k]]
+            if wrong:
+                problems.append(f"`{path.relative_to(root)}`: left out, its content disagrees with "
+                                f"its path: {', '.join(wrong)}")
+                continue
+            test = obj.get("test") if isinstance(obj.get("test"), dict) else {}
+            diagnostics = obj.get("diagnostics") if isinstance(obj.get("diagnostics"), dict) else {}
+            cell = CellResult(path, dataset, arch, scale, recipe, fold, seed,
+                        str(obj.get("status") or "unknown"), obj.get("error"),
+                        data.get("synthetic"), test, diagnostics, config, data.get("fingerprint"),
+                        split)
+            if cell.complete and not test:
+                cell.status, cell.error = "no test metrics", "status complete but no test block"
+        cells.append(cell)  # one file per identity: the path is the identity
+    return cells, problems
+
+
+def ordered(values, order) -> list:
+    known = [v for v in order if v in values]
+    return known + sorted(v for v in values if v not in order)
+
+
+
+def metric_value(cell: CellResult, metric: str) -> float | None:
+    v = cell.test.get(metric)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+@dataclass
+class DatasetView:
+    """The cells of one dataset under one split protocol."""
+
+    name: str
+    split: str
+    cells: list[CellResult]
+    archs: list[str]
+    scales: list[str]
+    recipes: list[str]
+    blocks: list[tuple[int, int]]
+    missing: list[tuple]
+    synthetic: bool | None
+    by_key: dict
+
+    @property
+    def protocol(self) -> Protocol:
+        return PROTOCOLS[self.split]
+
+    @property
+    def stem(self) -> str:
+        """File-name stem of this view's figures: the dataset (``<dataset>_holdout``)."""
+        return self.name if self.split == "kfold" else f"{self.name}_{self.split}"
+
+    def block_label(self, fold: int, seed: int) -> str:
+        return self.protocol.label.format(fold=fold, seed=seed)
+
+    def complete(self, arch, scale, recipe) -> dict[tuple[int, int], CellResult]:
+        """(fold, seed) -> complete cell."""
+        out = {}
+        for fold, seed in self.blocks:
+            cell = self.by_key.get((self.name, arch, scale, recipe, fold, seed))
+            if cell is not None and cell.complete:
+                out[(fold, seed)] = cell
+        return out
+
+    def values(self, arch, scale, recipe, metric) -> dict[tuple[int, int], float]:
+        return {b: v for b, c in self.complete(arch, scale, recipe).items()
+                if (v := metric_value(c, metric)) is not None}
+
+
+def dataset_views(cells: list[CellResult]) -> list[DatasetView]:
+    """One view per dataset and split protocol present (datasets sorted, protocols in SPLITS
+    order); a view's blocks are the (fold, seed) grid of its own cells."""
+    views = []
+    present = {(c.dataset, c.split) for c in cells}
+    for name, split in sorted(present, key=lambda k: (k[0], SPLITS.index(k[1]))):
+        mine = [c for c in cells if (c.dataset, c.split) == (name, split)]
+        archs = ordered({c.arch for c in mine}, ARCH_ORDER)
+        scales = ordered({c.scale for c in mine}, SCALE_ORDER)
+        recipes = ordered({c.recipe for c in mine}, tuple(RECIPES))
+        folds, seeds = sorted({c.fold for c in mine}), sorted({c.seed for c in mine})
+        by_key = {c.key: c for c in mine}
+        missing = [k for k in product([name], archs, scales, recipes, folds, seeds)
+                   if k not in by_key]
+        flags = {c.synthetic for c in mine if c.synthetic is not None}
+        synthetic = True if True in flags else (False if flags == {False} else None)
+        blocks = [(f, s) for f in folds for s in seeds]
+        views.append(DatasetView(name, split, mine, archs, scales, recipes, blocks, missing,
+                                 synthetic, by_key))
+    return views
+

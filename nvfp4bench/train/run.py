@@ -1,0 +1,243 @@
+"""Train one cell (arch x scale x recipe x fold x seed), evaluate it (docs/protocol.md "Training").
+
+``run(config) -> dict`` does the whole job and returns the result JSON it wrote::
+
+    store  = the slice store at --data (default: the embedded synthetic store, built on first use)
+    folds  = load_folds(store, split)[fold]             the study's patient-level train / val / test
+    model  = build_model(arch, scale) under a seed of (arch, scale, seed) only, so every recipe
+             of one (arch, scale, seed) starts from the same weights (QAT from scratch);
+             then quantize_model(model, recipe, generator=G_sr)
+    each epoch:  train (BCE + Tversky, grad clip 1.0) -> validate (loss, AUPRC)
+                 -> ReduceLROnPlateau(mode "max") stepped with minus the val loss
+                 -> best checkpoint / early stopping (val loss) -> checkpoint
+    at the end:  reload the best-val-loss weights, evaluate val and test with every metric of
+                 docs/protocol.md, measure the diagnostics, write the JSON.
+
+Randomness, all explicit and checkpointed: the model init (fork of the global RNG seeded by
+(arch, scale, seed)), the dropout / drop-path draws (global RNG forked and seeded by (seed,
+"train") for the duration of the run; its state is saved), the shuffling (a torch.Generator of the
+DataLoader), stochastic rounding (a torch.Generator given to the quantized layers), augmentation
+(a function of (seed, epoch, index) in SliceDataset). So a cell killed after epoch k and resumed
+ends with the same weights and metrics as one run straight through (CPU, bit for bit).
+
+A cell fails (JSON ``status: "failed"`` with the reason, no metrics) when a whole epoch's batches
+have a non-finite loss, or when no epoch ever had a finite validation loss (no best checkpoint).
+
+Checkpoints (results.checkpoint_paths) hold only tensors and plain containers and are read back
+with ``torch.load(weights_only=True)``.
+
+The parts: nvfp4bench.train.setup (seeds, device, precision, data, model, loaders),
+nvfp4bench.train.loop (optimizer, scheduler, early stopping, one epoch of steps: the study's loop,
+step by step), nvfp4bench.train.evaluate (validation, test metrics, diagnostics). This module is the
+run: its epochs, checkpoints and result JSON.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from nvfp4bench import results
+from nvfp4bench.atomic import save_torch_atomic
+from nvfp4bench.config import RunConfig
+from nvfp4bench.data.store import store_dir_name
+from nvfp4bench.env import environment
+from nvfp4bench.train.evaluate import VAL_METRICS, evaluate, measure_diagnostics, validate
+from nvfp4bench.train.loop import (EarlyStopping, NonFiniteError, make_optimizer, make_scheduler,
+                                   train_one_epoch)
+from nvfp4bench.train.losses import BCETverskyLoss
+from nvfp4bench.train.setup import (CellRun, build_quantized_model, derive_seed, init_seed,
+                                    make_loaders, setup)
+
+
+def _median(xs) -> float | None:
+    xs = list(xs)
+    return float(statistics.median(xs)) if xs else None
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _rng_state(cell: CellRun, sr_gen: torch.Generator, loader_gen: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(cell.device) if cell.device.type == "cuda" else None,
+            "sr": sr_gen.get_state(), "loader": loader_gen.get_state()}
+
+
+def _set_rng_state(state: dict, cell: CellRun, sr_gen, loader_gen) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and cell.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], cell.device)
+    sr_gen.set_state(state["sr"])
+    loader_gen.set_state(state["loader"])
+
+
+def _load_checkpoint(path: Path, cell: CellRun) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or damaged (torch raises several kinds): one clear line
+        raise ValueError(f"--resume: checkpoint {path} is unreadable ({type(e).__name__}); "
+                         f"delete it to start the cell again, or run without --resume") from None
+    if state.get("config_hash") != cell.config_hash:
+        raise ValueError(f"--resume: checkpoint {path} belongs to another configuration "
+                         f"(hash {state.get('config_hash')} != {cell.config_hash}); delete it or "
+                         f"run without --resume")
+    return state
+
+
+# --------------------------------------------------------------------------- run
+
+def _data_block(cell: CellRun) -> dict:
+    s = cell.store
+    return {"name": s.name, "synthetic": bool(s.synthetic), "fingerprint": s.fingerprint,
+            "path": str(Path(s.path).resolve()), "results_dir": store_dir_name(s),
+            "image_size": int(s.image_size), "channels": int(s.channels),
+            "spacing": s.spacing, "split": cell.config.split, "fold": cell.config.fold,
+            "patients": {p: list(cell.split[p]) for p in ("train", "val", "test")},
+            "slices": {p: len(s.slice_indices(cell.split[p])) for p in ("train", "val", "test")}}
+
+
+def run(config: RunConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+    """Train and evaluate one cell; write and return its result JSON (see module docstring).
+
+    ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is written (tests use
+    it to kill a run). A NaN / inf loss returns a result with status "failed"; any other error
+    writes a failed result and is raised again.
+    """
+    cell = setup(config)
+    if config.resume and results.is_complete(cell.json_path, cell.config_hash):
+        return results.read_result(cell.json_path)
+    results.check_same_store(cell.json_path, cell.store.fingerprint)
+    devices = [cell.device.index or 0] if cell.device.type == "cuda" else []
+    threads = torch.get_num_threads()
+    try:
+        if config.threads:  # 0 / None: torch's default
+            torch.set_num_threads(config.threads)
+        with torch.random.fork_rng(devices=devices):
+            return _run(cell, on_epoch_end)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cell: CellRun, on_epoch_end) -> dict:
+
+    c = cell.config
+    started = time.perf_counter()
+    torch.manual_seed(derive_seed("train", c.seed))
+    sr_gen = torch.Generator(device=cell.device).manual_seed(derive_seed("sr", c.seed))
+    loader_gen = torch.Generator().manual_seed(derive_seed("loader", c.seed))
+
+    model = build_quantized_model(cell, sr_gen)
+    train_set, train_loader, val_loader, test_loader = make_loaders(cell, loader_gen)
+    loss_fn = BCETverskyLoss()
+    optimizer = make_optimizer(c, model.parameters())
+    scheduler = make_scheduler(optimizer, c)
+    scaler = torch.amp.GradScaler(cell.device.type, enabled=cell.precision == "fp16")
+    stopper = EarlyStopping(c.patience, c.min_delta, c.min_epochs)
+    history: list[dict] = []
+    step_ms: list[float] = []
+    start_epoch = 0
+
+    if c.resume and cell.ckpt_path.exists():
+        state = _load_checkpoint(cell.ckpt_path, cell)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        stopper.load_state_dict(state["early_stopping"])
+        _set_rng_state(state["rng"], cell, sr_gen, loader_gen)
+        history, step_ms = list(state["history"]), state["step_ms"].tolist()
+        start_epoch = int(state["epoch"])
+
+    result = {
+        "schema_version": results.SCHEMA_VERSION, "status": "running", "error": None,
+        "config": c.to_dict(), "config_hash": cell.config_hash,
+        "env": environment(cell.device), "data": _data_block(cell),
+        "model": {"arch": c.arch, "scale": c.scale, "recipe": c.recipe,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "init_seed": init_seed(c.arch, c.scale, c.seed),
+                  "quantized_layers": list(getattr(model, "quantized_layers", [])),
+                  "layer_backends": dict(getattr(model, "layer_backends", {}))},
+        "history": history, "best_epoch": None, "best_val_loss": None, "epochs_run": None,
+        "stopped_early": None, "val": None, "test": None, "timing": None, "diagnostics": None,
+        "checkpoints": {"last": str(cell.ckpt_path), "best": str(cell.best_path)},
+    }
+
+    try:
+        epoch = start_epoch
+        while epoch < c.epochs and not stopper.stopped:
+            epoch += 1
+            t0 = time.perf_counter()
+            train_set.set_epoch(epoch)
+            lr = float(optimizer.param_groups[0]["lr"])
+            with tqdm(total=len(train_loader), desc=f"epoch {epoch}/{c.epochs}",
+                      disable=not c.progress, leave=True, dynamic_ncols=True) as bar:
+                tr = train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, cell,
+                                     epoch, bar)
+                val = validate(model, val_loader, loss_fn, cell, epoch)
+                auprc = "n/a" if val["auprc"] is None else f"{val['auprc']:.4f}"
+                bar.set_postfix(loss=f"{tr['train_loss']:.4f}", val_loss=f"{val['loss']:.4f}",
+                                val_auprc=auprc)
+            scheduler.step(-val["loss"])
+            if stopper.update(epoch, val["loss"]):
+                save_torch_atomic({"model": model.state_dict(), "epoch": epoch,
+                              "config_hash": cell.config_hash}, cell.best_path)
+            step_ms.extend(tr["step_ms"])
+            record = {"epoch": epoch, "train_loss": tr["train_loss"],
+                      "val_loss": val["loss"] if math.isfinite(val["loss"]) else None,
+                      "val": {k: val[k] for k in VAL_METRICS}, "lr": lr, "grad_norm": tr["grad_norm"],
+                      "grad_norm_max": tr["grad_norm_max"], "skipped_steps": tr["skipped_steps"],
+                      "nonfinite_grad_steps": tr["nonfinite_grad_steps"],
+                      "step_ms_median": _median(tr["step_ms"]),
+                      "seconds": time.perf_counter() - t0}
+            history.append(record)
+            save_torch_atomic({"config_hash": cell.config_hash, "epoch": epoch,
+                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                          "early_stopping": stopper.state_dict(),
+                          "rng": _rng_state(cell, sr_gen, loader_gen), "history": history,
+                          "step_ms": torch.tensor(step_ms, dtype=torch.float64)},
+                         cell.ckpt_path)
+            if not c.progress:  # a plain line per epoch for logs
+                print(f"epoch {epoch}/{c.epochs}: loss {tr['train_loss']:.4f}, val loss "
+                      f"{val['loss']:.4f}, val AUPRC {auprc}, lr {lr:.3g}, "
+                      f"{record['seconds']:.1f} s", flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
+
+        t_eval = time.perf_counter()
+        if stopper.best_epoch is None:
+            raise NonFiniteError(f"no epoch of {len(history)} had a finite validation loss: there "
+                                 f"is no best checkpoint (recipe {cell.recipe.name})")
+        best = torch.load(cell.best_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(best["model"])
+        result["val"] = evaluate(model, val_loader, cell, "val")
+        result["test"] = evaluate(model, test_loader, cell, "test")
+        if c.diagnostics:
+            result["diagnostics"] = measure_diagnostics(model, val_loader, loss_fn, cell)
+        eval_s = time.perf_counter() - t_eval
+        result.update(
+            status="complete", best_epoch=stopper.best_epoch, best_val_loss=stopper.best_loss,
+            epochs_run=len(history), stopped_early=stopper.stopped and len(history) < c.epochs,
+            timing={"total_seconds": sum(h["seconds"] for h in history) + eval_s,
+                    "train_seconds": sum(h["seconds"] for h in history),
+                    "eval_seconds": eval_s,
+                    "wall_seconds_this_process": time.perf_counter() - started,
+                    "median_step_ms": _median(step_ms), "steps": len(step_ms),
+                    "resumed_from_epoch": start_epoch or None})
+    except NonFiniteError as e:
+        result.update(status="failed", error=str(e), epochs_run=len(history))
+        results.write_result(cell.json_path, result)
+        return result
+    except Exception as e:
+        result.update(status="failed", epochs_run=len(history),
+                      error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        results.write_result(cell.json_path, result)
+        raise
+    results.write_result(cell.json_path, result)
+    return result

@@ -1,0 +1,68 @@
+"""The benchmark CLI: it runs, prints what it promises, and refuses bad arguments cleanly."""
+import json
+
+import pytest
+
+from nvfp4bench.checks import bench
+
+
+def test_quant_prints_every_case_with_its_ratio_to_the_copy(capsys):
+    assert bench.main(["quant", "--size", "64", "--repeats", "2", "--kernels", "eager",
+                       "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["case"] for r in rows] == list(bench.QUANT_CASES)
+    copy = rows[0]
+    assert copy["ratio_to_copy"] == 1.0
+    for r in rows:
+        assert r["median_ms"] > 0 and r["ratio_to_copy"] == pytest.approx(
+            r["median_ms"] / copy["median_ms"])
+
+
+def test_train_times_each_recipe_against_the_baseline(capsys):
+    assert bench.main(["train", "--arch", "cnn", "--scale", "tiny", "--recipes", "nvfp4_full",
+                       "--image-size", "32", "--batch-size", "2", "--steps", "1",
+                       "--warmup", "0", "--quant-kernels", "eager", "--epoch-slices", "5",
+                       "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["recipe"] for r in rows] == [bench.BASELINE_RECIPE, "nvfp4_full"]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["quantized_layers"] == 0
+    assert rows[1]["quantized_layers"] > 0 and rows[1]["step_ms"] > 0
+    assert all(set(r) >= {"recipe", "step_ms", "ratio", "peak_mb", "epoch_s"} for r in rows)
+    for r in rows:  # 5 slices in batches of 2: three steps per epoch
+        assert r["epoch_s"] == pytest.approx(3 * r["step_ms"] / 1000)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quant", "--size", "40"], "multiple of 16"),
+    (["quant", "--kernels", "eager,fast"], "--kernels"),
+    (["quant", "--device", "tpu"], "cpu or cuda"),
+    (["train", "--recipes", "nvfp4_fast"], "unknown recipe"),
+    (["train", "--arch", "mlp"], "--arch"),
+    (["train", "--steps", "0"], "--steps"),
+    (["train", "--epoch-slices", "0"], "--epoch-slices"),
+])
+def test_bad_arguments_exit_2_without_a_traceback(argv, message, capsys):
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def _bench_layers_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_layers.py"
+    spec = importlib.util.spec_from_file_location("bench_layers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layer_benchmark_prints_a_step_ratio_per_recipe(capsys):
+    bench_layers = _bench_layers_module()
+    assert bench_layers.main(["steps", "--archs", "cnn", "--scale", "tiny", "--size", "32",
+                              "--batch", "2", "--reps", "1", "--quant-kernels", "eager",
+                              "--recipes", "fp32", "nvfp4_full"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cnn |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[1].endswith(" ms") and cells[2].endswith("x)")  # fp32 ms; nvfp4_full ms (ratio)

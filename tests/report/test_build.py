@@ -1,0 +1,310 @@
+"""Report: hand-made cell JSONs (with a missing and a failed cell) against scipy and numpy."""
+import csv
+import json
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from scipy import stats as sst
+
+from nvfp4bench.report import build as R
+from nvfp4bench.report import cli as report_cli
+
+RECIPES = ("baseline", "nvfp4_full", "2d_rht_sr")
+ARCHS = ("cnn", "vit")
+FOLDS = range(5)
+SEED = 2026
+MISSING = ("vit", "tiny", "2d_rht_sr", 3)
+FAILED = ("cnn", "tiny", "nvfp4_full", 2)
+
+
+def _value(arch, recipe, fold, metric):
+    """Deterministic, distinct values per cell."""
+    rng = np.random.default_rng(zlib.crc32(f"{arch}|{recipe}|{fold}|{metric}".encode()))
+    base = {"auprc": 0.7, "recall": 0.8, "dice": 0.6, "hd95_mean": 12.0}[metric]
+    shift = {"baseline": 0.0, "nvfp4_full": -0.05, "2d_rht_sr": -0.01}[recipe]
+    return float(base + shift * (1 if metric != "hd95_mean" else -40) + rng.normal(0, 0.02))
+
+
+def _write(root, arch, scale, recipe, fold, seed, obj):
+    path = root / "synthetic" / arch / scale / recipe / f"fold{fold}_seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _cell(arch, recipe, fold, status="complete"):
+    obj = {"schema_version": 1, "status": status, "error": None,
+           "config": {"arch": arch, "scale": "tiny", "recipe": recipe, "fold": fold, "seed": SEED,
+                      "epochs": 100, "out": f"/somewhere/{fold}"},
+           "data": {"name": "synthetic", "synthetic": True, "fingerprint": "abc"},
+           "test": {m: _value(arch, recipe, fold, m)
+                    for m in ("auprc", "recall", "dice", "hd95_mean")} | {"hd95_unit": "voxel"},
+           "diagnostics": {"summary": {"attention_collapsed_share": 0.1 * fold,
+                                       "gradient_cosine": 0.9 - 0.01 * fold, "flag": True}}}
+    if status == "failed":
+        obj.update(test=None, error="NonFiniteError: epoch 3: validation loss is nan\ntrace")
+    return obj
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results"
+    for arch in ARCHS:
+        for recipe in RECIPES:
+            for fold in FOLDS:
+                if (arch, "tiny", recipe, fold) == MISSING:
+                    continue
+                status = "failed" if (arch, "tiny", recipe, fold) == FAILED else "complete"
+                _write(root, arch, "tiny", recipe, fold, SEED, _cell(arch, recipe, fold, status))
+    return root
+
+
+def _vals(arch, recipe, metric, folds=FOLDS):
+    return [_value(arch, recipe, f, metric) for f in folds
+            if (arch, "tiny", recipe, f) not in (MISSING, FAILED)]
+
+
+def test_summary_matches_numpy_and_scipy(results, tmp_path):
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    row = next(r for r in out["summary"] if (r["arch"], r["recipe"], r["metric"])
+               == ("cnn", "nvfp4_full", "dice"))
+    x = _vals("cnn", "nvfp4_full", "dice")
+    assert row["n"] == 4 and row["n_cells"] == 4
+    assert row["mean"] == pytest.approx(np.mean(x))
+    assert row["sd"] == pytest.approx(np.std(x, ddof=1))
+    lo, hi = sst.t.interval(0.95, 3, loc=np.mean(x), scale=sst.sem(x))
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+
+
+def test_paired_comparison_against_scipy_with_holm(results, tmp_path):
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    rows = {r["recipe"]: r for r in out["comparison"]
+            if (r["arch"], r["metric"]) == ("cnn", "auprc")}
+    assert set(rows) == {"nvfp4_full", "2d_rht_sr"}
+    folds = [f for f in FOLDS if f != 2]                     # fold 2 failed for nvfp4_full
+    x = np.array([_value("cnn", "nvfp4_full", f, "auprc") for f in folds])
+    y = np.array([_value("cnn", "baseline", f, "auprc") for f in folds])
+    r = rows["nvfp4_full"]
+    assert r["n_pairs"] == 4
+    assert r["wilcoxon_p"] == pytest.approx(sst.wilcoxon(x - y).pvalue)
+    assert r["cohens_d"] == pytest.approx((x - y).mean() / (x - y).std(ddof=1))
+    assert r["pct_mean"] == pytest.approx(np.mean(100 * x / y))
+    assert r["mean_diff"] == pytest.approx((x - y).mean())
+    p = sorted([rows["nvfp4_full"]["wilcoxon_p"], rows["2d_rht_sr"]["wilcoxon_p"]])
+    adjusted = sorted([rows["nvfp4_full"]["holm_p"], rows["2d_rht_sr"]["holm_p"]])
+    assert adjusted[0] == pytest.approx(min(1, 2 * p[0]))
+    assert adjusted[1] == pytest.approx(max(min(1, 2 * p[0]), p[1]))
+    vit = {r["recipe"]: r for r in out["comparison"]
+           if (r["arch"], r["metric"]) == ("vit", "auprc")}
+    assert vit["2d_rht_sr"]["n_pairs"] == 4 and vit["nvfp4_full"]["n_pairs"] == 5
+
+
+def test_kendalls_w_uses_complete_blocks_and_matches_friedman(results, tmp_path):
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    row = next(r for r in out["ranking"] if (r["arch"], r["metric"]) == ("cnn", "auprc"))
+    folds = [f for f in FOLDS if f != 2]
+    table = np.array([[_value("cnn", rc, f, "auprc") for rc in RECIPES] for f in folds])
+    chi2 = sst.friedmanchisquare(*table.T).statistic
+    assert (row["m_blocks"], row["n_recipes"]) == (4, 3)
+    assert row["kendalls_w"] == pytest.approx(chi2 / (4 * (3 - 1)))
+
+
+def test_report_names_missing_failed_and_synthetic(results, tmp_path):
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    assert [m[1:] for m in out["views"][0].missing] == [("vit", "tiny", "2d_rht_sr", 3, SEED)]
+    text = (tmp_path / "rep" / "report.md").read_text()
+    head = text.split("\n## ")[0]
+    assert "synthetic dataset" in head
+    assert "- vit / tiny / 2d_rht_sr / fold 3 seed 2026" in text
+    assert "cnn / tiny / nvfp4_full / fold 2 seed 2026: **failed**: NonFiniteError" in text
+    assert "HD95 (voxel)" in text
+    with open(tmp_path / "rep" / "cells.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 * 5 - 1
+    assert {r["status"] for r in rows} == {"complete", "failed"}
+    assert "diag.gradient_cosine" in rows[0] and "diag.flag" not in rows[0]
+    with open(tmp_path / "rep" / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 2 * 3 * 4
+
+
+def test_mismatched_content_and_unreadable_files_are_reported(results, tmp_path):
+    wrong = _cell("cnn", "baseline", 0)
+    wrong["config"]["recipe"] = "fwd_only"
+    _write(results, "cnn", "tiny", "baseline", 0, 7, wrong)               # path says baseline, seed 7
+    bad = results / "synthetic" / "cnn" / "tiny" / "baseline" / "fold1_seed7.json"
+    bad.write_text("{not json")
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    assert any("disagrees with its path" in p and "fwd_only" in p for p in out["problems"])
+    unreadable = [c for c in out["cells"] if c.status == "unreadable"]
+    assert len(unreadable) == 1 and unreadable[0].seed == 7
+    assert "**Problems**" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_cli_errors_exit_nonzero_without_traceback(results, tmp_path, capsys):
+    assert report_cli.main([str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report_cli.main([str(tmp_path / "empty")]) == 2
+    assert "no cell results" in capsys.readouterr().err
+    assert report_cli.main([str(results), "--baseline", "nope"]) == 2
+    assert "not a recipe" in capsys.readouterr().err
+    assert report_cli.main([str(results), "--metric", "nope"]) == 2
+    assert "available:" in capsys.readouterr().err
+    assert report_cli.main([str(results), "--out", str(tmp_path / "cli"), "--metric", "dice",
+                   "--no-figures"]) == 0
+    assert "29 cells" in capsys.readouterr().out
+    assert "Dice (soft, per image): each recipe against `baseline`" in \
+        (tmp_path / "cli" / "report.md").read_text()
+
+
+def test_figures_skip_cleanly_without_matplotlib(results, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)        # import matplotlib -> ImportError
+    R.build_report(results, tmp_path / "rep")
+    assert "matplotlib is not installed" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_figures_are_written_with_matplotlib(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    R.build_report(results, tmp_path / "rep")
+    names = {p.name for p in (tmp_path / "rep").glob("*.png")}
+    assert {"synthetic_cv_bars.png", "synthetic_sensitivity.png",
+            "synthetic_diagnostics_attention.png", "synthetic_diagnostics_gradient.png"} <= names
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "![" in text and "synthetic_sensitivity.png" in text
+
+
+def test_cells_run_with_different_options_or_data_are_flagged(results, tmp_path):
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    assert "should not be compared" not in (tmp_path / "rep" / "report.md").read_text()
+    odd = _cell("vit", "baseline", 4)
+    odd["config"]["epochs"] = 2
+    odd["data"]["fingerprint"] = "xyz"
+    _write(results, "vit", "tiny", "baseline", 4, SEED, odd)
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "should not be compared" in text
+    assert "vit / tiny: cells differ in `epochs`: 100 (13 cells), 2 (1 cell)" in text
+    assert "different stores" in text and "cnn / tiny: cells differ" not in text
+    assert len(out["cells"]) == 29                      # flagged, not dropped
+
+
+def test_report_without_baseline_cells_says_what_is_missing(tmp_path, capsys):
+    # what the README's first command leaves: one nvfp4_full cell, no baseline
+    root = tmp_path / "results"
+    _write(root, "swin", "tiny", "nvfp4_full", 0, SEED, _cell("swin", "nvfp4_full", 0))
+    assert report_cli.main([str(root), "--no-figures"]) == 0
+    assert "no `baseline` cell yet" in capsys.readouterr().out
+    text = (root / "report" / "report.md").read_text()
+    assert "**Missing comparisons**: no cell of the baseline `baseline`" in text
+    assert "recipes present: `nvfp4_full`" in text
+    assert "| swin | tiny | nvfp4_full | 1 |" in text  # its numbers are still reported
+    assert report_cli.main([str(root), "--baseline", "fp32", "--no-figures"]) == 0  # absent, but valid
+
+
+def test_report_with_only_failed_cells_still_writes(tmp_path, capsys):
+    root = tmp_path / "results"
+    _write(root, "cnn", "tiny", "baseline", 0, SEED, _cell("cnn", "baseline", 0, status="failed"))
+    assert report_cli.main([str(root), "--no-figures"]) == 0
+    assert "NonFiniteError" in (root / "report" / "report.md").read_text()
+
+
+# hold-out split: <recipe>/holdout_seed<s>.json, one partition (fold 0), replicates are seeds
+HOLDOUT_SEEDS = range(SEED, SEED + 6)
+HOLDOUT_MISSING = ("cnn", "nvfp4_full", SEED + 2)
+
+
+def _holdout_cell(arch, recipe, seed):
+    obj = _cell(arch, recipe, 0)
+    obj["config"].update(split="holdout", seed=seed)
+    obj["test"] = {m: _value(arch, recipe, f"holdout{seed}", m)
+                   for m in ("auprc", "recall", "dice", "hd95_mean")} | {"hd95_unit": "voxel"}
+    return obj
+
+
+def _write_holdout(root, arch, recipe, seed, obj):
+    path = root / "synthetic" / arch / "tiny" / recipe / f"holdout_seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _add_holdout(root, archs=("cnn",), recipes=("baseline", "nvfp4_full")):
+    for arch in archs:
+        for recipe in recipes:
+            for seed in HOLDOUT_SEEDS:
+                if (arch, recipe, seed) != HOLDOUT_MISSING:
+                    _write_holdout(root, arch, recipe, seed, _holdout_cell(arch, recipe, seed))
+
+
+def test_holdout_cells_are_read_paired_by_seed_and_never_pooled_with_kfold(results, tmp_path,
+                                                                          capsys):
+    kfold_only = R.build_report(results, tmp_path / "k", figures=False)
+    _add_holdout(results)                   # seed 2026 and fold 0 also name k-fold cells
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    assert [(v.name, v.split) for v in out["views"]] == [("synthetic", "kfold"),
+                                                         ("synthetic", "holdout")]
+    for key in ("summary", "comparison", "ranking"):     # k-fold numbers exactly as before
+        assert [r for r in out[key] if r["split"] == "kfold"] == kfold_only[key]
+    holdout = out["views"][1]
+    assert holdout.blocks == [(0, s) for s in HOLDOUT_SEEDS]
+    assert [m[1:] for m in holdout.missing] == [("cnn", "tiny", "nvfp4_full", 0, SEED + 2)]
+    seeds = [s for s in HOLDOUT_SEEDS if s != SEED + 2]  # paired by seed, not by position
+    x = np.array([_value("cnn", "nvfp4_full", f"holdout{s}", "auprc") for s in seeds])
+    y = np.array([_value("cnn", "baseline", f"holdout{s}", "auprc") for s in seeds])
+    r = next(r for r in out["comparison"] if r["split"] == "holdout" and r["metric"] == "auprc")
+    assert (r["arch"], r["recipe"], r["n_pairs"]) == ("cnn", "nvfp4_full", 5)
+    assert r["wilcoxon_p"] == pytest.approx(sst.wilcoxon(x - y).pvalue)
+    assert r["pct_mean"] == pytest.approx(np.mean(100 * x / y))
+    assert r["cohens_d"] == pytest.approx((x - y).mean() / (x - y).std(ddof=1))
+    s = next(r for r in out["summary"] if (r["split"], r["recipe"], r["metric"])
+             == ("holdout", "baseline", "auprc"))
+    base = [_value("cnn", "baseline", f"holdout{s}", "auprc") for s in HOLDOUT_SEEDS]
+    assert s["n"] == 6 and s["mean"] == pytest.approx(np.mean(base))
+    w = next(r for r in out["ranking"] if (r["split"], r["metric"]) == ("holdout", "auprc"))
+    assert (w["m_blocks"], w["n_recipes"]) == (5, 2)
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Dataset `synthetic`: k-fold cross-validation (synthetic)" in text
+    holdout_text = text.split("## Dataset `synthetic`: patient hold-out (synthetic)")[1]
+    assert "each recipe against `baseline`, paired per seed" in holdout_text
+    assert "- cnn / tiny / nvfp4_full / holdout seed 2028" in holdout_text
+    assert "fold" not in holdout_text
+    assert "k-fold cross-validation (29 cells), patient hold-out (11 cells)" in text
+    assert "synthetic dataset** (`synthetic`), not" in text      # the dataset named once
+    with open(tmp_path / "rep" / "cells.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(r["split"] == "holdout" for r in rows) == 11 and len(rows) == 40
+    assert report_cli.main([str(results), "--out", str(tmp_path / "cli"), "--no-figures"]) == 0
+    assert "40 cells" in capsys.readouterr().out
+
+
+def test_holdout_only_results_get_their_own_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    root = tmp_path / "results"
+    _add_holdout(root, archs=("cnn", "vit"))
+    out = R.build_report(root, tmp_path / "rep")
+    assert [v.split for v in out["views"]] == ["holdout"] and not out["problems"]
+    names = {p.name for p in (tmp_path / "rep").glob("*.png")}
+    assert {"synthetic_holdout_cv_bars.png", "synthetic_holdout_sensitivity.png"} <= names
+    assert not any(n.startswith("synthetic_cv") for n in names)
+
+
+def test_holdout_file_disagreeing_with_its_name_is_flagged(results, tmp_path):
+    _add_holdout(results)
+    as_kfold = _holdout_cell("cnn", "baseline", 7)
+    as_kfold["config"].update(split="kfold", fold=3)      # a k-fold result, hold-out name
+    _write_holdout(results, "cnn", "baseline", 7, as_kfold)
+    as_holdout = _holdout_cell("cnn", "baseline", 7)     # a hold-out result, fold name
+    _write(results, "cnn", "tiny", "baseline", 0, 7, as_holdout)
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    flagged = {p.split("`")[1]: p for p in out["problems"]}
+    wrong_holdout = flagged["synthetic/cnn/tiny/baseline/holdout_seed7.json"]
+    assert "split='kfold' (path says 'holdout')" in wrong_holdout and "fold=3" in wrong_holdout
+    assert "split='holdout' (path says 'kfold')" in \
+        flagged["synthetic/cnn/tiny/baseline/fold0_seed7.json"]
+    assert len(out["problems"]) == 2
+    assert all("disagrees with its path" in p for p in flagged.values())
+    assert 7 not in {c.seed for c in out["cells"]}
+    assert "**Problems**" in (tmp_path / "rep" / "report.md").read_text()
