@@ -189,3 +189,10 @@ def test_data_prep_writes_the_folds_of_the_lgg_layout(tmp_path):
     assert {k: got[k] for k in ("train", "val", "test")} == \
            {k: want["holdout"][0][k] for k in ("train", "val", "test")}
     assert SliceStore(out).patients == sorted(slices)
+
+
+def test_the_embedded_store_is_built_with_its_folds(store_dir):
+    """data_prep writes folds.json with the store (the embedded store takes the same path)."""
+    saved = json.loads((store_dir / "folds.json").read_text())
+    assert sorted(saved["patients"]) == sorted(SliceStore(store_dir).patients)
+    assert len(load_folds(store_dir)) == 5 and len(load_folds(store_dir, split="holdout")) == 1
