@@ -160,8 +160,9 @@ def stage_tests(ctx: Context) -> dict:
     import subprocess  # noqa: I001 - only this stage and verify_te start processes
     import xml.etree.ElementTree as ET  # only this stage reads pytest's report
     if ctx.tests_dir is None or not (ctx.tests_dir / "quant" / "test_nvfp4_device.py").is_file():
-        return result("SKIP", f"no tests folder at {ctx.tests_dir} (an installed package has "
-                              f"none): pass --tests DIR of a nvfp4bench checkout")
+        where = f"at {ctx.tests_dir}" if ctx.tests_dir else "beside the installed package"
+        return result("SKIP", f"no tests folder {where}: pass --tests DIR, the tests/ folder "
+                              f"of a nvfp4bench checkout")
     xml = ctx.out / "pytest.xml"
     device_tests = str(ctx.tests_dir / "quant" / "test_nvfp4_device.py")
     if ctx.device.type == "cuda":

@@ -51,6 +51,17 @@ def _ctx(tmp_path, budget=60.0):
                              time.monotonic() + budget, tmp_path / "store")
 
 
+def test_the_tests_stage_is_skipped_without_a_checkouts_tests_folder(tmp_path):
+    """An installed package has no tests/: the stage says how to point at a checkout's."""
+    ctx = _ctx(tmp_path)
+    res = gpu_check.stage_tests(ctx)
+    assert res["status"] == "SKIP" and "--tests DIR" in res["line"]
+    ctx.tests_dir = tmp_path / "nowhere"
+    res = gpu_check.stage_tests(ctx)
+    assert res["status"] == "SKIP" and str(tmp_path / "nowhere") in res["line"]
+    assert not (tmp_path / "pytest.xml").exists()
+
+
 def test_a_failing_or_overrunning_stage_reports_fail_and_the_next_runs(tmp_path, monkeypatch):
     def boom(ctx):
         raise RuntimeError("broken on purpose")
