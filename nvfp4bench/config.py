@@ -2,8 +2,8 @@
 
 ``RunConfig`` is a frozen dataclass holding every command-line option. Options left at ``None``
 take the study's value when the run starts (``RunConfig.resolved()``): the optimiser, learning rate
-and weight decay come from ``OPTIMIZERS`` (a table per architecture), the image size from the data
-store.
+and weight decay come from ``ARMS`` (the study's four arms: a model family and its optimiser), the
+image size from the data store.
 
 Defaults (docs/protocol.md "Training"): batch 32, at most 100 epochs, ReduceLROnPlateau(mode "max",
 factor 0.5, patience 10) stepped with minus the validation loss, gradient clipping at norm 1.0,
@@ -30,13 +30,35 @@ class OptimizerSpec:
     weight_decay: float
 
 
-# The study's optimisers, one row per architecture.
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "cnn": OptimizerSpec("adamax", lr=5e-4, weight_decay=0.0),
-    "vit": OptimizerSpec("adamw", lr=1e-4, weight_decay=1e-4),
-    "swin": OptimizerSpec("adamw", lr=1e-4, weight_decay=1e-4),
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the study (its main.py ``ARCH_CONFIGS``): a model family and its optimiser.
+
+    ``--arch`` names an arm; the result path and the report use that name, and the model is built
+    from ``family`` (a key of ``nvfp4bench.models.FAMILIES``). The two ViT arms share their
+    initial weights (``init_seed`` takes the family): they differ only in the optimiser.
+    """
+
+    family: str
+    optimizer: OptimizerSpec
+
+
+# The study's four arms (``--arch all``), in its order.
+ARMS: dict[str, Arm] = {
+    "cnn": Arm("cnn", OptimizerSpec("adamax", lr=5e-4, weight_decay=0.0)),
+    "vit": Arm("vit", OptimizerSpec("adamw", lr=1e-4, weight_decay=1e-4)),
+    "vit_adamax": Arm("vit", OptimizerSpec("adamax", lr=5e-4, weight_decay=0.0)),
+    "swin": Arm("swin", OptimizerSpec("adamw", lr=1e-4, weight_decay=1e-4)),
 }
 OPTIMIZER_NAMES = ("adamax", "adamw", "adam")
+
+# The version of what a cell computes for a given config: part of every config hash, so a result
+# made before a change of the computation shows as outdated, never as complete. Bump it with any
+# change that alters a cell's numbers without changing its options. History:
+#   1  (implicit: hashes made before the version existed)
+#   2  LGG channels in the study's BGR order; augmentation as albumentations 2.x (independent x
+#      and y scales, brightness / contrast on uint8); ROC-AUC, ECE, logit and entropy metrics
+PROTOCOL_VERSION = 2
 
 DEFAULT_EPOCHS = 100  # the study's maximum
 DEFAULT_SEED = 2026
@@ -82,7 +104,7 @@ class RunConfig:
     # training
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = 32
-    optimizer: str | None = None  # None: OPTIMIZERS[arch]
+    optimizer: str | None = None  # None: ARMS[arch].optimizer
     lr: float | None = None
     weight_decay: float | None = None
     grad_clip: float = 1.0
@@ -107,13 +129,18 @@ class RunConfig:
 
         The image size stays ``None`` (the store's size) until the store is opened.
         """
-        spec = OPTIMIZERS[self.arch]
+        spec = ARMS[self.arch].optimizer
         return dataclasses.replace(
             self,
             optimizer=self.optimizer if self.optimizer is not None else spec.name,
             lr=self.lr if self.lr is not None else spec.lr,
             weight_decay=self.weight_decay if self.weight_decay is not None
             else spec.weight_decay)
+
+    @property
+    def family(self) -> str:
+        """The model family of the arm ``arch`` (``vit_adamax`` -> ``vit``)."""
+        return ARMS[self.arch].family
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -33,7 +33,7 @@ from typing import Any
 
 from nvfp4bench import atomic
 from nvfp4bench.cell import Cell
-from nvfp4bench.config import NON_RESULT_FIELDS
+from nvfp4bench.config import NON_RESULT_FIELDS, PROTOCOL_VERSION
 from nvfp4bench.data.store import (DEFAULT_DATA_DIR, SYNTHETIC_NAME, SliceStore, is_store,
                                    store_dir_name)
 
@@ -46,10 +46,12 @@ def config_hash(config) -> str:
     ``config`` is a RunConfig; per-architecture defaults are filled in first, so ``--lr 5e-4``
     and the CNN's default hash alike. The data enters as the store's content fingerprint (see
     ``data_identity``), so a store rebuilt in place makes its cells pending again and a store
-    that moved keeps them complete.
+    that moved keeps them complete. ``config.PROTOCOL_VERSION`` enters too: a result computed
+    before a change of what a cell computes is outdated.
     """
     d = {k: v for k, v in config.resolved().to_dict().items() if k not in NON_RESULT_FIELDS}
     d["data"] = data_identity(config.data)
+    d["protocol"] = PROTOCOL_VERSION
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

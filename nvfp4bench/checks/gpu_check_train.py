@@ -18,7 +18,8 @@ with the LGG set's 3,929 slices split 80 / 10 / 10 % (train / val / test, hold-o
 fold alike) and EPOCHS = 100, the study's maximum (early stopping may end a cell from epoch 40
 on: the hours are an upper bound). The eight recipes are timed by proxy: the 1-D recipes
 (nvfp4_full, fwd_only, chain_rule, sr_only) as nvfp4_full, the 2-D / RHT ones (2d_rht,
-2d_rht_sr, fwd_rht) as 2d_rht_sr. Scales without a measurement use the middle scale's time.
+2d_rht_sr, fwd_rht) as 2d_rht_sr; an arm by its model family (vit_adamax as vit: the optimiser's
+step is a small part of it). Scales without a measurement use the middle scale's time.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 
 # The project's modules (the only place this file names them).
 from nvfp4bench.checks import bench
-from nvfp4bench.config import RunConfig
+from nvfp4bench.config import ARMS, RunConfig
 from nvfp4bench.data import SliceStore, ensure_synthetic_store
 from nvfp4bench.quant.recipes import RECIPES, STUDY_RECIPES
 from nvfp4bench.train.evaluate import validate
@@ -60,9 +61,9 @@ def study_recipe(study_id: int) -> str:
     return next(r for r in STUDY_RECIPES if RECIPES[r].study_id == study_id)
 
 
-# name -> (archs, scales, recipes, runs per cell: seeds or folds)
+# name -> (arms, scales, recipes, runs per cell: seeds or folds)
 MATRICES = {
-    "hold-out": (ARCHS, SCALES, STUDY_RECIPES, 1),
+    "hold-out": (tuple(ARMS), SCALES, STUDY_RECIPES, 1),
     "multi-seed": (("swin", "cnn"), SCALES, STUDY_RECIPES, 10),
     "5-fold CV": (("swin", "cnn"), (MIDDLE_SCALE,), (study_recipe(0), study_recipe(5)), 5),
     "full 5-fold grid": (ARCHS, SCALES, STUDY_RECIPES, 5),
@@ -240,9 +241,10 @@ def project(rows: list[dict], middle_scale: str = MIDDLE_SCALE) -> dict:
         for a in archs:
             for sc in scales:
                 for r in recipes:
-                    key = (a, sc, PROXY[r])
+                    family = ARMS[a].family
+                    key = (family, sc, PROXY[r])
                     if key not in timed:
-                        key = (a, middle_scale, PROXY[r])
+                        key = (family, middle_scale, PROXY[r])
                         assumed.add(f"{a}/{sc}")
                     if key not in timed:
                         return {"error": f"no timing for {key}"}

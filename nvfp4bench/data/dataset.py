@@ -8,9 +8,11 @@ Item k of ``SliceDataset(store, patients)`` is store slice i = ``dataset.indices
 
 mean/std: ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) for 3 channels, as the study;
 for any other channel count every channel uses their averages, 0.449 / 0.226.
-With ``image_size`` different from the store's, slices are resized on the fly (bilinear with
-antialiasing for the image, nearest for the mask) before augmentation. Augmentation
-(``augment.py``) draws from (seed, epoch, i): call ``set_epoch(epoch)`` before each epoch.
+The image stays uint8 until that normalisation, as in the study, whose albumentations transforms
+work on ``cv2.imread``'s uint8 image. With ``image_size`` different from the store's, slices are
+resized on the fly (bilinear with antialiasing for the image, rounded back to uint8; nearest for
+the mask) before augmentation. Augmentation (``augment.py``) draws from (seed, epoch, i): call
+``set_epoch(epoch)`` before each epoch.
 """
 from __future__ import annotations
 
@@ -62,19 +64,28 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, k: int):
         i = int(self.indices[k])
-        # numpy for the per-pixel work: single-threaded, so it does not fight the training loop
-        # (or other processes) for torch's intra-op threads
-        image = torch.from_numpy(self.store.images[i] * np.float32(1 / 255))  # (C, H, W) [0, 1]
+        image = self.store.images[i]  # uint8 (C, H, W), memory-mapped
         mask = torch.from_numpy(self.store.masks[i].astype(np.float32))[None]  # (1, H, W)
         if self.image_size != image.shape[-1]:
-            size = (self.image_size, self.image_size)
-            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
-                                  antialias=True)[0].clamp_(0, 1)
-            mask = F.interpolate(mask[None], size=size, mode="nearest-exact")[0]
+            image, mask = self._resized(image, mask)
         if self.augment:
-            image, mask = augment_slice(image, mask, seed=self.seed, epoch=self.epoch, index=i)
-        image = torch.from_numpy((image.numpy() - self._mean) / self._std)
-        return image, mask, i
+            augmented, mask = augment_slice(torch.from_numpy(np.array(image)), mask,
+                                            seed=self.seed, epoch=self.epoch, index=i)
+            image = augmented.numpy()
+        # numpy for the per-pixel work: single-threaded, so it does not fight the training loop
+        # (or other processes) for torch's intra-op threads
+        image = image * np.float32(1 / 255)  # (C, H, W) float32 in [0, 1]
+        return torch.from_numpy((image - self._mean) / self._std), mask, i
+
+    def _resized(self, image: np.ndarray, mask: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """The slice at ``image_size``: the image bilinear with antialiasing, rounded back to
+        uint8 (the study resizes its uint8 images), the mask nearest."""
+        size = (self.image_size, self.image_size)
+        resized = F.interpolate(torch.from_numpy(image.astype(np.float32))[None], size=size,
+                                mode="bilinear", align_corners=False, antialias=True)[0]
+        image = resized.round_().clamp_(0, 255).to(torch.uint8).numpy()
+        return image, F.interpolate(mask[None], size=size, mode="nearest-exact")[0]
+
 
 def patient_volumes(store: SliceStore, indices, values) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Re-stack per-slice arrays by patient.

@@ -31,7 +31,7 @@ from nvfp4bench.data import synthetic
 from nvfp4bench.data.errors import DataError
 from nvfp4bench.data.folds import write_folds
 from nvfp4bench.data.preprocess import INTENSITY_RULES, SLICE_MODES, SliceRule, process_volume
-from nvfp4bench.data.sources import DEFAULT_MODALITIES, MODALITIES, SOURCES, get_source
+from nvfp4bench.data.sources import MODALITIES, SOURCES, default_modalities, get_source
 from nvfp4bench.data.store import (DEFAULT_DATA_DIR, SliceStore, StoreWriter, check_replaceable,
                                    is_store, leftover_prefix, store_dir_name, sweep_leftovers)
 
@@ -52,7 +52,7 @@ class PrepConfig:
     output: Path
     input: Path | None = None
     image_size: int = 256
-    modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    modalities: tuple[str, ...] | None = None  # None: sources.default_modalities(source)
     rule: SliceRule | None = None  # None: the source's default mode with default thresholds
     workers: int = 1
     on_error: str = "stop"
@@ -115,6 +115,8 @@ def convert(config: PrepConfig) -> dict:
     Raises DataError on the first bad case (on_error="stop") or when nothing can be converted.
     """
     t0 = time.perf_counter()
+    if config.modalities is None:
+        config = replace(config, modalities=default_modalities(config.source))
     if config.on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {config.on_error!r}")
     if config.image_size < 8:
@@ -254,9 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing store")
     g = p.add_argument_group("preprocessing")
     g.add_argument("--image-size", type=int, default=256, help="slice size in pixels (default 256)")
-    g.add_argument("--modalities", default=",".join(DEFAULT_MODALITIES),
+    g.add_argument("--modalities", default=None,
                    help=f"comma-separated channels in order, from {','.join(MODALITIES)} "
-                        "(default t1,flair,t1ce: the LGG order)")
+                        f"(default: lgg {','.join(default_modalities('lgg'))}, the study's "
+                        f"cv2 BGR order; the others {','.join(default_modalities('brats'))})")
     g.add_argument("--slice-mode", choices=SLICE_MODES, help="brain: slices whose brain area >= "
                    "--min-brain x the largest; tumour: tumour slices + --free-ratio x as many "
                    "tumour-free brain slices; all (default: brain; lgg: all)")
@@ -281,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv=None) -> PrepConfig:
     a = build_parser().parse_args(argv)
-    mods = tuple(m.strip().lower() for m in a.modalities.split(",") if m.strip())
+    mods = (None if a.modalities is None
+            else tuple(m.strip().lower() for m in a.modalities.split(",") if m.strip()))
     rule = None
     if a.slice_mode or a.slice_stride != 1 or a.min_brain != 0.25 or a.free_ratio != 0.5:
         mode = a.slice_mode or ("all" if a.source == "lgg" else "brain")

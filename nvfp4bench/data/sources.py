@@ -37,7 +37,9 @@ from nvfp4bench.data.errors import DataError
 from nvfp4bench.data.nifti import check_labels, read_nifti
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
-DEFAULT_MODALITIES = ("t1", "flair", "t1ce")  # the LGG / study channel order (R, G, B)
+# The NIfTI sources' default channels (BraTS, MSD, the synthetic set): the LGG .tif's modalities
+# in the .tif's own RGB order.
+DEFAULT_MODALITIES = ("t1", "flair", "t1ce")
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class BratsSource:
     """BraTS 2021 (labels 0/1/2/4) and BraTS 2023+ (enhancing = 3), .nii or .nii.gz."""
 
     name = "brats"
+    default_modalities = DEFAULT_MODALITIES
     default_slice_mode = "brain"
     intensity = "zscore"  # preprocess.INTENSITY_RULES
 
@@ -156,6 +159,7 @@ class MsdSource:
     """MSD Task01_BrainTumour: 4-D images (channel order from dataset.json), labels 0-3."""
 
     name = "msd"
+    default_modalities = DEFAULT_MODALITIES
     default_slice_mode = "brain"
     intensity = "zscore"
     labels = (0, 1, 2, 3)
@@ -231,6 +235,10 @@ class MsdSource:
 # Kaggle lgg-mri-segmentation (kaggle_3m)
 # --------------------------------------------------------------------------------------------
 LGG_CHANNELS = ("t1", "flair", "t1ce")  # pre-contrast, FLAIR, post-contrast (the .tif's RGB)
+# The study reads each .tif with cv2.imread, which returns the channels in BGR order, and never
+# converts them (its BrainMriDataset): its channel 0 is the post-contrast image, channel 2 the
+# pre-contrast one, and ImageNet's mean and std apply in that order. The LGG default is that order.
+LGG_STUDY_ORDER = ("t1ce", "flair", "t1")
 _LGG_SLICE = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tif$")
 
 
@@ -250,6 +258,7 @@ class LggSource:
     """Kaggle LGG: one folder per patient of 3-channel .tif slices with ``_mask.tif`` masks."""
 
     name = "lgg"
+    default_modalities = LGG_STUDY_ORDER  # the study's cv2 (BGR) order
     default_slice_mode = "all"  # the study trains on every slice of the set
     intensity = "rgb"  # the study's 8-bit slices, as they are
     labels = (0, 255)
@@ -308,6 +317,13 @@ class LggSource:
 
 
 SOURCES = {"brats": BratsSource(), "msd": MsdSource(), "lgg": LggSource()}
+
+
+def default_modalities(source: str) -> tuple[str, ...]:
+    """The channels, in order, of a store built from ``source`` when --modalities is not given:
+    the study's BGR order for LGG, ``DEFAULT_MODALITIES`` for the NIfTI sources and the synthetic
+    (BraTS-layout) set."""
+    return getattr(SOURCES.get(source), "default_modalities", DEFAULT_MODALITIES)
 
 
 def get_source(name: str):

@@ -1,7 +1,8 @@
 """SegmentationMeter: an evaluation set, batch by batch -> every metric of docs/protocol.md.
 
-It feeds each batch to the pooled pixel metrics (nvfp4bench.evaluation.pixel_metrics: AUPRC, soft scores, the
-study's soft Dice and ours, confusion counts at 0.5) and keeps the hard slices bit-packed per
+It feeds each batch to the pooled pixel metrics (nvfp4bench.evaluation.pixel_metrics: AUPRC,
+ROC-AUC, the study's ECE, logit mean and sd, probability entropy, soft scores, the study's soft
+Dice and ours, confusion counts at 0.5) and keeps the hard slices bit-packed per
 patient, which ``compute`` re-stacks into volumes for the per-patient metrics
 (nvfp4bench.evaluation.volume_metrics: hard Dice, HD95, lesion recall). It returns all of them as a dict of
 plain Python floats (``None``, i.e. JSON ``null``, where a value does not exist).
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from nvfp4bench.evaluation.pixel_metrics import (DICE_SMOOTH, PROB_CLIP, STUDY_DICE_EPS, THRESHOLD,
-                                                 AveragePrecision, confusion, dice_per_image,
+                                                 PooledScores, confusion, dice_per_image,
                                                  scores_from_soft_counts, soft_counts)
 from nvfp4bench.evaluation.volume_metrics import patient_metrics
 
@@ -46,7 +47,7 @@ class SegmentationMeter:
         self.from_logits, self.threshold, self.dice_smooth = from_logits, threshold, dice_smooth
         self.clip = clip
         self.store, self.spacing, self.patient_metrics = store, spacing, patient_metrics
-        self._ap = AveragePrecision()
+        self._scores = PooledScores()
         self._tp = self._fp = self._fn = 0.0
         self._dice_sum, self._n_images = 0.0, 0
         self._study_dice_batches: list[float] = []
@@ -69,7 +70,7 @@ class SegmentationMeter:
                              f"{tuple(outputs.shape)}")
         probs = torch.sigmoid(outputs) if self.from_logits else outputs
         pooled = probs if self.clip is None else probs.clamp(self.clip, 1 - self.clip)
-        self._ap.update(pooled, targets)
+        self._scores.update(pooled, targets)
         tp, fp, fn = soft_counts(pooled, targets)
         self._tp, self._fp, self._fn = self._tp + tp, self._fp + fp, self._fn + fn
         dice = dice_per_image(probs, targets, self.dice_smooth)
@@ -131,7 +132,12 @@ class SegmentationMeter:
         ``patients``: the rows of ``per_patient()`` when the caller already has them (they cost a
         distance transform and a labelling per patient); computed here otherwise."""
         n_pixels = sum(self._conf.values())
-        out = {"auprc": self._ap.compute(), **scores_from_soft_counts(self._tp, self._fp, self._fn),
+        logit_mean, logit_std = self._scores.logit_stats()
+        out = {"auprc": self._scores.average_precision(), "roc_auc": self._scores.roc_auc(),
+               **scores_from_soft_counts(self._tp, self._fp, self._fn),
+               "ece": self._scores.expected_calibration_error(),
+               "logit_mean": logit_mean, "logit_std": logit_std,
+               "prob_entropy": self._scores.prob_entropy(),
                "dice": _mean(self._study_dice_batches),
                "dice_s1": self._dice_sum / self._n_images if self._n_images else None,
                **self._conf, "n_pixels": n_pixels, "n_images": self._n_images,

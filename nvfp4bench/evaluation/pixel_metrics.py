@@ -11,7 +11,10 @@ metrics on hard volumes are nvfp4bench.evaluation.volume_metrics, with their EMP
   over the distinct score values s_n taken as thresholds (prediction positive when p >= s_n), with
   P_n = TP(>= s_n) / (TP(>= s_n) + FP(>= s_n)) and R_n = TP(>= s_n) / #positives. Only thresholds
   that hold at least one positive pixel move R, so AP = sum_v  c_pos(v) / #pos * P(v)  over the
-  distinct scores v of positive pixels. :class:`AveragePrecision` streams it exactly (see there).
+  distinct scores v of positive pixels. :class:`PooledScores` streams it exactly (see there).
+* ROC-AUC (scikit-learn's ``roc_auc_score``, ties included), the study's ECE (15 bins), the mean
+  and sd of the pixels' logits and their mean binary entropy: from the same exact histograms
+  (:class:`PooledScores`), never from a list of every pixel.
 * Soft scores from probabilities, no threshold:
   TP = sum p t, FP = sum p (1 - t), FN = sum (1 - p) t;
   recall = TP / (TP + FN), precision = TP / (TP + FP),
@@ -36,12 +39,15 @@ AUPRC of a set without a positive pixel are null. (scikit-learn returns 0.0 ther
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 THRESHOLD = 0.5          # hard prediction: p >= THRESHOLD
 DICE_SMOOTH = 1.0        # our soft Dice (dice_s1) smoothing s, in pixels
 STUDY_DICE_EPS = 1e-6    # the study's soft Dice smoothing (common/loss.py dice_coef_metric)
 PROB_CLIP = 1e-7         # the study clips probabilities to [c, 1 - c] before the pooled metrics
+ECE_BINS = 15            # the study's compute_ece: 15 equal bins of (0, 1]
+ENTROPY_EPS = 1e-10      # the study's entropy: log(p + 1e-10), log(1 - p + 1e-10)
 # AveragePrecision merges its per-batch tables once they hold more entries than this (or than the
 # merged table): amortised O(N log N), and a bounded number of small tensors in flight.
 _MERGE_MIN_ENTRIES = 1 << 22
@@ -118,17 +124,31 @@ class _CountTable:
         return int(self.counts.sum()) + sum(int(c.sum()) for _, c in self._pending)
 
 
-class AveragePrecision:
-    """Streaming, exact average precision (== sklearn ``average_precision_score``).
+class PooledScores:
+    """Streaming, exact histograms of the pooled scores, from which every ranking and calibration
+    metric of an evaluation set is computed without a list of its pixels.
 
     Keeps one exact histogram of the scores of positive pixels and one of negative pixels
-    (:class:`_CountTable`). At ``compute``, for every distinct positive score v (descending):
-    TP(>= v) is a suffix sum of the positive counts, FP(>= v) = #neg - #neg(< v) by a
-    ``searchsorted`` into the negative keys, and AP = sum_v c_pos(v) P(v) / #pos in float64.
-    Scores are compared as float32 (the dtype of sigmoid outputs): values that differ only beyond
-    float32 precision tie, exactly as sklearn sees a float32 score array.
-    Memory is 12 bytes per distinct score of each class: at most ~3 GB for a 260M-pixel set of
-    all-distinct scores, and far less in practice (sigmoid outputs saturate and repeat).
+    (:class:`_CountTable`). Scores are compared as float32 (the dtype of sigmoid outputs): values
+    that differ only beyond float32 precision tie, exactly as scikit-learn sees a float32 score
+    array. Memory is 12 bytes per distinct score of each class: at most ~3 GB for a 260M-pixel
+    set of all-distinct scores, and far less in practice (sigmoid outputs saturate and repeat).
+
+    From the histograms, with c_pos(v), c_neg(v) the counts of score v and N = #pos + #neg:
+
+    * ``average_precision``: for every distinct positive score v (descending), TP(>= v) is a
+      suffix sum of the positive counts, FP(>= v) = #neg - #neg(< v) by a ``searchsorted`` into
+      the negative keys, and AP = sum_v c_pos(v) P(v) / #pos in float64.
+    * ``roc_auc``: the area under the ROC curve with ties, as scikit-learn's ``roc_auc_score``
+      (its trapezoids through tied thresholds are the Mann-Whitney count of ties as halves):
+      AUC = sum_v c_pos(v) (#neg(< v) + #neg(= v) / 2) / (#pos #neg), summed exactly in int64.
+    * ``expected_calibration_error``: the study's ``compute_ece`` (15 equal bins of (0, 1],
+      bin b holding e_b < p <= e_{b+1}): ECE = sum_b n_b / N |mean_b(t) - mean_b(p)|.
+    * ``logit_stats``: mean and population sd (numpy's ddof 0) of log(p / (1 - p)), each
+      pixel's logit computed by the study's NumPy float32 operations, averaged in float64 (the
+      study averages in float32).
+    * ``prob_entropy``: the mean binary entropy, -mean(p log(p + 1e-10) + (1 - p) log(1 - p +
+      1e-10)), as the study computes it.
     """
 
     def __init__(self) -> None:
@@ -140,29 +160,106 @@ class AveragePrecision:
         self._pos.add(p[t])
         self._neg.add(p[~t])
 
-    def compute(self) -> float | None:
-        """AP, or None when no positive pixel was seen."""
+    def _merged(self) -> tuple[_CountTable, _CountTable]:
         self._pos.merge()
         self._neg.merge()
-        n_pos = int(self._pos.counts.sum())
+        return self._pos, self._neg
+
+    def average_precision(self) -> float | None:
+        """AP, or None when no positive pixel was seen."""
+        pos, neg = self._merged()
+        n_pos = int(pos.counts.sum())
         if n_pos == 0:
             return None
-        pos_keys, pos_counts = self._pos.keys.flip(0), self._pos.counts.flip(0)  # descending
-        tp = torch.cumsum(pos_counts, 0)                                        # TP(>= v)
-        zero = torch.zeros(1, dtype=torch.int64)
-        neg_below = torch.cat([zero, torch.cumsum(self._neg.counts, 0)])  # #neg(< key_i)
-        n_neg = int(neg_below[-1])
-        fp = n_neg - neg_below[torch.searchsorted(self._neg.keys, pos_keys, side="left")]
+        pos_keys, pos_counts = pos.keys.flip(0), pos.counts.flip(0)  # descending
+        tp = torch.cumsum(pos_counts, 0)                              # TP(>= v)
+        fp = int(neg.counts.sum()) - _count_below(neg, pos_keys)      # FP(>= v)
         precision = tp.double() / (tp + fp).double()
         return float((pos_counts.double() * precision).sum() / n_pos)
+
+    def roc_auc(self) -> float | None:
+        """ROC-AUC, or None without a positive or without a negative pixel (undefined)."""
+        pos, neg = self._merged()
+        n_pos, n_neg = int(pos.counts.sum()), int(neg.counts.sum())
+        if n_pos == 0 or n_neg == 0:
+            return None
+        below = _count_below(neg, pos.keys)
+        tied = _count_below(neg, pos.keys, side="right") - below
+        twice_wins = int((pos.counts * (2 * below + tied)).sum())  # exact: < 2 n_pos n_neg
+        return twice_wins / (2.0 * n_pos * n_neg)
+
+    def _all_scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys fp32, counts int64, positive counts int64) over both classes, keys sorted."""
+        pos, neg = self._merged()
+        keys, inverse = torch.unique(torch.cat([pos.keys, neg.keys]), sorted=True,
+                                     return_inverse=True)
+        counts = torch.zeros(keys.numel(), dtype=torch.int64)
+        counts.index_add_(0, inverse, torch.cat([pos.counts, neg.counts]))
+        positives = torch.zeros(keys.numel(), dtype=torch.int64)
+        positives.index_add_(0, inverse[:pos.keys.numel()], pos.counts)
+        return keys, counts, positives
+
+    def expected_calibration_error(self, n_bins: int = ECE_BINS) -> float | None:
+        """The study's ECE (class docstring); None for an empty set."""
+        keys, counts, positives = self._all_scores()
+        n = int(counts.sum())
+        if n == 0:
+            return None
+        edges = torch.from_numpy(np.linspace(0.0, 1.0, n_bins + 1))  # the study's float64 edges
+        bins = torch.searchsorted(edges, keys.double(), side="left") - 1  # e_b < p <= e_{b+1}
+        inside = (bins >= 0) & (bins < n_bins)
+        per_bin = [torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins[inside], v[inside])
+                   for v in (counts.double(), positives.double(), keys.double() * counts)]
+        n_b, t_b, p_b = per_bin
+        used = n_b > 0
+        gap = (t_b[used] / n_b[used] - p_b[used] / n_b[used]).abs()
+        return float((gap * n_b[used]).sum() / n)
+
+    def logit_stats(self) -> tuple[float | None, float | None]:
+        """(mean, population sd) of the pixels' logits log(p / (1 - p)) (class docstring)."""
+        keys, counts, _ = self._all_scores()
+        n = int(counts.sum())
+        if n == 0:
+            return None, None
+        k = keys.numpy()
+        # the study's per-pixel float32 logits, by the same NumPy float32 operations
+        logits = torch.from_numpy(np.log(k / (1 - k)).astype(np.float64))
+        w = counts.double()
+        mean = float((w * logits).sum() / n)
+        return mean, float(((w * (logits - mean) ** 2).sum() / n).sqrt())
+
+    def prob_entropy(self) -> float | None:
+        """The mean binary entropy of the probabilities (class docstring); None when empty."""
+        keys, counts, _ = self._all_scores()
+        n = int(counts.sum())
+        if n == 0:
+            return None
+        p = keys.double()
+        h = -(p * torch.log(p + ENTROPY_EPS) + (1 - p) * torch.log(1 - p + ENTROPY_EPS))
+        return float((counts.double() * h).sum() / n)
+
+
+def _count_below(table: _CountTable, keys: torch.Tensor, side: str = "left") -> torch.Tensor:
+    """For each of ``keys``: how many of the table's values are < it (``side="left"``) or <= it
+    (``"right"``), int64."""
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(table.counts, 0)])
+    return cumulative[torch.searchsorted(table.keys, keys, side=side)]
 
 
 def average_precision(probs: torch.Tensor, targets: torch.Tensor) -> float | None:
     """AUPRC pooled over every element; equals sklearn's ``average_precision_score`` (ties
     included). None when ``targets`` holds no positive (sklearn returns 0.0 with a warning)."""
-    ap = AveragePrecision()
-    ap.update(probs, targets)
-    return ap.compute()
+    scores = PooledScores()
+    scores.update(probs, targets)
+    return scores.average_precision()
+
+
+def roc_auc(probs: torch.Tensor, targets: torch.Tensor) -> float | None:
+    """ROC-AUC pooled over every element; equals sklearn's ``roc_auc_score`` (ties included).
+    None when ``targets`` holds only one class (sklearn raises)."""
+    scores = PooledScores()
+    scores.update(probs, targets)
+    return scores.roc_auc()
 
 
 # ----------------------------------------------------------------------------------------------

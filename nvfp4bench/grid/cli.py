@@ -4,9 +4,11 @@
 
     cells = seeds x scales x folds x archs x recipes          (1 x 3 x 5 x 3 x 8 = 360 by default)
 
-``--preset`` picks one of the study's three run matrices instead (``PRESETS``; options given
-beside it narrow or change it): ``holdout`` (--split holdout, 3 archs x 3 scales x 8 recipes, seed
-2026: 72 cells), ``multiseed`` (--split holdout, swin and cnn x 3 scales x 8 recipes x seeds
+The default archs are the three families with their study optimisers (cnn, vit, swin); the
+fourth arm, ``vit_adamax`` (the ViT with Adamax), is one ``--archs`` away. ``--preset`` picks one
+of the study's three run matrices instead (``PRESETS``; options given beside it narrow or change
+it): ``holdout`` (--split holdout, the study's 4 arms x 3 scales x 8 recipes, seed 2026: 96
+cells), ``multiseed`` (--split holdout, swin and cnn x 3 scales x 8 recipes x seeds
 2026-2035: 480), ``cv`` (5-fold CV, swin and cnn at the middle scale, the baseline and 2d_rht_sr,
 i.e. the recipes with study ids 0 and 5: 20). ``--split holdout`` is forwarded to every cell and
 has one partition (fold 0).
@@ -65,7 +67,8 @@ from nvfp4bench.grid.locks import STALE_AFTER_S, log
 from nvfp4bench.grid.process import child_env
 from nvfp4bench.grid.slurm import SlurmOptions, read_cell, slurm_task, submit_slurm
 from nvfp4bench.grid.workers import run_grid, worker_envs
-from nvfp4bench.models import ARCHS, SCALE_NAMES
+from nvfp4bench.config import ARMS
+from nvfp4bench.models import SCALE_NAMES
 from nvfp4bench.quant.recipes import RECIPES, STUDY_RECIPES
 from nvfp4bench.train.cli import parse_config
 
@@ -74,6 +77,7 @@ DEFAULT_SEEDS = (2026,)
 # Options that name the cell; the grid sets them, so they may not be forwarded.
 CELL_OPTIONS = ("--arch", "--scale", "--recipe", "--fold", "--seed", "--resume")
 SPLITS = ("kfold", "holdout")  # nvfp4bench.data.folds.PROTOCOLS
+DEFAULT_ARCHS = ("cnn", "vit", "swin")  # the full grid: one arm per family (config.ARMS)
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,9 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "holdout": Preset("the study's main runs: patient hold-out, 3 archs x 3 scales x 8 recipes, "
-                      "seed 2026", split="holdout"),
+    "holdout": Preset("the study's main runs (its --arch all): patient hold-out, 4 arms (cnn, "
+                      "vit, vit_adamax, swin) x 3 scales x 8 recipes, seed 2026",
+                      split="holdout", archs=tuple(ARMS)),
     "multiseed": Preset("hold-out, swin and cnn x 3 scales x 8 recipes x seeds 2026-2035",
                         split="holdout", archs=("swin", "cnn"), seeds=tuple(range(2026, 2036))),
     "cv": Preset("5-fold CV, swin and cnn at the middle scale, recipes 0 and 5 (baseline, "
@@ -132,7 +137,7 @@ def _csv(kind: str, choices: Sequence | None = None, convert=str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    archs, scales = tuple(ARCHS), SCALE_NAMES
+    archs, scales = tuple(ARMS), SCALE_NAMES
     p = argparse.ArgumentParser(
         prog="bash run_all.sh", allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -159,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cells' patient split, forwarded to each (default: kfold, or the "
                         "preset's); holdout has one partition, fold 0")
     g.add_argument("--archs", type=_csv("arch", archs), default=None,
-                   help=f"comma list (default: all: {','.join(archs)})")
+                   help=f"comma list of arms, from {','.join(archs)} (default: "
+                        f"{','.join(DEFAULT_ARCHS)}, one per family; the holdout preset: all 4)")
     g.add_argument("--scales", type=_csv("scale", scales), default=None,
                    help=f"comma list (default: all: {','.join(scales)})")
     g.add_argument("--recipes", type=_csv("recipe", list(RECIPES)), default=None,
@@ -232,11 +238,10 @@ def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def _apply_preset(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Fill the cell axes left unset from --preset (or the full grid's defaults)."""
-    archs, scales = tuple(ARCHS), SCALE_NAMES
     preset = PRESETS[ns.preset] if ns.preset else Preset("the full grid")
     ns.split = ns.split or preset.split
-    ns.archs = ns.archs or preset.archs or archs
-    ns.scales = ns.scales or preset.scales or scales
+    ns.archs = ns.archs or preset.archs or DEFAULT_ARCHS
+    ns.scales = ns.scales or preset.scales or SCALE_NAMES
     ns.recipes = ns.recipes or preset.recipes()
     ns.seeds = ns.seeds or preset.seeds
     if ns.folds is None:

@@ -23,7 +23,7 @@ from nvfp4bench.cell import Cell
 from nvfp4bench.config import SPLITS
 from nvfp4bench.quant.recipes import RECIPES
 
-ARCH_ORDER = ("cnn", "vit", "swin")
+ARCH_ORDER = ("cnn", "vit", "vit_adamax", "swin")  # config.ARMS
 SCALE_ORDER = ("tiny", "small", "base")
 # fold<k>_seed<s>.json (k-fold) or holdout_seed<s>.json (hold-out): nvfp4bench.cell.Cell.stem
 CELL_NAME = re.compile(r"^(?:fold(\d+)|(holdout))_seed(\d+)\.json$")

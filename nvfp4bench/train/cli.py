@@ -12,10 +12,10 @@ import math
 import shlex
 import sys
 
-from nvfp4bench.config import (DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THREADS, OPTIMIZER_NAMES,
-                               OPTIMIZERS, PRECISIONS, SPLITS, RunConfig, check_image_size)
+from nvfp4bench.config import (ARMS, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THREADS, OPTIMIZER_NAMES,
+                               PRECISIONS, SPLITS, RunConfig, check_image_size)
 from nvfp4bench.data import DataError
-from nvfp4bench.models import ARCHS, SCALE_NAMES
+from nvfp4bench.models import SCALE_NAMES
 from nvfp4bench.quant import kernels
 from nvfp4bench.quant.backends import BACKENDS
 from nvfp4bench.quant.recipes import RECIPES
@@ -81,21 +81,23 @@ def _probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    archs, scales = tuple(ARCHS), SCALE_NAMES
+    archs, scales = tuple(ARMS), SCALE_NAMES
     recipes = "\n".join(f"  {name:<11} {r.description}" for name, r in RECIPES.items())
-    optim = "\n".join(f"  {arch:<5} {s.name} lr {s.lr:g}, weight decay {s.weight_decay:g}"
-                      for arch, s in OPTIMIZERS.items())
+    optim = "\n".join(f"  {arch:<10} {arm.family} with {arm.optimizer.name} lr "
+                      f"{arm.optimizer.lr:g}, weight decay {arm.optimizer.weight_decay:g}"
+                      for arch, arm in ARMS.items())
     parser = argparse.ArgumentParser(
         prog="python -m nvfp4bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train and evaluate one cell (arch x scale x recipe x fold) of the grid and "
                     "write its result JSON.",
         epilog=f"architectures: {', '.join(archs)}\nscales: {', '.join(scales)}\n\n"
-               f"recipes:\n{recipes}\n\ndefault optimisers:\n{optim}\n\n"
+               f"recipes:\n{recipes}\n\narms (model family and default optimiser):\n{optim}\n\n"
                f"example:\n  python -m nvfp4bench --arch swin --scale tiny "
                f"--recipe nvfp4_full --fold 0")
 
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", choices=archs, required=True, help="architecture family")
+    g.add_argument("--arch", choices=archs, required=True,
+                   help="the study's arm: an architecture with its optimiser (listed below)")
     g.add_argument("--scale", choices=scales, required=True, help="model scale")
     g.add_argument("--image-size", type=_image_size, default=None,
                    help="input size in pixels (default: the data store's own size)")

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from nvfp4bench import results
 from nvfp4bench.atomic import save_torch_atomic
-from nvfp4bench.config import RunConfig
+from nvfp4bench.config import PROTOCOL_VERSION, RunConfig
 from nvfp4bench.data.store import store_dir_name
 from nvfp4bench.env import environment
 from nvfp4bench.train.evaluate import VAL_METRICS, evaluate, measure_diagnostics, validate
@@ -54,6 +54,18 @@ from nvfp4bench.train.loop import (EarlyStopping, NonFiniteError, make_optimizer
 from nvfp4bench.train.losses import BCETverskyLoss
 from nvfp4bench.train.setup import (CellRun, build_quantized_model, derive_seed, init_seed,
                                     make_loaders, setup)
+
+
+CONVERGENCE_DICE = 0.5  # the study's target_dice: the convergence epoch reaches it
+
+def convergence_epoch(history: list[dict], target: float = CONVERGENCE_DICE) -> int | None:
+    """The first epoch whose validation soft Dice (the study's) reaches ``target``, as the study's
+    ``epochs_to_target`` (val_dice >= 0.5); None when no epoch did."""
+    for record in history:
+        dice = (record.get("val") or {}).get("dice")
+        if dice is not None and dice >= target:
+            return int(record["epoch"])
+    return None
 
 
 def _median(xs) -> float | None:
@@ -155,15 +167,17 @@ def _run(cell: CellRun, on_epoch_end) -> dict:
         start_epoch = int(state["epoch"])
 
     result = {
-        "schema_version": results.SCHEMA_VERSION, "status": "running", "error": None,
+        "schema_version": results.SCHEMA_VERSION, "protocol_version": PROTOCOL_VERSION,
+        "status": "running", "error": None,
         "config": c.to_dict(), "config_hash": cell.config_hash,
         "env": environment(cell.device), "data": _data_block(cell),
         "model": {"arch": c.arch, "scale": c.scale, "recipe": c.recipe,
                   "parameters": sum(p.numel() for p in model.parameters()),
-                  "init_seed": init_seed(c.arch, c.scale, c.seed),
+                  "family": c.family, "init_seed": init_seed(c.family, c.scale, c.seed),
                   "quantized_layers": list(getattr(model, "quantized_layers", [])),
                   "layer_backends": dict(getattr(model, "layer_backends", {}))},
-        "history": history, "best_epoch": None, "best_val_loss": None, "epochs_run": None,
+        "history": history, "best_epoch": None, "best_val_loss": None,
+        "convergence_epoch": None, "epochs_run": None,
         "stopped_early": None, "val": None, "test": None, "timing": None, "diagnostics": None,
         "checkpoints": {"last": str(cell.ckpt_path), "best": str(cell.best_path)},
     }
@@ -223,6 +237,7 @@ def _run(cell: CellRun, on_epoch_end) -> dict:
         eval_s = time.perf_counter() - t_eval
         result.update(
             status="complete", best_epoch=stopper.best_epoch, best_val_loss=stopper.best_loss,
+            convergence_epoch=convergence_epoch(history),
             epochs_run=len(history), stopped_early=stopper.stopped and len(history) < c.epochs,
             timing={"total_seconds": sum(h["seconds"] for h in history) + eval_s,
                     "train_seconds": sum(h["seconds"] for h in history),

@@ -43,9 +43,10 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def init_seed(arch: str, scale: str, seed: int) -> int:
-    """Seed of the model's initial weights: (arch, scale, seed) only, never the recipe."""
-    return derive_seed("init", arch, scale, seed)
+def init_seed(family: str, scale: str, seed: int) -> int:
+    """Seed of the model's initial weights: (model family, scale, seed) only, never the recipe
+    or the optimiser (the two ViT arms start from the same weights)."""
+    return derive_seed("init", family, scale, seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,8 +146,8 @@ def build_quantized_model(cell: CellRun, sr_generator: torch.Generator) -> nn.Mo
     """The model of (arch, scale) initialised from (arch, scale, seed), then quantized."""
     c = cell.config
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed(c.arch, c.scale, c.seed))
-        model = build_model(c.arch, c.scale, image_size=c.image_size,
+        torch.manual_seed(init_seed(c.family, c.scale, c.seed))
+        model = build_model(c.family, c.scale, image_size=c.image_size,
                             in_channels=int(cell.store.channels), head_prior=c.head_prior)
     model = model.to(cell.device)
     model = quantize_model(model, cell.recipe, cell.backend, generator=sr_generator,

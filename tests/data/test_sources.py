@@ -145,11 +145,30 @@ def test_lgg_slice_order_channels_and_masks(tmp_path, capsys):
     # slice order by file number (1, 2, 10 - not "1, 10, 2"): mask column offset n % 5
     assert [int(np.nonzero(store.mask(i))[1].min()) for i in range(3)] == [7, 8, 6]
     assert store.mask(0).max() == 1
-    # the study's 8-bit pixels are kept as they are (u = x / 255), channels in t1, flair, t1ce
-    # order = the .tif's pre-contrast, FLAIR, post-contrast; no per-case z-score
+    # the study's 8-bit pixels are kept as they are (u = x / 255), no per-case z-score; the
+    # channels in the study's order: cv2.imread's BGR, i.e. the .tif's RGB reversed (post-contrast,
+    # FLAIR, pre-contrast), to which the ImageNet mean and std then apply in order
     assert [store.images[i, :, 8, 8].tolist() for i in range(3)] == [
-        [41, 120, 200], [42, 120, 200], [50, 120, 200]]
+        [200, 120, 41], [200, 120, 42], [200, 120, 50]]
+    assert list(store.index["modalities"]) == ["t1ce", "flair", "t1"]
     assert "x / 255" in store.index["normalisation"]
+
+
+def test_lgg_channels_are_stored_in_the_studys_cv2_order(tmp_path, capsys):
+    """Every pixel of every channel equals what cv2.imread (BGR) reads from the .tif; asking for
+    the .tif's RGB order by name gives it instead."""
+    folder = write_lgg(tmp_path, numbers=(1,))
+    rgb = np.asarray(Image.open(folder / "TCGA_CS_0001_20000101_1.tif"))
+    bgr = rgb[..., ::-1]  # what cv2.imread returns for a 3-channel image
+    rc, err = run_cli(["--source", "lgg", "--input", str(tmp_path), "--output",
+                       str(tmp_path / "s"), "--image-size", "16"], capsys)
+    assert rc == 0, err
+    np.testing.assert_array_equal(SliceStore(tmp_path / "s").images[0], bgr.transpose(2, 0, 1))
+    rc, err = run_cli(["--source", "lgg", "--input", str(tmp_path), "--output",
+                       str(tmp_path / "rgb"), "--image-size", "16", "--modalities",
+                       "t1,flair,t1ce"], capsys)
+    assert rc == 0, err
+    np.testing.assert_array_equal(SliceStore(tmp_path / "rgb").images[0], rgb.transpose(2, 0, 1))
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -100,8 +100,8 @@ def test_dry_run_narrowed_and_seeds(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset, n, archs, scales, recipe_ids, seeds, split", [
-    ("holdout", 72, {"cnn", "vit", "swin"}, {"tiny", "small", "base"}, set(range(8)), {2026},
-     "holdout"),
+    ("holdout", 96, {"cnn", "vit", "vit_adamax", "swin"}, {"tiny", "small", "base"},
+     set(range(8)), {2026}, "holdout"),
     ("multiseed", 480, {"cnn", "swin"}, {"tiny", "small", "base"}, set(range(8)),
      set(range(2026, 2036)), "holdout"),
     ("cv", 20, {"cnn", "swin"}, {"small"}, {0, 5}, {2026}, "kfold"),
@@ -122,6 +122,31 @@ def test_presets_are_the_studys_run_matrices(tmp_path, capsys, preset, n, archs,
         assert all(t.result.name == f"holdout_seed{t.cell.seed}.json" for t in targets)
     assert grid.main(["--dry-run", "--preset", preset, "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"{n} cells"
+
+
+def test_a_cell_made_before_the_protocol_version_is_outdated_not_complete(tmp_path, capsys):
+    """A complete result whose config hash was made as before PROTOCOL_VERSION entered the hash
+    (the same options, computed the old way) shows as outdated in --dry-run, and is not done."""
+    import hashlib
+    import json
+
+    from nvfp4bench.config import NON_RESULT_FIELDS
+    from nvfp4bench.results import data_identity
+    args = ["--archs", "cnn", "--scales", "tiny", "--recipes", "baseline", "--folds", "0",
+            "--out", str(tmp_path)]
+    ns, forward = grid.split_argv(args)
+    (target,) = grid.plan(ns, forward)
+    old = {k: v for k, v in target.config.resolved().to_dict().items()
+           if k not in NON_RESULT_FIELDS}
+    old["data"] = data_identity(target.config.data)
+    old_hash = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":"))
+                              .encode()).hexdigest()[:16]
+    assert old_hash != target.config_hash
+    write_result(target.result, {"status": "complete", "config_hash": old_hash})
+    assert not grid_cells.is_done(target) and grid_cells.cell_state(target) == "outdated"
+    assert grid.main(["--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("outdated") and "# 1 outdated" in out
 
 
 def test_a_preset_is_narrowed_by_explicit_options_and_holdout_has_one_fold(tmp_path, capsys):

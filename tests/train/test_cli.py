@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nvfp4bench import results
-from nvfp4bench.config import OPTIMIZERS, RunConfig
+from nvfp4bench.config import ARMS, RunConfig
 from nvfp4bench.models import ARCHS, SCALE_NAMES
 from nvfp4bench.quant.recipes import RECIPES
 from nvfp4bench.train.cli import main, parse_config
@@ -70,7 +70,12 @@ def test_parse_config_defaults_are_the_studys():
     cnn = parse_config(["--arch", "cnn", *CELL[2:]]).resolved()
     assert (cnn.optimizer, cnn.lr, cnn.weight_decay) == ("adamax", 5e-4, 0.0)
     assert parse_config([*CELL, "--data", "x"]).resolved().epochs == 100
-    assert set(OPTIMIZERS) == set(ARCHS)
+    assert {arm.family for arm in ARMS.values()} == set(ARCHS)
+    # the fourth arm: the ViT with the study's Adamax (main.py ARCH_CONFIGS "vit_adamax")
+    va = parse_config(["--arch", "vit_adamax", *CELL[2:]])
+    r = va.resolved()
+    assert (va.family, r.optimizer, r.lr, r.weight_decay) == ("vit", "adamax", 5e-4, 0.0)
+    assert results.result_path(va).parts[-4] == "vit_adamax"  # its own results, beside vit's
     assert c.head_prior is None  # the study's init; the tumour prior is opt-in
 
 

@@ -14,11 +14,12 @@ from nvfp4bench import results
 from nvfp4bench.config import RunConfig
 from nvfp4bench.data import SliceStore
 from nvfp4bench.train.loop import EarlyStopping
-from nvfp4bench.train.run import run
+from nvfp4bench.train.run import convergence_epoch, run
 from nvfp4bench.train.setup import build_quantized_model, init_seed, setup
 
-TOP_KEYS = {"schema_version", "status", "config", "config_hash", "env", "data", "model", "history",
-            "best_epoch", "val", "test", "timing", "diagnostics"}
+TOP_KEYS = {"schema_version", "protocol_version", "status", "config", "config_hash", "env", "data",
+            "model", "history", "best_epoch", "convergence_epoch", "val", "test", "timing",
+            "diagnostics"}
 EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val", "lr", "grad_norm", "seconds"}
 
 
@@ -78,6 +79,8 @@ def test_one_cell_writes_the_result_json(store, tmp_path, arch, recipe):
     for part in ("val", "test"):
         m = on_disk[part]
         assert isinstance(m["auprc"], float) and 0.0 <= m["auprc"] <= 1.0
+        assert 0.0 <= m["roc_auc"] <= 1.0 and 0.0 <= m["ece"] <= 1.0
+        assert m["logit_std"] >= 0 and 0.0 <= m["prob_entropy"] <= math.log(2)
         assert m["n_patients"] == len(d["patients"][part]) and m["per_patient"]
     assert on_disk["timing"]["median_step_ms"] > 0
     if config.diagnostics:
@@ -363,3 +366,12 @@ def test_a_truncated_checkpoint_gives_one_line_on_resume(store, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert f"checkpoint {ckpt} is unreadable" in err and "delete it" in err
+
+
+def test_convergence_epoch_is_the_first_whose_validation_dice_reaches_one_half():
+    history = [{"epoch": 1, "val": {"dice": 0.2}}, {"epoch": 2, "val": {"dice": None}},
+               {"epoch": 3, "val": {"dice": 0.5}}, {"epoch": 4, "val": {"dice": 0.7}}]
+    assert convergence_epoch(history) == 3
+    assert convergence_epoch(history[:2]) is None                       # never reached: null
+    assert convergence_epoch([{"epoch": 1, "val": {"dice": 0.4999}}]) is None
+    assert convergence_epoch([]) is None
