@@ -70,6 +70,7 @@ from nvfp4bench.grid.workers import run_grid, worker_envs
 from nvfp4bench.config import ARMS
 from nvfp4bench.models import SCALE_NAMES
 from nvfp4bench.quant.recipes import RECIPES, STUDY_RECIPES
+from nvfp4bench.report.cells import EVAL_SETS
 from nvfp4bench.train.cli import parse_config
 
 FOLDS = tuple(range(5))
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not wait for cells held by other workers; leave them to them")
     r.add_argument("--no-report", action="store_true",
                    help="do not run `python -m nvfp4bench.report OUT` at the end")
+    r.add_argument("--eval-set", choices=EVAL_SETS, default="test",
+                   help="the partition of the final report (test or val); an option of the "
+                        "report only, never passed to the cells or part of a config hash")
     s = p.add_argument_group("Slurm")
     s.add_argument("--slurm", action="store_true",
                    help="submit the cells not complete as one job array and return")
@@ -337,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label in summary.held:
         log(f"  held elsewhere: {label}")
     if not ns.no_report:
-        _run_report(out)
+        _run_report(out, ns.eval_set)
     return 0 if not summary.failed and not summary.held else 1
 
 
@@ -351,13 +355,14 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _run_report(out: Path) -> None:
-    """``python -m nvfp4bench.report OUT`` when the report module exists."""
+def _run_report(out: Path, eval_set: str = "test") -> None:
+    """``python -m nvfp4bench.report OUT --eval-set E`` when the report module exists."""
     if importlib.util.find_spec("nvfp4bench.report") is None:
         log("nvfp4bench.report is not installed: no report written")
         return
-    log(f"report: python -m nvfp4bench.report {out}")
-    rc = subprocess.call([sys.executable, "-m", "nvfp4bench.report", str(out)], env=child_env())
+    cmd = [sys.executable, "-m", "nvfp4bench.report", str(out), "--eval-set", eval_set]
+    log(f"report: python -m nvfp4bench.report {out} --eval-set {eval_set}")
+    rc = subprocess.call(cmd, env=child_env())
     if rc != 0:
         log(f"the report exited with code {rc}")
 

@@ -4,15 +4,19 @@ Reads every ``OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json`` (k-fo
 ``.../holdout_seed<s>.json`` (hold-out split) under RESULTS_DIR and writes, per dataset and split
 protocol (each its own section, never pooled), to ``--out`` (default ``RESULTS_DIR/report``):
 
-* ``report.md``: mean, sd, 95 % CI and n of the test metrics per arch x scale x recipe; each
-  recipe against the baseline (``--baseline``, default baseline) on ``--metric`` (default auprc),
-  paired per (fold, seed) (hold-out: per seed): % of baseline with its CI, mean difference, paired
+* ``report.md``: mean, sd, 95 % CI, min, max and n of the metrics of one partition
+  (``--eval-set``: test, the default, or val, the study's) per arch x scale x recipe; each recipe
+  against the baseline (``--baseline``, default baseline) on ``--metric`` (default auprc), paired
+  per (fold, seed) (hold-out: per seed): % of baseline with its CI, mean difference, paired
   Cohen's d, Wilcoxon signed-rank p and its Holm correction over the recipes of one arch x scale;
-  Kendall's W of the recipe ranking over folds (seeds); the missing cells (expected from the grid
-  of the archs, scales, recipes, folds and seeds present) and the failed ones. Synthetic data is
-  said at the top.
-* ``summary.csv``, ``comparison.csv`` (every table metric), ``ranking.csv``, ``cells.csv``; every
-  row names its ``dataset`` and ``split``.
+  every recipe pair as the study tests it (``tables.pairwise_rows``; Holm per arch x scale or
+  ``--holm global``); Kendall's W of the recipe ranking over folds (seeds) with each recipe's mean
+  rank +- sd; the missing cells (expected from the grid of the archs, scales, recipes, folds and
+  seeds present) and the failed ones. Synthetic data is said at the top; every table and figure
+  names its partition.
+* ``summary.csv``, ``comparison.csv`` (every table metric), ``pairwise.csv``, ``ranking.csv``,
+  ``mean_ranks.csv``, ``cells.csv``; every row names its ``dataset``, ``split`` and
+  ``eval_set``.
 * Figures when matplotlib is installed (else a note): nvfp4bench.report.figures.
 
 The statistics are nvfp4bench.report.stats; the cells are read by nvfp4bench.report.cells, the tables
@@ -31,13 +35,20 @@ from nvfp4bench.quant.recipes import RECIPES
 from nvfp4bench.report.cells import (PROTOCOLS, DatasetView, dataset_views, load_cells,
                                      metric_value, ordered)
 from nvfp4bench.report.figures import diagnostic_summaries, make_figures
-from nvfp4bench.report.tables import (TABLE_METRICS, comparison_rows, consistency_problems,
-                                      hd95_unit, ranking_rows, summary_rows)
+from nvfp4bench.report.tables import (MIN_PAIR_BLOCKS, TABLE_METRICS, comparison_rows,
+                                      consistency_problems, hd95_unit, mean_rank_rows,
+                                      pairwise_rows, ranking_rows, summary_rows)
 
 METRIC_LABELS = {"auprc": "AUPRC", "recall": "recall", "precision": "precision", "f2": "F2",
                  "iou": "IoU", "dice": "Dice (soft, per image)", "hd95_mean": "HD95",
                  "patient_dice_mean": "Dice (patient)", "lesion_recall": "lesion recall"}
 DEFAULT_FIGURE_RECIPE = "2d_rht_sr"   # TE's default recipe
+EVAL_SET_NOTES = {
+    "test": "the held-out test patients, at the best validation checkpoint; `--eval-set val` "
+            "gives the study's own statistics",
+    "val": "the validation patients that chose the best checkpoint, as the study's statistics "
+           "use them; `--eval-set test` gives the held-out patients",
+}
 
 
 class ReportError(Exception):
@@ -77,13 +88,15 @@ def _summary_cell(s: dict, metric: str) -> str:
     text = f"{_f(s['mean'], d)} ± {_f(s['sd'], d)}"
     if s["ci_low"] is not None:
         text += f" [{_f(s['ci_low'], d)}, {_f(s['ci_high'], d)}]" + ("*" if s["ci_clipped"] else "")
+        text += f" ({_f(s['min'], d)}–{_f(s['max'], d)})"
     return text
 
 
 def render_dataset(view: DatasetView, baseline: str, metric: str, summary, comparison,
-                   ranking) -> str:
+                   ranking, mean_ranks, pairs, skipped, holm_scope: str) -> str:
     unit = hd95_unit(view)
     proto = view.protocol
+    part = f"{view.eval_set} partition"
     out = [f"## Dataset `{view.name}`: {proto.title}" + (" (synthetic)" if view.synthetic else "")]
     if view.synthetic:
         out.append(f"\n**Synthetic data**: `{view.name}` is simulated tumours on a brain template; "
@@ -99,7 +112,7 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
     if conflicts:
         out.append("\n**Warning: cells that should not be compared** (their options differ):\n"
                    + "\n".join(f"- {p}" for p in conflicts))
-    out.append(f"\n### Test metrics: mean ± sd [95 % CI] over {proto.over}\n")
+    out.append(f"\n### Metrics of the {part}: mean ± sd [95 % CI] (min–max) over {proto.over}\n")
     by = {(r["arch"], r["scale"], r["recipe"], r["metric"]): r for r in summary}
     labels = [METRIC_LABELS.get(m, m) + (f" ({unit})" if m.startswith("hd95") else "")
               for m in TABLE_METRICS]
@@ -119,7 +132,8 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
                    f"{proto.unit}s to say\".")
 
     label = METRIC_LABELS.get(metric, metric)
-    out.append(f"\n### {label}: each recipe against `{baseline}`, paired per {proto.block}\n")
+    out.append(f"\n### {label} ({part}): each recipe against `{baseline}`, paired per "
+               f"{proto.block}\n")
     mine = [r for r in comparison if r["metric"] == metric]
     if baseline not in view.recipes:
         out.append(f"Missing: no `{baseline}` cell in this dataset, so no comparison "
@@ -140,13 +154,21 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
                    "two-sided, Holm-corrected over the recipes of one arch x scale. With n pairs "
                    f"the smallest possible Wilcoxon p is 2 / 2^n (0.0625 for 5 {proto.unit}s).")
 
-    out.append(f"\n### Stability of the recipe ranking over {proto.unit}s (Kendall's W, {label})\n")
+    out += _render_pairs(view, metric, label, pairs, skipped, holm_scope)
+
+    out.append(f"\n### Stability of the recipe ranking over {proto.unit}s (Kendall's W, {label}, "
+               f"{part})\n")
     rk = [r for r in ranking if r["metric"] == metric]
-    out.append(_md_table(["arch", "scale", "W", "blocks", "recipes"],
-                         [[r["arch"], r["scale"], _f(r["kendalls_w"], 3), str(r["m_blocks"]),
-                           str(r["n_recipes"])] for r in rk]))
+    ranks = {(r["arch"], r["scale"], r["recipe"]): r for r in mean_ranks if r["metric"] == metric}
+    out.append(_md_table(
+        ["arch", "scale", "W", "blocks", *view.recipes],
+        [[r["arch"], r["scale"], _f(r["kendalls_w"], 3), str(r["m_blocks"])]
+         + [_rank_text(ranks.get((r["arch"], r["scale"], name))) for name in view.recipes]
+         for r in rk]))
     out.append(f"\nW = 1: every {proto.unit} ranks the recipes alike; 0: no agreement. Only "
-               f"{proto.blocks} where every recipe has a value count.")
+               f"{proto.blocks} where every recipe has a value count. Beside W, each recipe's "
+               f"mean rank ± sd over those {proto.blocks} (1 = the best {label}; ties share "
+               f"their average rank).")
 
     out.append("\n### Missing cells\n")
     if view.missing:
@@ -166,6 +188,51 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
     return "\n".join(out)
 
 
+def _rank_text(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    sd = "" if row["rank_sd"] is None else f" ± {row['rank_sd']:.1f}"
+    return f"{row['mean_rank']:.1f}{sd}"
+
+
+def _flags(row: dict, prefix: str) -> str:
+    return "**" if row[f"{prefix}_below_0.01"] else "*" if row[f"{prefix}_below_0.05"] else ""
+
+
+def _render_pairs(view: DatasetView, metric: str, label: str, pairs, skipped,
+                  holm_scope: str) -> list[str]:
+    """The all-pairs section of one metric: tested pairs, then the skipped ones."""
+    proto = view.protocol
+    out = [f"\n### {label} ({view.eval_set} partition): every recipe pair, Wilcoxon signed-rank, "
+           f"paired per {proto.block}\n"]
+    mine = [r for r in pairs if r["metric"] == metric]
+    if mine:
+        d = _digits(metric)
+        out.append(_md_table(
+            ["arch", "scale", "r1", "r2", proto.blocks, "mean r1", "mean r2", "mean diff r1 - r2",
+             "Cohen's d", "W statistic", "p", "Holm p"],
+            [[r["arch"], r["scale"], r["recipe_1"], r["recipe_2"], str(r["n_blocks"]),
+              _f(r["mean_1"], d), _f(r["mean_2"], d), _f(r["mean_diff"], d),
+              _f(r["cohens_d"], 3), _f(r["statistic"], 1), _p(r["p"]) + _flags(r, "p"),
+              _p(r["holm_p"]) + _flags(r, "holm")] for r in mine]))
+        family = ("all pairs of every arch x scale" if holm_scope == "global"
+                  else "the pairs of one arch x scale")
+        out.append(f"\nr1 is the recipe with the lower study id, so every difference is r1 - r2 "
+                   f"(against the baseline, recipe 0: baseline - recipe); Cohen's d = "
+                   f"mean(diff) / sd(diff). Two-sided Wilcoxon signed-rank test over the common "
+                   f"{proto.blocks}, zero differences dropped, p = 1 when every difference is "
+                   f"zero; Holm over {family}. * p < 0.05, ** p < 0.01. With n {proto.blocks} the "
+                   f"smallest possible p is 2 / 2^n.")
+    else:
+        out.append(f"No pair has {MIN_PAIR_BLOCKS} or more common {proto.blocks}.")
+    skip = [r for r in skipped if r["metric"] == metric]
+    if skip:
+        out.append(f"\nSkipped, fewer than {MIN_PAIR_BLOCKS} common {proto.blocks}: "
+                   + "; ".join(f"{r['arch']} / {r['scale']} {r['recipe_1']} vs {r['recipe_2']} "
+                               f"({r['n_blocks']})" for r in skip) + ".")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
 
@@ -180,12 +247,16 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
 
 
 def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metric: str = "auprc",
-                 recipe: str | None = None, figures: bool = True) -> dict:
-    """Read the cells, write report.md and the CSVs (and figures); return what was computed."""
+                 recipe: str | None = None, figures: bool = True, eval_set: str = "test",
+                 holm_scope: str = "arch_scale") -> dict:
+    """Read the cells, write report.md and the CSVs (and figures); return what was computed.
+
+    ``eval_set``: the partition of every metric (``cells.EVAL_SETS``); ``holm_scope``: the family
+    of the all-pairs Holm correction (``tables.HOLM_SCOPES``)."""
     root = Path(results_dir)
     if not root.is_dir():
         raise ReportError(f"results directory {root} does not exist")
-    cells, problems = load_cells(root)
+    cells, problems = load_cells(root, eval_set)
     if not cells:
         raise ReportError("no cell results (<dataset>/<arch>/<scale>/<recipe>/"
                           f"fold<k>_seed<s>.json or holdout_seed<s>.json) under {root}")
@@ -193,24 +264,32 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
     if baseline not in RECIPES:
         raise ReportError(f"--baseline {baseline!r} is not a recipe; choose from "
                           f"{', '.join(RECIPES)}")
-    numeric = {k for c in cells if c.complete for k in c.test if metric_value(c, k) is not None}
+    numeric = {k for c in cells if c.complete for k in c.metrics
+               if metric_value(c, k) is not None}
     if numeric and metric not in numeric:
-        raise ReportError(f"--metric {metric!r} is in no complete cell's test block; available: "
+        raise ReportError(f"--metric {metric!r} is in no complete cell's {eval_set} block; "
+                          f"available: "
                           f"{', '.join(sorted(numeric)) or 'none'}")
     out = Path(out_dir) if out_dir is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
     metrics = tuple(dict.fromkeys((*TABLE_METRICS, metric)))
 
-    views = dataset_views(cells)
-    summary, comparison, ranking, sections = [], [], [], []
+    views = dataset_views(cells, eval_set)
+    summary, comparison, ranking, ranks, pairs, skipped, sections = [], [], [], [], [], [], []
     for view in views:
         s = summary_rows(view, metrics)
         cmp = comparison_rows(view, baseline, metrics)
         rk = ranking_rows(view, metrics)
+        mr = mean_rank_rows(view, metrics)
+        tested, untested = pairwise_rows(view, metrics, holm_scope)
         summary += s
         comparison += cmp
         ranking += rk
-        text = render_dataset(view, baseline, metric, s, cmp, rk)
+        ranks += mr
+        pairs += tested
+        skipped += untested
+        text = render_dataset(view, baseline, metric, s, cmp, rk, mr, tested, untested,
+                              holm_scope)
         if figures:
             chosen = recipe or (DEFAULT_FIGURE_RECIPE if DEFAULT_FIGURE_RECIPE in view.recipes
                                 else next((r for r in view.recipes if r != baseline), baseline))
@@ -225,7 +304,8 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
         head.append(f"\n> **These results come from a synthetic dataset** "
                     f"({', '.join(f'`{n}`' for n in synthetic)}), not from patients.")
     head.append(f"\nSource: `{root}`; {len(cells)} cell files; baseline `{baseline}`; "
-                f"primary metric {METRIC_LABELS.get(metric, metric)} (test partition).")
+                f"primary metric {METRIC_LABELS.get(metric, metric)}; every metric from the "
+                f"**{eval_set} partition** ({EVAL_SET_NOTES[eval_set]}).")
     head.append("\nSplit protocols: " + ", ".join(
         f"{PROTOCOLS[s].title} ({sum(c.split == s for c in cells)} cells)"
         for s in SPLITS if any(c.split == s for c in cells))
@@ -241,30 +321,39 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
         head.append("\n**Problems**:\n" + "\n".join(f"- {p}" for p in problems))
     write_text_atomic(out / "report.md", "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
 
-    stat_cols = ["n", "mean", "sd", "ci_low", "ci_high", "ci_clipped"]
+    view_cols = ["dataset", "split", "eval_set", "arch", "scale"]
+    stat_cols = ["n", "mean", "sd", "ci_low", "ci_high", "ci_clipped", "min", "max"]
     write_text_atomic(out / "summary.csv", _csv(
-        summary, ["dataset", "split", "arch", "scale", "recipe", "metric", "n_cells",
-                  *stat_cols]))
+        summary, [*view_cols, "recipe", "metric", "n_cells", *stat_cols]))
     write_text_atomic(out / "comparison.csv", _csv(
-        comparison, ["dataset", "split", "arch", "scale", "recipe", "baseline", "metric",
-                     "n_pairs",
-                     "mean_diff", "pct_mean", "pct_ci_low", "pct_ci_high", "cohens_d",
-                     "wilcoxon_p", "holm_p"]))
+        comparison, [*view_cols, "recipe", "baseline", "metric", "n_pairs", "mean_diff",
+                     "pct_mean", "pct_ci_low", "pct_ci_high", "cohens_d", "wilcoxon_p",
+                     "holm_p"]))
+    write_text_atomic(out / "pairwise.csv", _csv(
+        pairs + [{**r, "skipped": True} for r in skipped],
+        [*view_cols, "metric", "recipe_1", "recipe_2", "n_blocks", "skipped", "mean_1",
+         "mean_2", "mean_diff", "cohens_d", "statistic", "p", "holm_p", "p_below_0.05",
+         "p_below_0.01", "holm_below_0.05", "holm_below_0.01"]))
     write_text_atomic(out / "ranking.csv", _csv(
-        ranking, ["dataset", "split", "arch", "scale", "metric", "kendalls_w", "m_blocks",
-                  "n_recipes"]))
+        ranking, [*view_cols, "metric", "kendalls_w", "m_blocks", "n_recipes"]))
+    write_text_atomic(out / "mean_ranks.csv", _csv(
+        ranks, [*view_cols, "metric", "recipe", "mean_rank", "rank_sd", "m_blocks"]))
     cell_rows, test_keys, diag_keys = [], set(), set()
     for c in cells:
-        tests = {k: c.test[k] for k in c.test if metric_value(c, k) is not None}  # ints stay ints
+        tests = {k: c.metrics[k] for k in c.metrics
+                 if metric_value(c, k) is not None}  # ints stay ints
         diags = {f"diag.{k}": v for k, v in diagnostic_summaries(c).items()}
         test_keys |= set(tests)
         diag_keys |= set(diags)
-        cell_rows.append({"dataset": c.dataset, "split": c.split, "arch": c.arch, "scale": c.scale,
+        cell_rows.append({"dataset": c.dataset, "split": c.split, "eval_set": eval_set,
+                          "arch": c.arch, "scale": c.scale,
                           "recipe": c.recipe, "fold": c.fold, "seed": c.seed, "status": c.status,
                           "synthetic": c.synthetic, "path": str(c.path.relative_to(root)),
                           **tests, **diags})
     write_text_atomic(out / "cells.csv", _csv(
-        cell_rows, ["dataset", "split", "arch", "scale", "recipe", "fold", "seed", "status",
+        cell_rows, ["dataset", "split", "eval_set", "arch", "scale", "recipe", "fold", "seed",
+                    "status",
                     "synthetic", "path", *sorted(test_keys), *sorted(diag_keys)]))
     return {"out": out, "cells": cells, "problems": problems, "summary": summary,
-            "comparison": comparison, "ranking": ranking, "views": views}
+            "comparison": comparison, "ranking": ranking, "mean_ranks": ranks, "pairs": pairs,
+            "skipped_pairs": skipped, "views": views}

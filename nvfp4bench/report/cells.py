@@ -1,14 +1,18 @@
 """The report's input: every cell result file under a results directory, grouped per dataset.
 
-``load_cells(root)`` reads each ``<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json``
+``load_cells(root, eval_set)`` reads each ``<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json``
 (k-fold split) and ``.../holdout_seed<s>.json`` (hold-out split, its one partition is fold 0;
 docs/interfaces.md) into a ``CellResult``; identity comes from the path, and a file whose
 ``config`` (or ``data.name``) disagrees with it is left out and listed as a problem; unreadable
 files count as failed cells. ``dataset_views`` groups the cells of one dataset and one split
 protocol into a ``DatasetView`` (the two protocols are never pooled): its archs, scales and
 recipes in the study's order, its (fold, seed) blocks (k-fold: fold x seed; hold-out: (0, seed),
-so recipes pair by seed), the cells missing from that grid, and the finite test values of a
-metric per block (``values``). ``PROTOCOLS`` says how the report names each protocol's blocks.
+so recipes pair by seed), the cells missing from that grid, and the finite values of a metric per
+block (``values``). ``PROTOCOLS`` says how the report names each protocol's blocks.
+
+The metrics come from one evaluation partition, ``eval_set`` (``EVAL_SETS``): ``test`` (the
+default: the held-out patients, never used for model selection) or ``val`` (the best checkpoint's
+validation metrics, which the study's own statistics aggregate: its ``_save_metrics_json``).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from nvfp4bench.config import SPLITS
 from nvfp4bench.quant.recipes import RECIPES
 
 ARCH_ORDER = ("cnn", "vit", "vit_adamax", "swin")  # config.ARMS
+EVAL_SETS = ("test", "val")  # the partition a report's metrics come from; test by default
 SCALE_ORDER = ("tiny", "small", "base")
 # fold<k>_seed<s>.json (k-fold) or holdout_seed<s>.json (hold-out): nvfp4bench.cell.Cell.stem
 CELL_NAME = re.compile(r"^(?:fold(\d+)|(holdout))_seed(\d+)\.json$")
@@ -63,7 +68,7 @@ class CellResult:
     status: str
     error: str | None = None
     synthetic: bool | None = None
-    test: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # the eval_set partition's metrics
     diagnostics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     fingerprint: str | None = None
@@ -95,11 +100,14 @@ def _read_json(path: Path):
         return None, f"{type(e).__name__}: {e}"
 
 
-def load_cells(root) -> tuple[list[CellResult], list[str]]:
-    """Every cell JSON under ``root`` (layout of docs/interfaces.md) and a list of problems found.
+def load_cells(root, eval_set: str = "test") -> tuple[list[CellResult], list[str]]:
+    """Every cell JSON under ``root`` (layout of docs/interfaces.md) and a list of problems found;
+    each cell's metrics are those of the ``eval_set`` partition (``EVAL_SETS``).
 
     Identity comes from the path; the ``config`` inside (and ``data.name``) must agree with it,
     else the file is listed as a problem and left out. Unreadable files count as failed cells."""
+    if eval_set not in EVAL_SETS:
+        raise ValueError(f"eval_set must be one of {', '.join(EVAL_SETS)}, got {eval_set!r}")
     root = Path(root)
     cells, problems = [], []
     for path in sorted(root.rglob("*_seed*.json")):
@@ -131,14 +139,15 @@ def load_cells(root) -> tuple[list[CellResult], list[str]]:
                 problems.append(f"`{path.relative_to(root)}`: left out, its content disagrees with "
                                 f"its path: {', '.join(wrong)}")
                 continue
-            test = obj.get("test") if isinstance(obj.get("test"), dict) else {}
+            metrics = obj.get(eval_set) if isinstance(obj.get(eval_set), dict) else {}
             diagnostics = obj.get("diagnostics") if isinstance(obj.get("diagnostics"), dict) else {}
             cell = CellResult(path, dataset, arch, scale, recipe, fold, seed,
                         str(obj.get("status") or "unknown"), obj.get("error"),
-                        data.get("synthetic"), test, diagnostics, config, data.get("fingerprint"),
-                        split)
-            if cell.complete and not test:
-                cell.status, cell.error = "no test metrics", "status complete but no test block"
+                        data.get("synthetic"), metrics, diagnostics, config,
+                        data.get("fingerprint"), split)
+            if cell.complete and not metrics:
+                cell.status = f"no {eval_set} metrics"
+                cell.error = f"status complete but no {eval_set} block"
         cells.append(cell)  # one file per identity: the path is the identity
     return cells, problems
 
@@ -150,7 +159,7 @@ def ordered(values, order) -> list:
 
 
 def metric_value(cell: CellResult, metric: str) -> float | None:
-    v = cell.test.get(metric)
+    v = cell.metrics.get(metric)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
     return float(v)
@@ -170,6 +179,7 @@ class DatasetView:
     missing: list[tuple]
     synthetic: bool | None
     by_key: dict
+    eval_set: str = "test"  # EVAL_SETS: the partition every metric of the view comes from
 
     @property
     def protocol(self) -> Protocol:
@@ -197,9 +207,10 @@ class DatasetView:
                 if (v := metric_value(c, metric)) is not None}
 
 
-def dataset_views(cells: list[CellResult]) -> list[DatasetView]:
+def dataset_views(cells: list[CellResult], eval_set: str = "test") -> list[DatasetView]:
     """One view per dataset and split protocol present (datasets sorted, protocols in SPLITS
-    order); a view's blocks are the (fold, seed) grid of its own cells."""
+    order); a view's blocks are the (fold, seed) grid of its own cells. ``eval_set``: the
+    partition the cells were loaded with (``load_cells``), named by every table and figure."""
     views = []
     present = {(c.dataset, c.split) for c in cells}
     for name, split in sorted(present, key=lambda k: (k[0], SPLITS.index(k[1]))):
@@ -215,6 +226,6 @@ def dataset_views(cells: list[CellResult]) -> list[DatasetView]:
         synthetic = True if True in flags else (False if flags == {False} else None)
         blocks = [(f, s) for f in folds for s in seeds]
         views.append(DatasetView(name, split, mine, archs, scales, recipes, blocks, missing,
-                                 synthetic, by_key))
+                                 synthetic, by_key, eval_set))
     return views
 

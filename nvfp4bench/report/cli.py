@@ -5,6 +5,8 @@ import argparse
 import sys
 
 from nvfp4bench.report.build import DEFAULT_FIGURE_RECIPE, ReportError, build_report
+from nvfp4bench.report.cells import EVAL_SETS
+from nvfp4bench.report.tables import HOLM_SCOPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,8 +16,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results_dir", help="the --out directory of the runs (e.g. results/)")
     p.add_argument("--out", default=None, help="where to write (default RESULTS_DIR/report)")
     p.add_argument("--baseline", default="baseline", help="recipe the others are compared with")
-    p.add_argument("--metric", default="auprc", help="test metric of the comparison, ranking "
-                                                     "and figures (default auprc)")
+    p.add_argument("--metric", default="auprc", help="metric of the comparison, ranking, "
+                                                     "all-pairs tests and figures (default auprc)")
+    p.add_argument("--eval-set", choices=EVAL_SETS, default="test",
+                   help="the partition of every table and figure: test (default: the held-out "
+                        "patients) or val (the best checkpoint's validation metrics, which the "
+                        "study's own statistics aggregate)")
+    p.add_argument("--holm", choices=HOLM_SCOPES, default="arch_scale",
+                   help="the all-pairs Holm family: the pairs of one arch x scale (default, the "
+                        "study's analyze_multi_seed.py) or every pair at once (its main.py)")
     p.add_argument("--recipe", default=None, help="recipe of the cross-validation bar chart "
                                                   f"(default {DEFAULT_FIGURE_RECIPE})")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
@@ -26,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = build_report(args.results_dir, args.out, baseline=args.baseline,
-                              metric=args.metric, recipe=args.recipe, figures=not args.no_figures)
+                              metric=args.metric, recipe=args.recipe, figures=not args.no_figures,
+                              eval_set=args.eval_set, holm_scope=args.holm)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nvfp4bench.atomic import write_atomic
+from nvfp4bench.report import stats
 
 if TYPE_CHECKING:  # the report's types; figures import nothing from it at run time
     from nvfp4bench.report.cells import CellResult, DatasetView
@@ -63,6 +64,7 @@ def make_figures(view: DatasetView, comparison, baseline, metric, label, recipe,
     notes = []
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", view.stem)  # <dataset>[_holdout]
     unit = view.protocol.unit
+    part = f"{view.eval_set} partition"
 
     def save(fig, name, caption):
         path = out_dir / f"{stem}_{name}.png"
@@ -81,14 +83,17 @@ def make_figures(view: DatasetView, comparison, baseline, metric, label, recipe,
                     vals = list(view.values(arch, scale, name, metric).values())
                     x = i + (j - 0.5) * 0.38
                     if vals:
+                        sd = stats.summarize(vals)["sd"]
                         ax.bar(x, sum(vals) / len(vals), 0.36, color=color, alpha=0.6,
+                               yerr=sd, capsize=4, error_kw={"lw": 1},
                                label=name if i == 0 else None)
                         ax.plot([x] * len(vals), vals, "o", color="black", ms=3)
             ax.set_xticks(range(len(view.archs)), view.archs)
-            ax.set_title(scale)
+            ax.set_title(f"{scale} ({part})")
             ax.set_ylabel(label)
         axes[0][0].legend(fontsize=8)
-        save(fig, "cv_bars", f"{label}: {baseline} vs {recipe}, one point per {unit}")
+        save(fig, "cv_bars", f"{label} ({part}): {baseline} vs {recipe}, mean ± SD, one point per "
+                             f"{unit}")
     else:
         notes.append(f"Cross-validation bars skipped: need `{baseline}` and `{recipe}` cells "
                      "(choose another with --recipe).")
@@ -116,7 +121,8 @@ def make_figures(view: DatasetView, comparison, baseline, metric, label, recipe,
             ax.set_title(f"{arch} / {scale}", fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"% of {baseline} {label}")
-        save(fig, "sensitivity", f"{label} as % of {baseline}, 95 % CI")
+        fig.suptitle(f"{label} as % of {baseline} ({part})", fontsize=10)
+        save(fig, "sensitivity", f"{label} as % of {baseline}, 95 % CI ({part})")
     else:
         notes.append("Sensitivity grid skipped: no paired comparison with the baseline.")
 

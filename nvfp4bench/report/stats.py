@@ -11,6 +11,13 @@
     five folds alone cannot reach p < 0.05; add seeds for more pairs.
   - Holm's step-down correction over the k recipes compared within one arch x scale:
     p_(i) sorted ascending, adjusted p_(i) = max_{j <= i} min(1, (k - j + 1) p_(j)).
+* All recipe pairs, as the study's ``analyze_multi_seed.py`` tests them: for recipes r1, r2 over
+  their common blocks, d_i = x_i(r1) - x_i(r2); the Wilcoxon signed-rank statistic (scipy's: the
+  smaller of the positive and negative rank sums) and two-sided p (``wilcoxon_signed_rank``; p = 1
+  when every difference is zero).
+* Mean rank of each recipe: within each block the recipes are ranked 1 (best) to n, ties sharing
+  their average rank (``scipy.stats.rankdata``); the mean and the sample sd (ddof 1) of a recipe's
+  ranks over the blocks (``mean_ranks``), as the study prints them beside Kendall's W.
 * Kendall's W, the agreement of the recipe ranking over m blocks (folds x seeds) of n recipes:
   ranks r_ij within each block (ties get mid-ranks), R_j = sum_i r_ij,
   S = sum_j (R_j - m (n + 1) / 2)^2,  W = 12 S / (m^2 (n^3 - n) - m sum_i T_i),
@@ -37,7 +44,8 @@ def _clean(values: Sequence[float | None]) -> np.ndarray:
 
 def summarize(values: Sequence[float | None], confidence: float = CONFIDENCE,
               bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
-    """n, mean, sd, ci_low, ci_high, ci_clipped of the finite values (None values left out).
+    """n, mean, sd, ci_low, ci_high, ci_clipped, min, max of the finite values (None values left
+    out).
 
     ``bounds``: the range of the metric (AUPRC [0, 1], HD95 [0, inf)). With few values the
     t-interval can cross it (two folds: t_{0.975,1} = 12.7); the mean lies in the range, so the
@@ -46,10 +54,10 @@ def summarize(values: Sequence[float | None], confidence: float = CONFIDENCE,
     x = _clean(values)
     n = int(x.size)
     out = {"n": n, "mean": None, "sd": None, "ci_low": None, "ci_high": None,
-           "ci_clipped": False}
+           "ci_clipped": False, "min": None, "max": None}
     if n == 0:
         return out
-    out["mean"] = float(x.mean())
+    out.update(mean=float(x.mean()), min=float(x.min()), max=float(x.max()))
     if n >= 2:
         sd = float(x.std(ddof=1))
         half = float(sst.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
@@ -90,13 +98,35 @@ def cohens_d_paired(x: Sequence[float | None], baseline: Sequence[float | None])
 def wilcoxon_paired(x: Sequence[float | None], baseline: Sequence[float | None]) -> float | None:
     """Two-sided p of the Wilcoxon signed-rank test of x - baseline (zeros dropped).
     None without pairs; 1.0 when every difference is zero (no evidence of a difference)."""
-    a, b = _pairs(x, baseline)
+    return wilcoxon_signed_rank(x, baseline)[1]
+
+
+def wilcoxon_signed_rank(x: Sequence[float | None],
+                         y: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """(statistic, two-sided p) of the Wilcoxon signed-rank test of x - y (zeros dropped);
+    (None, None) without pairs; (None, 1.0) when every difference is zero."""
+    a, b = _pairs(x, y)
     d = a - b
     if d.size == 0:
-        return None
+        return None, None
     if not np.any(d != 0):
-        return 1.0
-    return float(sst.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+        return None, 1.0
+    res = sst.wilcoxon(d, zero_method="wilcox", alternative="two-sided")
+    return float(res.statistic), float(res.pvalue)
+
+
+def mean_ranks(table: Sequence[Sequence[float]], higher_is_better: bool = True
+               ) -> tuple[list[float], list[float | None]]:
+    """(mean rank, sd of the rank) of each column of a blocks x items table; rank 1 is the best
+    item of a block (the highest value, or the lowest with ``higher_is_better=False``), ties get
+    their average rank. The sd is None with fewer than 2 blocks."""
+    x = np.asarray(table, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"mean_ranks needs a non-empty 2-D blocks x items table, got shape "
+                         f"{x.shape}")
+    ranks = np.apply_along_axis(sst.rankdata, 1, -x if higher_is_better else x)
+    sds = ranks.std(axis=0, ddof=1) if x.shape[0] > 1 else [None] * x.shape[1]
+    return ranks.mean(axis=0).tolist(), [None if s is None else float(s) for s in sds]
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:

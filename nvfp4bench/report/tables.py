@@ -5,8 +5,11 @@ both): ``summary_rows`` (mean, sd, 95 % CI, n of each metric
 per arch x scale x recipe, the CI cut at the metric's range: ``metric_bounds``),
 ``comparison_rows`` (each recipe vs the baseline, paired per (fold, seed): % of baseline with its
 CI, mean difference, paired Cohen's d, Wilcoxon signed-rank p, Holm over the recipes of one
-arch x scale x metric), ``ranking_rows`` (Kendall's W of the recipe ranking over complete blocks),
-and ``consistency_problems`` (options or data fingerprints that differ between cells that the
+arch x scale x metric), ``pairwise_rows`` (every recipe pair as the study's
+``analyze_multi_seed.py`` tests it: Wilcoxon signed-rank statistic, raw and Holm-adjusted p, flags
+at 0.05 and 0.01; pairs with fewer than 3 common blocks skipped and listed), ``ranking_rows``
+(Kendall's W of the recipe ranking over complete blocks), ``mean_rank_rows`` (each recipe's mean
+rank +- sd over those blocks), and ``consistency_problems`` (options or data fingerprints that differ between cells that the
 tables compare). The statistics themselves are nvfp4bench.report.stats.
 """
 from __future__ import annotations
@@ -14,9 +17,10 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from itertools import product
+from itertools import combinations, product
 
 from nvfp4bench.config import NON_RESULT_FIELDS
+from nvfp4bench.quant.recipes import RECIPES
 from nvfp4bench.report import stats
 from nvfp4bench.report.cells import DatasetView
 
@@ -25,6 +29,13 @@ TABLE_METRICS = ("auprc", "recall", "dice", "hd95_mean")
 # metrics (counts, HD95 variants) are >= 0.
 UNIT_METRICS = ("auprc", "recall", "precision", "f2", "iou", "dice", "patient_dice_mean",
                 "lesion_recall")
+
+
+# Metrics where lower is better: their best recipe ranks 1 (mean ranks).
+LOWER_IS_BETTER = frozenset({"hd95_mean", "ece", "n_false_positive_components"})
+MIN_PAIR_BLOCKS = 3  # the study skips a recipe pair with fewer common blocks (seeds)
+HOLM_SCOPES = ("arch_scale", "global")  # Holm over one arch x scale's pairs, or every pair
+SIGNIFICANCE_LEVELS = (0.05, 0.01)
 
 
 def metric_bounds(metric: str) -> tuple[float, float]:
@@ -70,9 +81,9 @@ def summary_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
         for metric in metrics:
             s = stats.summarize(list(view.values(arch, scale, recipe, metric).values()),
                                 bounds=metric_bounds(metric))
-            rows.append({"dataset": view.name, "split": view.split, "arch": arch,
-                         "scale": scale, "recipe": recipe, "metric": metric, "n_cells": n_cells,
-                         **s})
+            rows.append({"dataset": view.name, "split": view.split, "eval_set": view.eval_set,
+                         "arch": arch, "scale": scale, "recipe": recipe, "metric": metric,
+                         "n_cells": n_cells, **s})
     return rows
 
 
@@ -92,7 +103,8 @@ def comparison_rows(view: DatasetView, baseline: str, metrics=TABLE_METRICS) -> 
             blocks = sorted(set(base) & set(mine))
             x, y = [mine[b] for b in blocks], [base[b] for b in blocks]
             pct = stats.percent_of_baseline(x, y)
-            group.append({"dataset": view.name, "split": view.split, "arch": arch,
+            group.append({"dataset": view.name, "split": view.split,
+                          "eval_set": view.eval_set, "arch": arch,
                           "scale": scale, "recipe": recipe, "baseline": baseline,
                           "metric": metric, "n_pairs": len(blocks),
                           "mean_diff": stats.summarize([a - b for a, b in zip(x, y)])["mean"],
@@ -108,24 +120,95 @@ def comparison_rows(view: DatasetView, baseline: str, metrics=TABLE_METRICS) -> 
     return rows
 
 
+def _complete_table(view: DatasetView, arch: str, scale: str, metric: str):
+    """(recipes, blocks, blocks x recipes table) over the blocks where every recipe of the
+    arch x scale has a value (a complete-block design)."""
+    per_recipe = {r: view.values(arch, scale, r, metric) for r in view.recipes}
+    recipes = [r for r in view.recipes if per_recipe[r]]
+    blocks = [b for b in view.blocks if all(b in per_recipe[r] for r in recipes)]
+    return recipes, blocks, [[per_recipe[r][b] for r in recipes] for b in blocks]
+
+
 def ranking_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
     """Kendall's W of the recipe ranking over the (fold, seed) blocks where every recipe of
     the arch x scale has a value (a complete-block design)."""
     rows = []
     for arch, scale, metric in product(view.archs, view.scales, metrics):
-        per_recipe = {r: view.values(arch, scale, r, metric) for r in view.recipes}
-        recipes = [r for r in view.recipes if per_recipe[r]]
-        blocks = [b for b in view.blocks if all(b in per_recipe[r] for r in recipes)]
-        table = [[per_recipe[r][b] for r in recipes] for b in blocks]
+        recipes, blocks, table = _complete_table(view, arch, scale, metric)
         w = stats.kendalls_w(table) if blocks and len(recipes) >= 2 else None
-        rows.append({"dataset": view.name, "split": view.split, "arch": arch, "scale": scale,
-                     "metric": metric, "kendalls_w": w, "m_blocks": len(blocks),
-                     "n_recipes": len(recipes)})
+        rows.append({"dataset": view.name, "split": view.split, "eval_set": view.eval_set,
+                     "arch": arch, "scale": scale, "metric": metric, "kendalls_w": w,
+                     "m_blocks": len(blocks), "n_recipes": len(recipes)})
     return rows
 
 
+def mean_rank_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
+    """Each recipe's mean rank +- sd (1 = best) over the complete blocks of ``ranking_rows``."""
+    rows = []
+    for arch, scale, metric in product(view.archs, view.scales, metrics):
+        recipes, blocks, table = _complete_table(view, arch, scale, metric)
+        if not blocks or len(recipes) < 2:
+            continue
+        means, sds = stats.mean_ranks(table, higher_is_better=metric not in LOWER_IS_BETTER)
+        rows += [{"dataset": view.name, "split": view.split, "eval_set": view.eval_set,
+                  "arch": arch, "scale": scale, "metric": metric, "recipe": r, "mean_rank": m,
+                  "rank_sd": s, "m_blocks": len(blocks)} for r, m, s in zip(recipes, means, sds)]
+    return rows
+
+
+def study_order(recipes) -> list[str]:
+    """Recipes by the study's recipe id (0 = baseline first); recipes without one last."""
+    return sorted(recipes, key=lambda r: (RECIPES[r].study_id is None, RECIPES[r].study_id or 0,
+                                          r))
+
+
+def pairwise_rows(view: DatasetView, metrics=TABLE_METRICS,
+                  holm_scope: str = "arch_scale") -> tuple[list[dict], list[dict]]:
+    """(tested pairs, skipped pairs) of every recipe pair, per arch x scale x metric.
+
+    r1 is the recipe with the lower study id, so ``mean_diff`` and ``cohens_d`` are r1 - r2
+    (against the baseline, recipe 0: baseline - recipe), as the study reports them. A pair is
+    tested over its common blocks when it has at least ``MIN_PAIR_BLOCKS``, else skipped. Holm
+    adjusts the p-values of the tested pairs of one arch x scale x metric (``holm_scope``
+    "arch_scale", the study's ``analyze_multi_seed.py``) or of every arch x scale at once
+    ("global", its ``main.py``).
+    """
+    if holm_scope not in HOLM_SCOPES:
+        raise ValueError(f"holm_scope must be one of {', '.join(HOLM_SCOPES)}, got "
+                         f"{holm_scope!r}")
+    tested, skipped = [], []
+    for arch, scale, metric in product(view.archs, view.scales, metrics):
+        recipes = [r for r in study_order(view.recipes) if view.values(arch, scale, r, metric)]
+        for r1, r2 in combinations(recipes, 2):
+            v1, v2 = view.values(arch, scale, r1, metric), view.values(arch, scale, r2, metric)
+            blocks = sorted(set(v1) & set(v2))
+            row = {"dataset": view.name, "split": view.split, "eval_set": view.eval_set,
+                   "arch": arch, "scale": scale, "metric": metric, "recipe_1": r1,
+                   "recipe_2": r2, "n_blocks": len(blocks)}
+            if len(blocks) < MIN_PAIR_BLOCKS:
+                skipped.append(row)
+                continue
+            x, y = [v1[b] for b in blocks], [v2[b] for b in blocks]
+            statistic, p = stats.wilcoxon_signed_rank(x, y)
+            tested.append({**row, "mean_1": sum(x) / len(x), "mean_2": sum(y) / len(y),
+                           "mean_diff": sum(a - b for a, b in zip(x, y)) / len(x),
+                           "cohens_d": stats.cohens_d_paired(x, y), "statistic": statistic,
+                           "p": p})
+    scope = ("metric",) if holm_scope == "global" else ("arch", "scale", "metric")
+    families: dict[tuple, list[dict]] = defaultdict(list)
+    for row in tested:
+        families[tuple(row[k] for k in scope)].append(row)
+    for family in families.values():
+        for row, adjusted in zip(family, stats.holm([r["p"] for r in family])):
+            row["holm_p"] = adjusted
+            for level in SIGNIFICANCE_LEVELS:
+                row[f"p_below_{level}"] = row["p"] is not None and row["p"] < level
+                row[f"holm_below_{level}"] = adjusted is not None and adjusted < level
+    return tested, skipped
+
+
 def hd95_unit(view: DatasetView) -> str:
-    units = {c.test.get("hd95_unit") for c in view.cells if c.complete}
+    units = {c.metrics.get("hd95_unit") for c in view.cells if c.complete}
     units.discard(None)
     return units.pop() if len(units) == 1 else ("mixed units" if units else "unit not recorded")
 

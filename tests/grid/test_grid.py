@@ -454,7 +454,25 @@ def test_report_runs_at_the_end_when_it_exists(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(grid.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
     grid._run_report(tmp_path)
-    assert calls == [[sys.executable, "-m", "nvfp4bench.report", str(tmp_path)]]
+    assert calls == [[sys.executable, "-m", "nvfp4bench.report", str(tmp_path), "--eval-set",
+                      "test"]]
+
+
+def test_eval_set_goes_to_the_final_report_only(tmp_path, monkeypatch):
+    """--eval-set val is the report's: never forwarded to a cell, never in a config hash."""
+    base = ["--archs", "cnn", "--scales", "tiny", "--recipes", "baseline", "--folds", "0",
+            "--out", str(tmp_path)]
+    ns, forward = grid.split_argv([*base, "--eval-set", "val"])
+    assert ns.eval_set == "val" and "--eval-set" not in forward and "val" not in forward
+    plain_ns, plain_forward = grid.split_argv(base)
+    assert plain_ns.eval_set == "test"
+    (with_val,), (plain,) = grid.plan(ns, forward), grid.plan(plain_ns, plain_forward)
+    assert with_val.argv == plain.argv and with_val.config_hash == plain.config_hash
+    calls = []
+    monkeypatch.setattr(grid.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    monkeypatch.setattr(grid, "run_grid", lambda *a, **k: grid_workers.Summary(total=1, already=1))
+    assert grid.main([*base, "--eval-set", "val"]) == 0
+    assert calls and calls[-1][-2:] == ["--eval-set", "val"]
 
 
 # ------------------------------------------------------------------------------ Slurm pieces

@@ -19,9 +19,9 @@ MISSING = ("vit", "tiny", "2d_rht_sr", 3)
 FAILED = ("cnn", "tiny", "nvfp4_full", 2)
 
 
-def _value(arch, recipe, fold, metric):
-    """Deterministic, distinct values per cell."""
-    rng = np.random.default_rng(zlib.crc32(f"{arch}|{recipe}|{fold}|{metric}".encode()))
+def _value(arch, recipe, fold, metric, part="test"):
+    """Deterministic, distinct values per cell (and per partition)."""
+    rng = np.random.default_rng(zlib.crc32(f"{arch}|{recipe}|{fold}|{metric}|{part}".encode()))
     base = {"auprc": 0.7, "recall": 0.8, "dice": 0.6, "hd95_mean": 12.0}[metric]
     shift = {"baseline": 0.0, "nvfp4_full": -0.05, "2d_rht_sr": -0.01}[recipe]
     return float(base + shift * (1 if metric != "hd95_mean" else -40) + rng.normal(0, 0.02))
@@ -39,12 +39,14 @@ def _cell(arch, recipe, fold, status="complete"):
            "config": {"arch": arch, "scale": "tiny", "recipe": recipe, "fold": fold, "seed": SEED,
                       "epochs": 100, "out": f"/somewhere/{fold}"},
            "data": {"name": "synthetic", "synthetic": True, "fingerprint": "abc"},
-           "test": {m: _value(arch, recipe, fold, m)
-                    for m in ("auprc", "recall", "dice", "hd95_mean")} | {"hd95_unit": "voxel"},
+           **{part: {m: _value(arch, recipe, fold, m, part)
+                     for m in ("auprc", "recall", "dice", "hd95_mean")} | {"hd95_unit": "voxel"}
+              for part in ("test", "val")},
            "diagnostics": {"summary": {"attention_collapsed_share": 0.1 * fold,
                                        "gradient_cosine": 0.9 - 0.01 * fold, "flag": True}}}
     if status == "failed":
-        obj.update(test=None, error="NonFiniteError: epoch 3: validation loss is nan\ntrace")
+        obj.update(test=None, val=None,
+                   error="NonFiniteError: epoch 3: validation loss is nan\ntrace")
     return obj
 
 
@@ -61,8 +63,8 @@ def results(tmp_path):
     return root
 
 
-def _vals(arch, recipe, metric, folds=FOLDS):
-    return [_value(arch, recipe, f, metric) for f in folds
+def _vals(arch, recipe, metric, folds=FOLDS, part="test"):
+    return [_value(arch, recipe, f, metric, part) for f in folds
             if (arch, "tiny", recipe, f) not in (MISSING, FAILED)]
 
 
@@ -156,7 +158,7 @@ def test_cli_errors_exit_nonzero_without_traceback(results, tmp_path, capsys):
     assert report_cli.main([str(results), "--out", str(tmp_path / "cli"), "--metric", "dice",
                    "--no-figures"]) == 0
     assert "29 cells" in capsys.readouterr().out
-    assert "Dice (soft, per image): each recipe against `baseline`" in \
+    assert "Dice (soft, per image) (test partition): each recipe against `baseline`" in \
         (tmp_path / "cli" / "report.md").read_text()
 
 
@@ -308,3 +310,110 @@ def test_holdout_file_disagreeing_with_its_name_is_flagged(results, tmp_path):
     assert all("disagrees with its path" in p for p in flagged.values())
     assert 7 not in {c.seed for c in out["cells"]}
     assert "**Problems**" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def _holm(pvalues):
+    """Holm's step-down adjustment, written out independently: the i-th smallest of m p-values
+    is multiplied by (m - i), then made non-decreasing and capped at 1."""
+    order = np.argsort(pvalues, kind="stable")
+    m = len(pvalues)
+    adjusted = np.empty(m)
+    running = 0.0
+    for i, j in enumerate(order):
+        running = max(running, (m - i) * pvalues[j])
+        adjusted[j] = min(1.0, running)
+    return adjusted
+
+
+@pytest.mark.parametrize("part", ["test", "val"])
+def test_all_pairs_equal_scipy_wilcoxon_and_an_independent_holm(results, tmp_path, part):
+    out = R.build_report(results, tmp_path / "rep", figures=False, eval_set=part)
+    for arch in ARCHS:
+        rows = [r for r in out["pairs"] if (r["arch"], r["metric"]) == (arch, "auprc")]
+        assert [(r["recipe_1"], r["recipe_2"]) for r in rows] == [      # lower study id first
+            ("baseline", "nvfp4_full"), ("baseline", "2d_rht_sr"), ("nvfp4_full", "2d_rht_sr")]
+        for r in rows:
+            blocks = [f for f in FOLDS
+                      if not {(arch, "tiny", r["recipe_1"], f), (arch, "tiny", r["recipe_2"], f)}
+                      & {MISSING, FAILED}]
+            x = np.array([_value(arch, r["recipe_1"], f, "auprc", part) for f in blocks])
+            y = np.array([_value(arch, r["recipe_2"], f, "auprc", part) for f in blocks])
+            res = sst.wilcoxon(x, y)
+            assert r["n_blocks"] == len(blocks) >= 3
+            assert (r["statistic"], r["p"]) == (pytest.approx(res.statistic),
+                                                pytest.approx(res.pvalue))
+            assert r["mean_diff"] == pytest.approx((x - y).mean())     # r1 - r2
+            assert r["cohens_d"] == pytest.approx((x - y).mean() / (x - y).std(ddof=1))
+            assert r["p_below_0.05"] == (r["p"] < 0.05)
+        expected = _holm(np.array([r["p"] for r in rows]))
+        assert [r["holm_p"] for r in rows] == pytest.approx(expected.tolist())
+        assert all(r["holm_below_0.01"] == (r["holm_p"] < 0.01) for r in rows)
+    glob = R.build_report(results, tmp_path / "glob", figures=False, eval_set=part,
+                          holm_scope="global")
+    rows = [r for r in glob["pairs"] if r["metric"] == "auprc"]
+    assert len(rows) == 6
+    assert [r["holm_p"] for r in rows] == pytest.approx(_holm(np.array([r["p"] for r in rows])))
+
+
+def test_pairs_with_fewer_than_three_blocks_are_skipped_and_listed(tmp_path):
+    root = tmp_path / "results"
+    for recipe in RECIPES:
+        for fold in (0, 1) if recipe == "2d_rht_sr" else FOLDS:
+            _write(root, "cnn", "tiny", recipe, fold, SEED, _cell("cnn", recipe, fold))
+    out = R.build_report(root, tmp_path / "rep", figures=False)
+    skipped = [(r["recipe_1"], r["recipe_2"], r["n_blocks"]) for r in out["skipped_pairs"]
+               if r["metric"] == "auprc"]
+    assert skipped == [("baseline", "2d_rht_sr", 2), ("nvfp4_full", "2d_rht_sr", 2)]
+    assert [(r["recipe_1"], r["recipe_2"]) for r in out["pairs"] if r["metric"] == "auprc"] == [
+        ("baseline", "nvfp4_full")]
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Skipped, fewer than 3 common (fold, seed) blocks: cnn / tiny baseline vs 2d_rht_sr (2)" \
+        in text
+
+
+def test_mean_ranks_equal_scipy_rankdata_per_block(results, tmp_path):
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    for metric, sign in (("auprc", -1), ("hd95_mean", 1)):             # rank 1 = the best
+        rows = {r["recipe"]: r for r in out["mean_ranks"]
+                if (r["arch"], r["metric"]) == ("cnn", metric)}
+        folds = [f for f in FOLDS if f != 2]                             # complete blocks only
+        table = np.array([[_value("cnn", rc, f, metric) for rc in RECIPES] for f in folds])
+        ranks = np.array([sst.rankdata(sign * row) for row in table])
+        for k, recipe in enumerate(RECIPES):
+            assert rows[recipe]["mean_rank"] == pytest.approx(ranks[:, k].mean())
+            assert rows[recipe]["rank_sd"] == pytest.approx(ranks[:, k].std(ddof=1))
+            assert rows[recipe]["m_blocks"] == 4
+
+
+def test_summary_has_min_and_max(results, tmp_path):
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    row = next(r for r in out["summary"] if (r["arch"], r["recipe"], r["metric"])
+               == ("vit", "baseline", "recall"))
+    x = _vals("vit", "baseline", "recall")
+    assert (row["min"], row["max"]) == (min(x), max(x))
+    with open(tmp_path / "rep" / "summary.csv") as f:
+        assert {"min", "max", "eval_set"} <= set(csv.DictReader(f).fieldnames)
+
+
+@pytest.mark.parametrize("part", ["test", "val"])
+def test_the_eval_set_chooses_the_partition_and_every_table_and_figure_names_it(
+        results, tmp_path, capsys, part):
+    pytest.importorskip("matplotlib")
+    assert report_cli.main([str(results), "--out", str(tmp_path / part), "--eval-set", part]) == 0
+    out = R.build_report(results, tmp_path / "again", eval_set=part)
+    row = next(r for r in out["summary"] if (r["arch"], r["recipe"], r["metric"])
+               == ("cnn", "baseline", "auprc"))
+    assert row["mean"] == pytest.approx(np.mean(_vals("cnn", "baseline", "auprc", part=part)))
+    text = (tmp_path / part / "report.md").read_text()
+    other = {"test": "val", "val": "test"}[part]
+    assert f"every metric from the **{part} partition**" in text
+    headings = [ln for ln in text.splitlines() if ln.startswith("### ")
+                and not ln.startswith(("### Missing", "### Failed", "### Figures"))]
+    assert headings and all(f"{part} partition" in h for h in headings), headings
+    assert f"{other} partition)" not in text
+    figures = [ln for ln in text.splitlines() if ln.startswith("![")]
+    named = [ln for ln in figures if "diagnostics" not in ln]
+    assert named and all(f"({part} partition)" in ln for ln in named), named
+    for name in ("summary", "comparison", "pairwise", "ranking", "mean_ranks", "cells"):
+        with open(tmp_path / part / f"{name}.csv") as f:
+            assert {r["eval_set"] for r in csv.DictReader(f)} == {part}, name

@@ -19,9 +19,12 @@ def test_summarize_matches_scipy_t_interval():
 
 def test_summarize_small_and_missing():
     assert S.summarize([]) == {"n": 0, "mean": None, "sd": None, "ci_low": None, "ci_high": None,
-                               "ci_clipped": False}
+                               "ci_clipped": False, "min": None, "max": None}
     one = S.summarize([0.5, None, float("nan")])
     assert one["n"] == 1 and one["mean"] == 0.5 and one["sd"] is None and one["ci_low"] is None
+    assert (one["min"], one["max"]) == (0.5, 0.5)
+    assert (S.summarize([0.3, 0.9, None, 0.1])["min"], S.summarize([0.3, 0.9, 0.1])["max"]) == (
+        0.1, 0.9)
 
 
 def test_wilcoxon_matches_scipy_and_known_exact_answer():
