@@ -72,6 +72,7 @@ SPLITS = ("kfold", "holdout")  # nvfp4bench.data.folds.PROTOCOLS
 # Training image sizes: a multiple of the transformers' 16 px patch (the CNN pads to a multiple of
 # 2^stages itself), so every arch of the grid can train on the same slices.
 IMAGE_SIZE_STEP = 16
+MAX_IMAGE_SIZE = 4096  # --image-size: far above the study's 256 px
 
 # Options that never change the numbers a cell produces: left out of the config hash.
 # (The CPU thread count can change float summation order; bit-identical reruns on CPU need the

@@ -38,6 +38,8 @@ import time
 
 import torch
 
+from nvfp4bench import options
+from nvfp4bench.config import MAX_IMAGE_SIZE
 from nvfp4bench.models import ARCHS, build_model
 from nvfp4bench.quant import kernels, nvfp4
 from nvfp4bench.quant.recipes import get_recipe
@@ -266,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quant", help="time fake_quantize against a plain copy")
-    q.add_argument("--size", type=int, default=4096, help="square tensor side (multiple of 16)")
-    q.add_argument("--repeats", type=int, default=10, help="timed calls per case (median)")
+    q.add_argument("--size", type=options.positive_int(65_536), default=4096, help="square tensor side (multiple of 16)")
+    q.add_argument("--repeats", type=options.positive_int(10_000), default=10, help="timed calls per case (median)")
     q.add_argument("--kernels", default="eager,compiled",
                    help=f"comma-separated quantizer kernels, of {', '.join(kernels.KERNELS)}")
     t = sub.add_parser("train", help="time training steps per recipe")
@@ -275,17 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scale", default="small")
     t.add_argument("--recipes", default="nvfp4_full,2d_rht_sr",
                    help=f"comma-separated; the baseline {BASELINE_RECIPE!r} is always added")
-    t.add_argument("--image-size", type=int, default=128)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--steps", type=int, default=5, help="timed steps per recipe (median)")
-    t.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
-    t.add_argument("--epoch-slices", type=int, default=EPOCH_SLICES,
+    t.add_argument("--image-size", type=options.positive_int(MAX_IMAGE_SIZE), default=128)
+    t.add_argument("--batch-size", type=options.positive_int(options.MAX_BATCH), default=8)
+    t.add_argument("--steps", type=options.positive_int(10_000), default=5, help="timed steps per recipe (median)")
+    t.add_argument("--warmup", type=options.non_negative_int(10_000), default=2, help="untimed steps first (compilation)")
+    t.add_argument("--epoch-slices", type=options.positive_int(10**9), default=EPOCH_SLICES,
                    help="slices per epoch for the 'epoch s' column (default: %(default)s)")
     t.add_argument("--quant-kernels", default="auto", choices=kernels.KERNELS,
                    help="the quantizer's kernels (kernels.KERNELS)")
     for p in (q, t):
         p.add_argument("--device", default="cpu", help="cpu or cuda")
-        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+        p.add_argument("--threads", type=options.positive_int(options.MAX_THREADS), default=None, help="torch.set_num_threads")
         p.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
@@ -295,14 +297,10 @@ def _check_args(args) -> None:
         raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.command == "quant":
-        if args.size <= 0 or args.size % nvfp4.BLOCK:
+    if args.command == "quant":  # the numbers' ranges are checked by their argparse types
+        if args.size % nvfp4.BLOCK:
             raise ValueError(f"--size must be a positive multiple of {nvfp4.BLOCK}, "
                              f"got {args.size}")
-        if args.repeats < 1:
-            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
         bad = [b for b in args.kernels.split(",") if b not in kernels.KERNELS]
         if bad or not args.kernels:
             raise ValueError(f"--kernels: unknown {bad}; choose from {kernels.KERNELS}")
@@ -314,11 +312,6 @@ def _check_args(args) -> None:
                              f"got {args.scale!r}")
         for name in args.recipes.split(","):
             get_recipe(name)  # a ValueError listing the valid names
-        for opt in ("image_size", "batch_size", "steps", "epoch_slices"):
-            if getattr(args, opt) < 1:
-                raise ValueError(f"--{opt.replace('_', '-')} must be >= 1")
-        if args.warmup < 0:
-            raise ValueError("--warmup must be >= 0")
 
 
 def main(argv: list[str] | None = None) -> int:

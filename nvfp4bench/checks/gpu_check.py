@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 # The project's modules (the only place this file names them).
+from nvfp4bench import options
 from nvfp4bench.atomic import write_text_atomic
 from nvfp4bench.checks import bench, gpu_check_bits, gpu_check_train
 from nvfp4bench.env import PACKAGE_ROOT, git_commit
@@ -358,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created; files are replaced)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: the CPU rehearsal")
-    p.add_argument("--budget-s", type=float, default=1800.0,
+    p.add_argument("--budget-s", type=options.real(0, 1e6, low_open=True), default=1800.0,
                    help="wall-clock budget of all stages (default %(default)s)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated subset of: %(default)s")

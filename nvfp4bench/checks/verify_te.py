@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from nvfp4bench import options
 from nvfp4bench.checks.te_cases import (BIT_EXACT_SPECS, BLOCK, FLT_MAX, LAYER_REL_TOL,
                                         SR_MEAN_SIGMAS, SR_RATIO_TOL, SR_SPECS, CheckResult,
                                         LayerCase, LayerRunner, Quantizer, QuantOut, QuantSpec,
@@ -362,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare the NVFP4 emulator with Transformer Engine on this GPU "
                     "(needs TE >= 2.14 and a Blackwell GPU). Exit 0: all checks pass; "
                     "1: a mismatch; 2: TE cannot run here.")
-    parser.add_argument("--seed", type=int, default=2026, help="seed of the test tensors")
-    parser.add_argument("--sr-draws", type=int, default=128,
+    parser.add_argument("--seed", type=options.integer(0, options.SEED_MAX), default=2026, help="seed of the test tensors")
+    parser.add_argument("--sr-draws", type=options.positive_int(100_000), default=128,
                         help="SR quantizations per side for the distribution checks")
     return parser
 

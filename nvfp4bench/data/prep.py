@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from nvfp4bench import options
 from nvfp4bench.data import synthetic
 from nvfp4bench.data.errors import DataError
 from nvfp4bench.data.folds import write_folds
@@ -37,6 +38,7 @@ from nvfp4bench.data.store import (DEFAULT_DATA_DIR, SliceStore, StoreWriter, ch
 
 # The embedded default dataset (small enough for a CPU training run; see the data notes).
 DEFAULT_PATIENTS = 40
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096  # store slice sizes
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_SEED = 2026
 DEFAULT_VOXEL_MM = 2.0  # simulate at 2 mm (120 x 120 x 78): 8x fewer voxels than BraTS' 1 mm
@@ -119,8 +121,9 @@ def convert(config: PrepConfig) -> dict:
         config = replace(config, modalities=default_modalities(config.source))
     if config.on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {config.on_error!r}")
-    if config.image_size < 8:
-        raise DataError(f"--image-size must be >= 8, got {config.image_size}")
+    if not MIN_IMAGE_SIZE <= config.image_size <= MAX_IMAGE_SIZE:
+        raise DataError(f"--image-size must be from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got "
+                        f"{config.image_size}")
     if config.workers < 1:
         raise DataError(f"--workers must be >= 1, got {config.workers}")
     bad = [m for m in config.modalities if m not in MODALITIES]
@@ -255,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="dataset name in results (default: the source name)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store")
     g = p.add_argument_group("preprocessing")
-    g.add_argument("--image-size", type=int, default=256, help="slice size in pixels (default 256)")
+    g.add_argument("--image-size", type=options.integer(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=256,
+                   help=f"slice size in pixels, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default 256)")
     g.add_argument("--modalities", default=None,
                    help=f"comma-separated channels in order, from {','.join(MODALITIES)} "
                         f"(default: lgg {','.join(default_modalities('lgg'))}, the study's "
@@ -263,21 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slice-mode", choices=SLICE_MODES, help="brain: slices whose brain area >= "
                    "--min-brain x the largest; tumour: tumour slices + --free-ratio x as many "
                    "tumour-free brain slices; all (default: brain; lgg: all)")
-    g.add_argument("--min-brain", type=float, default=0.25,
+    g.add_argument("--min-brain", type=options.fraction(), default=0.25,
                    help="brain-area fraction of the patient's largest slice (default 0.25)")
-    g.add_argument("--slice-stride", type=int, default=1, help="keep every k-th brain slice")
-    g.add_argument("--free-ratio", type=float, default=0.5,
+    g.add_argument("--slice-stride", type=options.positive_int(10_000), default=1,
+                   help="keep every k-th brain slice")
+    g.add_argument("--free-ratio", type=options.real(0, 1e4), default=0.5,
                    help="tumour-free slices per tumour slice in tumour mode (default 0.5)")
     g = p.add_argument_group("synthetic")
-    g.add_argument("--patients", type=int, default=DEFAULT_PATIENTS,
+    g.add_argument("--patients", type=options.positive_int(100_000), default=DEFAULT_PATIENTS,
                    help=f"number of simulated patients (default {DEFAULT_PATIENTS})")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generator seed (default 2026)")
-    g.add_argument("--voxel-mm", type=float, default=1.0, help="1 mm: BraTS' 240x240x155 grid")
+    g.add_argument("--seed", type=options.integer(0, options.SEED_MAX), default=DEFAULT_SEED,
+                   help="generator seed (default 2026)")
+    g.add_argument("--voxel-mm", type=options.real(0.25, 10), default=1.0,
+                   help="0.25 to 10; 1 mm: BraTS' 240x240x155 grid")
     g = p.add_argument_group("run")
-    g.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    g.add_argument("--workers", type=options.positive_int(options.MAX_WORKERS), default=1,
+                   help="parallel processes (default 1)")
     g.add_argument("--on-error", choices=ON_ERROR, default="stop",
                    help="stop (default: exit 1, write nothing) or skip bad cases and list them")
-    g.add_argument("--limit", type=int, help="convert only the first N cases")
+    g.add_argument("--limit", type=options.positive_int(10**9), help="convert only the first N cases")
     g.add_argument("--no-progress", action="store_true")
     return p
 

@@ -67,6 +67,7 @@ from nvfp4bench.grid.locks import STALE_AFTER_S, log
 from nvfp4bench.grid.process import child_env
 from nvfp4bench.grid.slurm import SlurmOptions, read_cell, slurm_task, submit_slurm
 from nvfp4bench.grid.workers import run_grid, worker_envs
+from nvfp4bench import options
 from nvfp4bench.config import ARMS
 from nvfp4bench.models import SCALE_NAMES
 from nvfp4bench.quant.recipes import RECIPES, STUDY_RECIPES
@@ -125,6 +126,8 @@ def _csv(kind: str, choices: Sequence | None = None, convert=str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{kind}: not a comma-separated list of "
                                              f"{convert.__name__}: {text!r}") from None
+        except argparse.ArgumentTypeError as e:  # a number out of its range (options.integer)
+            raise argparse.ArgumentTypeError(f"{kind}: {e}") from None
         if choices is not None:
             bad = [v for v in values if v not in choices]
             if bad:
@@ -173,16 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list (default: the study's 8: {','.join(STUDY_RECIPES)})")
     g.add_argument("--folds", type=_csv("fold", FOLDS, int), default=None,
                    help="comma list (default: 0,1,2,3,4; 0 with --split holdout)")
-    g.add_argument("--seeds", type=_csv("seed", None, int), default=None,
+    g.add_argument("--seeds", type=_csv("seed", None, options.integer(0, options.SEED_MAX)), default=None,
                    help=f"comma list (default: {','.join(map(str, DEFAULT_SEEDS))})")
     g.add_argument("--dry-run", action="store_true",
                    help="list the cells with their state and stop (last line: `N cells`)")
     r = p.add_argument_group("local run")
     r.add_argument("--gpus", type=_csv("gpu"), default=None,
                    help="comma list of GPU ids: one worker per GPU (CUDA_VISIBLE_DEVICES)")
-    r.add_argument("--jobs", type=int, default=1,
+    r.add_argument("--jobs", type=options.positive_int(options.MAX_WORKERS), default=1,
                    help="cells at once per device (default 1)")
-    r.add_argument("--stale-after", type=float, default=STALE_AFTER_S,
+    r.add_argument("--stale-after", type=options.real(1, 1e7), default=STALE_AFTER_S,
                    help=f"seconds without heartbeat after which another worker's lock is broken "
                         f"(default {STALE_AFTER_S:.0f})")
     r.add_argument("--no-wait", action="store_true",
@@ -197,14 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit the cells not complete as one job array and return")
     s.add_argument("--partition", help="sbatch --partition")
     s.add_argument("--time", help="sbatch --time per cell, e.g. 04:00:00")
-    s.add_argument("--gpus-per-task", type=int, help="sbatch --gpus-per-task (e.g. 1)")
-    s.add_argument("--max-running", type=int, help="at most this many array tasks at once")
+    s.add_argument("--gpus-per-task", type=options.positive_int(64), help="sbatch --gpus-per-task (e.g. 1)")
+    s.add_argument("--max-running", type=options.positive_int(10**6), help="at most this many array tasks at once")
     s.add_argument("--job-name", default="nvfp4bench", help="sbatch --job-name")
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="one more sbatch option, repeatable; write it with '=', e.g. "
                         "--sbatch-arg=--mem=32G --sbatch-arg=--account=proj")
     s.add_argument("--slurm-task", metavar="CELLS", type=Path, help=argparse.SUPPRESS)
-    s.add_argument("--task-index", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--task-index", type=options.non_negative_int(10**9), help=argparse.SUPPRESS)
     return p
 
 
@@ -224,8 +227,6 @@ def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
             parser.error("--resume is not needed: the grid resumes interrupted cells itself")
         if name in CELL_OPTIONS:
             parser.error(f"{name} selects cells; use {name}s to choose them")
-    if ns.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {ns.jobs}")
     _apply_preset(ns, parser)
     if ns.split != "kfold":
         forward = ["--split", ns.split, *forward]

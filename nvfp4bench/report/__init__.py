@@ -6,5 +6,5 @@
     cells.py    reading the cell results, one view per dataset and split protocol
     tables.py   summary, comparison, ranking, consistency
     stats.py    paired tests, intervals, Holm, Kendall's W
-    figures.py  the figures (matplotlib, optional)
+    figures.py  the figures (matplotlib; without it the report says so)
 """

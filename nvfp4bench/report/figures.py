@@ -1,4 +1,4 @@
-"""The report's figures (matplotlib, optional): cross-validation bars, sensitivity grid, diagnostics.
+"""The report's figures (matplotlib): cross-validation bars, sensitivity grid, diagnostics.
 
 ``make_figures(view, comparison, baseline, metric, label, recipe, out_dir)`` writes, for one dataset of
 ``nvfp4bench.report`` under one split protocol (files ``<dataset>_*.png``, hold-out
@@ -60,7 +60,8 @@ def make_figures(view: DatasetView, comparison, baseline, metric, label, recipe,
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # after use("Agg"): no display needed
     except ImportError:
-        return ["Figures skipped: matplotlib is not installed (`pip install matplotlib`)."]
+        return ["Figures skipped: matplotlib is not installed (`pip install -r requirements.txt` "
+                "installs it with nvfp4bench's other needs)."]
     notes = []
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", view.stem)  # <dataset>[_holdout]
     unit = view.protocol.unit

@@ -8,12 +8,13 @@ traceback); a bad data directory or a failed cell exits 1 with a one-line messag
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 
-from nvfp4bench.config import (ARMS, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THREADS, OPTIMIZER_NAMES,
-                               PRECISIONS, SPLITS, RunConfig, check_image_size)
+from nvfp4bench import options
+from nvfp4bench.config import (ARMS, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THREADS,
+                               MAX_IMAGE_SIZE, OPTIMIZER_NAMES, PRECISIONS, SPLITS, RunConfig,
+                               check_image_size)
 from nvfp4bench.data import DataError
 from nvfp4bench.models import SCALE_NAMES
 from nvfp4bench.quant import kernels
@@ -24,60 +25,11 @@ from nvfp4bench.train.run import run
 
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _image_size(text: str) -> int:
     try:
-        return check_image_size(_int(text), "")
+        return check_image_size(options.integer(0, MAX_IMAGE_SIZE)(text), "")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).strip()) from None
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a probability in (0, 1), got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", choices=scales, required=True, help="model scale")
     g.add_argument("--image-size", type=_image_size, default=None,
                    help="input size in pixels (default: the data store's own size)")
-    g.add_argument("--head-prior", type=_probability, default=None, metavar="P",
+    g.add_argument("--head-prior", type=options.probability(), default=None, metavar="P",
                    help="start the one-logit head's bias at logit(P), e.g. 0.01 (a tumour "
                         "prior; a deviation from the study; default: off, the study's init)")
 
@@ -126,40 +78,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the study's patient split: kfold = 5-fold cross-validation, holdout = "
                         "its main protocol (80/10/10, one partition: --fold 0); both are in the "
                         "store's folds.json (default: %(default)s)")
-    g.add_argument("--fold", type=_int, choices=range(5), required=True, metavar="{0..4}",
+    g.add_argument("--fold", type=options.integer(0, 4), required=True, metavar="{0..4}",
                    help="cross-validation fold (0 with --split holdout)")
-    g.add_argument("--seed", type=_int, default=DEFAULT_SEED,
-                   help="seed of the initial weights, shuffling, dropout, augmentation and "
-                        "stochastic rounding (default: %(default)s)")
+    g.add_argument("--seed", type=options.integer(0, options.SEED_MAX), default=DEFAULT_SEED,
+                   help=f"0 to {options.SEED_MAX}: the seed of the initial weights, shuffling, "
+                        f"dropout, augmentation and stochastic rounding (default: %(default)s)")
     g.add_argument("--no-augment", dest="augment", action="store_false",
                    help="train without the study's augmentation")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
+    g.add_argument("--epochs", type=options.positive_int(options.MAX_EPOCHS), default=DEFAULT_EPOCHS,
                    help="maximum epochs (default: %(default)s, the study's)")
-    g.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=options.positive_int(options.MAX_BATCH), default=32, help="(default: %(default)s)")
     g.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default=None,
                    help="(default: per architecture, below)")
-    g.add_argument("--lr", type=_positive_float, default=None,
+    g.add_argument("--lr", type=options.real(0, options.MAX_LR, low_open=True), default=None,
                    help="learning rate (default: per architecture)")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=None,
+    g.add_argument("--weight-decay", type=options.real(0, options.MAX_LR), default=None,
                    help="(default: per architecture)")
-    g.add_argument("--grad-clip", type=_positive_float, default=1.0,
+    g.add_argument("--grad-clip", type=options.real(0, 1e6, low_open=True), default=1.0,
                    help="gradient-norm clipping (default: %(default)s)")
     g.add_argument("--drop-last-single", action="store_true",
                    help="drop the last training batch when it holds a single slice (BatchNorm "
                         "cannot train on one value per channel, e.g. a CNN whose bottleneck is "
                         "1x1 at small image sizes); off: the study keeps every batch")
-    g.add_argument("--lr-factor", type=_positive_float, default=0.5,
+    g.add_argument("--lr-factor", type=options.real(0, 1, low_open=True, high_open=True), default=0.5,
                    help="ReduceLROnPlateau factor (default: %(default)s)")
-    g.add_argument("--lr-patience", type=_non_negative_int, default=10,
+    g.add_argument("--lr-patience", type=options.non_negative_int(options.MAX_PATIENCE), default=10,
                    help="ReduceLROnPlateau patience (default: %(default)s)")
-    g.add_argument("--patience", type=_positive_int, default=20,
+    g.add_argument("--patience", type=options.positive_int(options.MAX_PATIENCE), default=20,
                    help="early-stopping patience in epochs (default: %(default)s)")
-    g.add_argument("--min-delta", type=_non_negative_float, default=1e-3,
+    g.add_argument("--min-delta", type=options.real(0, 1e6), default=1e-3,
                    help="minimum improvement of the validation loss for a new best "
                         "checkpoint and the early-stopping counter (default: %(default)s)")
-    g.add_argument("--min-epochs", type=_non_negative_int, default=40,
+    g.add_argument("--min-epochs", type=options.non_negative_int(options.MAX_EPOCHS), default=40,
                    help="no early stop at or before this epoch, the study's warmup "
                         "(default: %(default)s)")
     g.add_argument("--device", default="auto",
@@ -168,11 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="high-precision compute: auto = the study's fp16 autocast with a "
                         "GradScaler on CUDA (bf16 with --backend te), fp32 on CPU, or the "
                         "baseline recipe's own (default: %(default)s)")
-    g.add_argument("--workers", type=_non_negative_int, default=0,
+    g.add_argument("--workers", type=options.non_negative_int(options.MAX_WORKERS), default=0,
                    help="DataLoader worker processes (default: %(default)s)")
-    g.add_argument("--threads", type=_non_negative_int, default=DEFAULT_THREADS,
-                   help="CPU threads for torch; 0: torch's default, one per core (default: "
-                        "%(default)s, which stays fast when other jobs share the cores)")
+    g.add_argument("--threads", type=options.non_negative_int(options.MAX_THREADS), default=DEFAULT_THREADS,
+                   help=f"CPU threads for torch, 0 to {options.MAX_THREADS}; 0: torch's default, "
+                        f"one per core (default: %(default)s, which stays fast when other jobs "
+                        f"share the cores)")
     g.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                    help="skip the attention / gradient-fidelity diagnostics at the end")
 

@@ -171,7 +171,7 @@ def test_build_cells_is_the_full_product_without_repeats():
     (["--arch", "cnn"], "--arch selects cells; use --archs"),
     (["--", "--fold", "1"], "--fold selects cells; use --folds"),
     (["--resume"], "the grid resumes interrupted cells itself"),
-    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--jobs", "0"], "argument --jobs: must be an integer from 1 to 256"),
     (["--slurm", "--gpus", "0,1"], "--gpus-per-task 1"),
     (["--partition", "gpu"], "--partition only apply with --slurm"),
     (["--epochs", "0"], "--epochs"),  # forwarded, refused by the cell CLI
