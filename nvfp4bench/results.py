@@ -28,16 +28,23 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from nvfp4bench import atomic
 from nvfp4bench.cell import Cell
-from nvfp4bench.config import NON_RESULT_FIELDS, PROTOCOL_VERSION
+from nvfp4bench.config import NON_RESULT_FIELDS, PROTOCOL_VERSION, SPLITS
 from nvfp4bench.data.store import (DEFAULT_DATA_DIR, SYNTHETIC_NAME, SliceStore, is_store,
                                    store_dir_name)
 
 SCHEMA_VERSION = 1
+RESULT_STATUSES = ("complete", "failed", "running")
+# result_problem: the identity keys of a result's config, with their types
+IDENTITY_TYPES = {"arch": str, "scale": str, "recipe": str, "fold": int, "seed": int}
+# the keys of a partition's metrics that are not numbers, with their types
+PARTITION_EXTRAS = {"hd95_unit": (str, type(None)), "spacing": (list, type(None)),
+                    "per_patient": list}
 
 
 def config_hash(config) -> str:
@@ -151,7 +158,55 @@ def read_result(path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+def result_problem(obj) -> str | None:
+    """The first thing wrong with a result object, or None when it is well-formed.
+
+    Well-formed: a JSON object with this ``schema_version``, a known ``status``, a 16-hex-digit
+    ``config_hash``, a ``config`` object whose identity keys have their types (arch, scale,
+    recipe: str; fold, seed: int; split one of SPLITS), a ``data`` object, and, when complete,
+    ``val`` and ``test`` objects whose metrics are finite numbers or null (their few descriptive
+    keys, ``PARTITION_EXTRAS``, have their own types). The report, the grid's "done" and
+    ``--resume`` read only well-formed results.
+    """
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    if obj.get("schema_version") != SCHEMA_VERSION:
+        return f"schema_version is {obj.get('schema_version')!r}, not {SCHEMA_VERSION}"
+    if obj.get("status") not in RESULT_STATUSES:
+        return f"status is {obj.get('status')!r}, not one of {', '.join(RESULT_STATUSES)}"
+    h = obj.get("config_hash")
+    if not (isinstance(h, str) and re.fullmatch(r"[0-9a-f]{16}", h)):
+        return f"config_hash is {h!r}, not 16 hex digits"
+    config = obj.get("config")
+    if not isinstance(config, dict):
+        return f"config is a {type(config).__name__}, not an object"
+    for key, kind in IDENTITY_TYPES.items():
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"config.{key} is {value!r}, not a {kind.__name__}"
+    if config.get("split", "kfold") not in SPLITS:
+        return f"config.split is {config.get('split')!r}, not one of {', '.join(SPLITS)}"
+    if not isinstance(obj.get("data"), dict):
+        return f"data is a {type(obj.get('data')).__name__}, not an object"
+    if obj["status"] == "complete":
+        for part in ("val", "test"):
+            block = obj.get(part)
+            if not isinstance(block, dict):
+                return f"status complete but {part} is a {type(block).__name__}, not an object"
+            for key, value in block.items():
+                if key in PARTITION_EXTRAS:
+                    if not isinstance(value, PARTITION_EXTRAS[key]):
+                        return f"{part}.{key} is {value!r}"
+                elif value is not None and (isinstance(value, bool)
+                                            or not isinstance(value, (int, float))
+                                            or not math.isfinite(value)):
+                    return f"{part}.{key} is {value!r}, not a finite number or null"
+    return None
+
+
 def is_complete(path, config_hash: str) -> bool:
-    """True when ``path`` holds a complete result of the config with hash ``config_hash``."""
+    """True when ``path`` holds a well-formed, complete result of the config with hash
+    ``config_hash``."""
     r = read_result(path)
-    return bool(r) and r.get("status") == "complete" and r.get("config_hash") == config_hash
+    return (r is not None and result_problem(r) is None and r["status"] == "complete"
+            and r["config_hash"] == config_hash)

@@ -257,6 +257,9 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
     if not root.is_dir():
         raise ReportError(f"results directory {root} does not exist")
     cells, problems = load_cells(root, eval_set)
+    if not cells and problems:
+        raise ReportError(f"no well-formed cell result under {root}: {len(problems)} file(s) "
+                          f"left out, the first {problems[0]}")
     if not cells:
         raise ReportError("no cell results (<dataset>/<arch>/<scale>/<recipe>/"
                           f"fold<k>_seed<s>.json or holdout_seed<s>.json) under {root}")

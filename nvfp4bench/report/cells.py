@@ -3,8 +3,8 @@
 ``load_cells(root, eval_set)`` reads each ``<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json``
 (k-fold split) and ``.../holdout_seed<s>.json`` (hold-out split, its one partition is fold 0;
 docs/interfaces.md) into a ``CellResult``; identity comes from the path, and a file whose
-``config`` (or ``data.name``) disagrees with it is left out and listed as a problem; unreadable
-files count as failed cells. ``dataset_views`` groups the cells of one dataset and one split
+``config`` (or ``data.name``) disagrees with it is left out and listed as a problem, as is every
+file that is not a well-formed result (``results.result_problem``): never counted. ``dataset_views`` groups the cells of one dataset and one split
 protocol into a ``DatasetView`` (the two protocols are never pooled): its archs, scales and
 recipes in the study's order, its (fold, seed) blocks (k-fold: fold x seed; hold-out: (0, seed),
 so recipes pair by seed), the cells missing from that grid, and the finite values of a metric per
@@ -26,6 +26,7 @@ from pathlib import Path
 from nvfp4bench.cell import Cell
 from nvfp4bench.config import SPLITS
 from nvfp4bench.quant.recipes import RECIPES
+from nvfp4bench.results import result_problem
 
 ARCH_ORDER = ("cnn", "vit", "vit_adamax", "swin")  # config.ARMS
 EVAL_SETS = ("test", "val")  # the partition a report's metrics come from; test by default
@@ -105,7 +106,9 @@ def load_cells(root, eval_set: str = "test") -> tuple[list[CellResult], list[str
     each cell's metrics are those of the ``eval_set`` partition (``EVAL_SETS``).
 
     Identity comes from the path; the ``config`` inside (and ``data.name``) must agree with it,
-    else the file is listed as a problem and left out. Unreadable files count as failed cells."""
+    else the file is listed as a problem and left out. A file that is not a well-formed result
+    (unreadable, truncated, or failing ``results.result_problem``) is listed with the first thing
+    wrong and never counted; nothing here raises on a file's content."""
     if eval_set not in EVAL_SETS:
         raise ValueError(f"eval_set must be one of {', '.join(EVAL_SETS)}, got {eval_set!r}")
     root = Path(root)
@@ -119,35 +122,32 @@ def load_cells(root, eval_set: str = "test") -> tuple[list[CellResult], list[str
         split = "holdout" if match.group(2) else "kfold"
         fold, seed = int(match.group(1) or 0), int(match.group(3))
         obj, err = _read_json(path)
-        if not isinstance(obj, dict):
-            cell = CellResult(path, dataset, arch, scale, recipe, fold, seed, "unreadable",
-                        err or "not a JSON object", split=split)
-        else:
-            config = obj.get("config") or {}
-            data = obj.get("data") or {}
-            stated = {"arch": config.get("arch"), "scale": config.get("scale"),
-                      "recipe": config.get("recipe"), "fold": config.get("fold"),
-                      "seed": config.get("seed"),
-                      # a config from before --split existed ran the k-fold split
-                      "split": config.get("split", "kfold") if config else None,
-                      "dataset": data.get("results_dir") or data.get("name")}
-            actual = {"arch": arch, "scale": scale, "recipe": recipe, "fold": fold, "seed": seed,
-                      "split": split, "dataset": dataset}
-            wrong = [f"{k}={stated[k]!r} (path says {actual[k]!r})" for k in actual
-                     if stated[k] is not None and stated[k] != actual[k]]
-            if wrong:
-                problems.append(f"`{path.relative_to(root)}`: left out, its content disagrees with "
-                                f"its path: {', '.join(wrong)}")
-                continue
-            metrics = obj.get(eval_set) if isinstance(obj.get(eval_set), dict) else {}
-            diagnostics = obj.get("diagnostics") if isinstance(obj.get("diagnostics"), dict) else {}
-            cell = CellResult(path, dataset, arch, scale, recipe, fold, seed,
-                        str(obj.get("status") or "unknown"), obj.get("error"),
-                        data.get("synthetic"), metrics, diagnostics, config,
-                        data.get("fingerprint"), split)
-            if cell.complete and not metrics:
-                cell.status = f"no {eval_set} metrics"
-                cell.error = f"status complete but no {eval_set} block"
+        problem = err or result_problem(obj)
+        if problem is not None:  # never counted: listed with the first thing wrong
+            problems.append(f"`{path.relative_to(root)}`: left out, not a well-formed result: "
+                            f"{problem}")
+            continue
+        config, data = obj["config"], obj["data"]
+        stated = {"arch": config["arch"], "scale": config["scale"], "recipe": config["recipe"],
+                  "fold": config["fold"], "seed": config["seed"],
+                  # a config from before --split existed ran the k-fold split
+                  "split": config.get("split", "kfold"),
+                  "dataset": data.get("results_dir") or data.get("name")}
+        actual = {"arch": arch, "scale": scale, "recipe": recipe, "fold": fold, "seed": seed,
+                  "split": split, "dataset": dataset}
+        wrong = [f"{k}={stated[k]!r} (path says {actual[k]!r})" for k in actual
+                 if stated[k] is not None and stated[k] != actual[k]]
+        if wrong:
+            problems.append(f"`{path.relative_to(root)}`: left out, its content disagrees with "
+                            f"its path: {', '.join(wrong)}")
+            continue
+        metrics = obj.get(eval_set) if isinstance(obj.get(eval_set), dict) else {}
+        diagnostics = obj.get("diagnostics") if isinstance(obj.get("diagnostics"), dict) else {}
+        synthetic = data.get("synthetic") if isinstance(data.get("synthetic"), bool) else None
+        fingerprint = data.get("fingerprint") if isinstance(data.get("fingerprint"), str) else None
+        cell = CellResult(path, dataset, arch, scale, recipe, fold, seed, obj["status"],
+                          obj.get("error") if isinstance(obj.get("error"), str) else None,
+                          synthetic, metrics, diagnostics, config, fingerprint, split)
         cells.append(cell)  # one file per identity: the path is the identity
     return cells, problems
 

@@ -7,6 +7,7 @@ training CLI on a tiny synthetic store, kills it mid-run and restarts it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from nvfp4bench.grid.cells import Target, build_cells, resolve
 from nvfp4bench.grid.locks import try_claim
 from nvfp4bench.grid.workers import run_grid
 from nvfp4bench.results import is_complete, read_result, write_result
+from tests.helpers import well_formed_result
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -41,7 +43,8 @@ def fake_resolver(out: Path):
     def resolve(cell: Cell, forward) -> Target:
         name = f"fold{cell.fold}_seed{cell.seed}.json"
         result = out / cell.arch / cell.scale / cell.recipe / name
-        return Target(cell, (*cell.argv(), *forward), result, "hash-" + "-".join(forward))
+        digest = hashlib.sha256("-".join(forward).encode()).hexdigest()[:16]
+        return Target(cell, (*cell.argv(), *forward), result, digest)
     return resolve
 
 
@@ -63,7 +66,10 @@ class FakeRunner:
         self.calls.append((target.cell.label, resume))
         assert target.lock.exists(), "a cell must run while its lock is held"
         status = "failed" if target.cell.label in self.fail else "complete"
-        write_result(target.result, {"status": status, "config_hash": target.config_hash})
+        c = target.cell
+        write_result(target.result, well_formed_result(
+            status, target.config_hash, arch=c.arch, scale=c.scale, recipe=c.recipe, fold=c.fold,
+            seed=c.seed))
         return 0 if status == "complete" else 1
 
 
@@ -142,7 +148,7 @@ def test_a_cell_made_before_the_protocol_version_is_outdated_not_complete(tmp_pa
     old_hash = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":"))
                               .encode()).hexdigest()[:16]
     assert old_hash != target.config_hash
-    write_result(target.result, {"status": "complete", "config_hash": old_hash})
+    write_result(target.result, well_formed_result("complete", old_hash))
     assert not grid_cells.is_done(target) and grid_cells.cell_state(target) == "outdated"
     assert grid.main(["--dry-run", *args]) == 0
     out = capsys.readouterr().out
@@ -519,7 +525,7 @@ def test_slurm_task_waits_for_a_cell_held_elsewhere(tmp_path):
     assert runner.calls == [(targets[1].cell.label, False)]
     _write_lock(targets[2].lock, 1, "another-host")  # the holder completes it meanwhile
     threading.Timer(0.3, lambda: write_result(
-        targets[2].result, {"status": "complete", "config_hash": targets[2].config_hash})).start()
+        targets[2].result, well_formed_result("complete", targets[2].config_hash))).start()
     assert slurm.slurm_task(cells, 2, runner=runner, resolver=resolver, stale_after=600,
                            poll_s=0.05) == 0
     assert len(runner.calls) == 1

@@ -35,7 +35,7 @@ def _write(root, arch, scale, recipe, fold, seed, obj):
 
 
 def _cell(arch, recipe, fold, status="complete"):
-    obj = {"schema_version": 1, "status": status, "error": None,
+    obj = {"schema_version": 1, "status": status, "error": None, "config_hash": "0" * 16,
            "config": {"arch": arch, "scale": "tiny", "recipe": recipe, "fold": fold, "seed": SEED,
                       "epochs": 100, "out": f"/somewhere/{fold}"},
            "data": {"name": "synthetic", "synthetic": True, "fingerprint": "abc"},
@@ -140,9 +140,74 @@ def test_mismatched_content_and_unreadable_files_are_reported(results, tmp_path)
     bad.write_text("{not json")
     out = R.build_report(results, tmp_path / "rep", figures=False)
     assert any("disagrees with its path" in p and "fwd_only" in p for p in out["problems"])
-    unreadable = [c for c in out["cells"] if c.status == "unreadable"]
-    assert len(unreadable) == 1 and unreadable[0].seed == 7
+    assert not [c for c in out["cells"] if c.seed == 7]                 # neither is counted
+    assert any("fold1_seed7.json`: left out, not a well-formed result: JSONDecodeError" in p
+               for p in out["problems"])
     assert "**Problems**" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def _malformed(base: dict) -> dict[str, object]:
+    """Name -> a malformed variant of a valid cell result (or raw text for broken JSON)."""
+    import copy
+
+    def variant(edit):
+        obj = copy.deepcopy(base)
+        edit(obj)
+        return obj
+
+    cases = {"a list at the top": [base], "a string at the top": '"complete"',
+             "truncated JSON": json.dumps(base)[:-40], "empty file": "",
+             "NaN metric (non-standard JSON)": json.dumps(variant(
+                 lambda o: o["test"].update(auprc=float("nan")))),
+             "Infinity metric": json.dumps(variant(lambda o: o["val"].update(dice=float("inf")))),
+             "two-key file": {"status": "complete", "test": {"auprc": 0.9}}}
+    for key in ("schema_version", "status", "config_hash", "config", "data", "val", "test"):
+        cases[f"no {key}"] = variant(lambda o, k=key: o.pop(k))
+    for key in ("arch", "scale", "recipe", "fold", "seed"):
+        cases[f"no config.{key}"] = variant(lambda o, k=key: o["config"].pop(k))
+    swaps = {"config is a list": ("config", []), "data is a string": ("data", "synthetic"),
+             "test is a list": ("test", [0.7]), "val is a number": ("val", 0.7),
+             "status unknown": ("status", "done"), "status is a number": ("status", 1),
+             "schema_version 2": ("schema_version", 2), "schema_version a string": (
+                 "schema_version", "1"), "config_hash short": ("config_hash", "abc"),
+             "config_hash a number": ("config_hash", 123)}
+    for name, (key, value) in swaps.items():
+        cases[name] = variant(lambda o, k=key, v=value: o.__setitem__(k, v))
+    config_swaps = {"config.fold a string": ("fold", "0"), "config.seed a float": ("seed", 1.5),
+                    "config.arch a number": ("arch", 3), "config.fold a bool": ("fold", True),
+                    "config.split unknown": ("split", "loo")}
+    for name, (key, value) in config_swaps.items():
+        cases[name] = variant(lambda o, k=key, v=value: o["config"].__setitem__(k, v))
+    metric_swaps = {"test metric a string": ("test", "auprc", "0.7"),
+                    "val metric a list": ("val", "recall", [0.8]),
+                    "test metric a bool": ("test", "dice", True),
+                    "hd95_unit a number": ("test", "hd95_unit", 5)}
+    for name, (part, key, value) in metric_swaps.items():
+        cases[name] = variant(lambda o, p=part, k=key, v=value: o[p].__setitem__(k, v))
+    return cases
+
+
+def test_the_report_counts_only_well_formed_results_and_lists_the_rest(results, tmp_path, capsys):
+    valid = _cell("cnn", "baseline", 0)
+    cases = _malformed(valid)
+    assert len(cases) >= 20
+    paths = {}
+    for seed, (name, obj) in enumerate(cases.items(), start=100):
+        path = results / "synthetic" / "cnn" / "tiny" / "baseline" / f"fold0_seed{seed}.json"
+        path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+        paths[name] = path
+    assert report_cli.main([str(results), "--out", str(tmp_path / "rep"), "--no-figures"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    out = R.build_report(results, tmp_path / "rep2", figures=False)
+    assert len(out["cells"]) == 2 * 3 * 5 - 1                 # exactly the valid fixture cells
+    assert not [c for c in out["cells"] if c.seed != SEED]
+    for name, path in paths.items():
+        listed = [p for p in out["problems"] if f"fold0_seed{path.stem.split('seed')[1]}.json`"
+                  in p]
+        assert len(listed) == 1 and "not a well-formed result" in listed[0], name
+    row = next(r for r in out["summary"] if (r["arch"], r["recipe"], r["metric"])
+               == ("cnn", "baseline", "auprc"))
+    assert row["mean"] == pytest.approx(np.mean(_vals("cnn", "baseline", "auprc")))
 
 
 def test_cli_errors_exit_nonzero_without_traceback(results, tmp_path, capsys):

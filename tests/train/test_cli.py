@@ -11,6 +11,7 @@ from nvfp4bench.config import ARMS, RunConfig
 from nvfp4bench.models import ARCHS, SCALE_NAMES
 from nvfp4bench.quant.recipes import RECIPES
 from nvfp4bench.train.cli import main, parse_config
+from tests.helpers import well_formed_result
 
 CELL = ["--arch", "swin", "--scale", "tiny", "--recipe", "nvfp4_full", "--fold", "0"]
 
@@ -111,14 +112,15 @@ def test_result_path_layout_and_completeness(tmp_path):
     last, best = results.checkpoint_paths(p)
     assert (last.name, best.name) == ("fold3_seed7.ckpt.pt", "fold3_seed7.best.pt")
     assert not results.is_complete(p, "abc") and results.read_result(p) is None
-    results.write_result(p, {"status": "complete", "config_hash": "abc",
-                                  "x": np.float32(0.5), "n": np.int64(3), "none": None})
-    assert json.loads(p.read_text()) == {"status": "complete", "config_hash": "abc", "x": 0.5,
-                                         "n": 3, "none": None}
-    assert results.is_complete(p, "abc") and not results.is_complete(p, "abd")
+    h = "0123456789abcdef"
+    results.write_result(p, well_formed_result("complete", h, x=np.float32(0.5), n=np.int64(3),
+                                               none=None))
+    on_disk = json.loads(p.read_text())
+    assert (on_disk["x"], on_disk["n"], on_disk["none"]) == (0.5, 3, None)  # plain JSON types
+    assert results.is_complete(p, h) and not results.is_complete(p, "0123456789abcdee")
     assert [f.name for f in p.parent.iterdir()] == [p.name]  # no temporary file left
     p.write_text("{truncated")
-    assert results.read_result(p) is None and not results.is_complete(p, "abc")
+    assert results.read_result(p) is None and not results.is_complete(p, h)
 
 
 def test_non_finite_values_are_never_written(tmp_path):
