@@ -251,10 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="sources: brats (BraTS 2021 / 2023+ NIfTI), msd (Task01_BrainTumour), lgg (Kaggle "
         "kaggle_3m .tif), synthetic (BraTS-layout NIfTI simulated from the MNI152 template)")
     g = p.add_argument_group("input / output")
-    g.add_argument("--source", required=True, choices=[*SOURCES, "synthetic"])
+    g.add_argument("--source", choices=[*SOURCES, "synthetic"],
+                   help="the raw dataset's kind (required unless --verify)")
     g.add_argument("--input", type=Path, help="raw dataset folder (synthetic: where to write and "
                    "keep the NIfTI; default a temporary folder)")
-    g.add_argument("--output", type=Path, required=True, help="store directory to create")
+    g.add_argument("--output", type=Path, help="store directory to create (required unless "
+                   "--verify)")
+    g.add_argument("--verify", type=Path, metavar="STORE",
+                   help="only check that STORE's arrays are the bytes it was built with "
+                        "(checksums); exit 0 if so, 1 naming the changed file if not")
     g.add_argument("--name", help="dataset name in results (default: the source name)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store")
     g = p.add_argument_group("preprocessing")
@@ -291,7 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv=None) -> PrepConfig:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    missing = [name for name, value in (("--source", a.source), ("--output", a.output))
+               if value is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or --verify "
+                     f"STORE)")
     mods = (None if a.modalities is None
             else tuple(m.strip().lower() for m in a.modalities.split(",") if m.strip()))
     rule = None
@@ -306,8 +317,24 @@ def parse_config(argv=None) -> PrepConfig:
                       voxel_mm=a.voxel_mm)
 
 
+def verify_store(path: Path) -> None:
+    """``data_prep.py --verify STORE``: open the store and check its checksums (ValueError or
+    FileNotFoundError naming what is wrong)."""
+    SliceStore(path).verify()
+
+
 def main(argv=None) -> int:
     """CLI entry: 0 on success, 1 on bad input (one message, no traceback), 130 on Ctrl-C."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verify = build_parser().parse_known_args(argv)[0].verify
+    if verify is not None:
+        try:
+            verify_store(verify)
+        except (ValueError, OSError) as e:
+            print(f"data_prep: error: {e}", file=sys.stderr)
+            return 1
+        print(f"data_prep: {verify}: the arrays are the bytes the store was built with")
+        return 0
     try:
         config = parse_config(argv)
         summary = convert(config)

@@ -22,6 +22,13 @@ folder above it (``check_replaceable``).
 
 fingerprint = BLAKE2b-128 over (modalities, image size, then per case in order: id, images,
 masks, positions), hex.
+
+Integrity: ``index.json`` also records ``checksums``, the BLAKE2b-128 of each ``.npy`` file as
+written. ``SliceStore.verify()`` recomputes them (a store built before checksums were recorded:
+its fingerprint) and refuses a store whose bytes changed, naming the file. Training verifies the
+store it opens; a process verifies each store once and remembers it by the files' sizes and
+modification times (``_VERIFIED``), so a changed file is hashed again. ``data_prep.py --verify
+STORE`` checks one on demand.
 """
 from __future__ import annotations
 
@@ -44,6 +51,9 @@ VERSION = 1
 INDEX = "index.json"
 ARRAYS = {"images": np.uint8, "masks": np.uint8, "positions": np.int32, "patient": np.int32}
 _COPY_CHUNK = 64 << 20
+_HASH_CHUNK = 16 << 20
+# (store path, (file, size, mtime_ns) of its arrays and index) already verified by this process
+_VERIFIED: set[tuple] = set()
 # The embedded default dataset's store (built on first use by prep.ensure_synthetic_store), and the
 # results folder of a store (results.py): ``synthetic`` for it, else <name>-<fingerprint[:8]>.
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "synthetic"
@@ -206,7 +216,9 @@ class StoreWriter:
         index = {"format": FORMAT, "version": VERSION, **meta, "image_size": size,
                  "modalities": list(self.modalities), "channels": len(self.modalities),
                  "n_slices": self.n_slices,
-                 "fingerprint": self._hash.hexdigest(), "patients": self.records}
+                 "fingerprint": self._hash.hexdigest(),
+                 "checksums": {f"{k}.npy": file_checksum(self.tmp / f"{k}.npy") for k in ARRAYS},
+                 "patients": self.records}
         tmp_index = self.tmp / (INDEX + ".part")
         tmp_index.write_text(json.dumps(index, indent=1))
         os.replace(tmp_index, self.tmp / INDEX)  # index last: a store without it is no store
@@ -269,6 +281,40 @@ class SliceStore:
         self._patient = np.asarray(self._arrays["patient"])
         self._positions = np.asarray(self._arrays["positions"])
         self._records = {r["id"]: r for r in self.index["patients"]}
+
+    def verify(self) -> None:
+        """Refuse (ValueError naming the file) a store whose arrays changed since it was built:
+        their checksums, or for a store without recorded checksums its content fingerprint.
+        Each store is hashed once per process while its files keep their sizes and times."""
+        key = (str(self.path.resolve()), tuple(
+            (name, st.st_size, st.st_mtime_ns)
+            for name in (INDEX, *(f"{k}.npy" for k in ARRAYS))
+            for st in [(self.path / name).stat()]))
+        if key in _VERIFIED:
+            return
+        recorded = self.index.get("checksums")
+        if isinstance(recorded, dict):
+            for name in (f"{k}.npy" for k in ARRAYS):
+                if recorded.get(name) != file_checksum(self.path / name):
+                    raise ValueError(f"{self.path / name}: its bytes changed since the store was "
+                                     f"built (checksum mismatch); the store is damaged, build it "
+                                     f"again with data_prep.py")
+        elif self._content_fingerprint() != self.fingerprint:
+            raise ValueError(f"{self.path}: images.npy, masks.npy or positions.npy changed since "
+                             f"the store was built (its content does not match its "
+                             f"fingerprint); build it again with data_prep.py")
+        _VERIFIED.add(key)
+
+    def _content_fingerprint(self) -> str:
+        """The fingerprint recomputed from the arrays, as the writer made it."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps([list(self.modalities), self.image_size]).encode())
+        for r in self.index["patients"]:
+            part = slice(r["start"], r["start"] + r["slices"])
+            h.update(r["id"].encode() + b"\0")
+            for k in ("images", "masks", "positions"):
+                h.update(np.ascontiguousarray(self._arrays[k][part]).tobytes())
+        return h.hexdigest()
 
     def __getstate__(self) -> dict:  # DataLoader workers reopen the memmaps, never copy them
         return {"path": str(self.path)}
@@ -341,3 +387,12 @@ def store_dir_name(store) -> str:
         return SYNTHETIC_NAME
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(store.name)).strip(".") or "data"
     return f"{name}-{store.fingerprint[:FINGERPRINT_DIGITS]}"
+
+
+def file_checksum(path: Path) -> str:
+    """BLAKE2b-128 of a file's bytes, hex, read in 16 MiB chunks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

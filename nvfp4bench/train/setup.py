@@ -126,6 +126,7 @@ def setup(config: RunConfig) -> CellRun:
             raise ValueError(f"--data {config.data}: no such directory (build a store with "
                              f"data_prep.py, or leave --data out for the synthetic one)")
     store = SliceStore(store_dir)
+    store.verify()  # bytes changed since the build: refused, naming the file (once per process)
     folds = load_folds(store_dir, split=config.split)
     if not 0 <= config.fold < len(folds):
         raise ValueError(f"--fold {config.fold}: the {config.split} split of the store has "

@@ -1,4 +1,6 @@
 """The slice store (data/store.py) and the embedded default store (data/prep.py)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,50 @@ def test_store_pickles_by_path_for_dataloader_workers(store_dir):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1)
     images, masks, idx = next(iter(loader))
     assert images.shape == (4, 3, 32, 32) and idx.tolist() == ds.indices[:4].tolist()
+
+
+# ---------------------------------------------------------------- integrity
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("array", ["images", "masks", "positions", "patient"])
+def test_a_store_whose_bytes_changed_is_refused_naming_the_file(tmp_path, capsys, array):
+    from nvfp4bench.data.prep import main as prep_main
+    store = ensure_synthetic_store(tmp_path / "s", patients=4, image_size=16, progress=False)
+    SliceStore(store).verify()                                  # as built: accepted
+    assert set(SliceStore(store).index["checksums"]) == {f"{k}.npy" for k in
+                                                         ("images", "masks", "positions",
+                                                          "patient")}
+    _flip_last_byte(store / f"{array}.npy")
+    with pytest.raises(ValueError, match=f"{array}.npy: its bytes changed") as e:
+        SliceStore(store).verify()                              # the cache sees the new mtime
+    assert "\n" not in str(e.value)
+    assert prep_main(["--verify", str(store)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{array}.npy" in err
+
+
+def test_a_store_without_recorded_checksums_is_checked_against_its_fingerprint(tmp_path):
+    store = ensure_synthetic_store(tmp_path / "s", patients=4, image_size=16, progress=False)
+    index = json.loads((store / "index.json").read_text())
+    del index["checksums"]                                      # as built by an older version
+    (store / "index.json").write_text(json.dumps(index))
+    SliceStore(store).verify()
+    _flip_last_byte(store / "masks.npy")
+    with pytest.raises(ValueError, match="does not match its fingerprint"):
+        SliceStore(store).verify()
+
+
+def test_training_refuses_a_damaged_store_before_building_a_model(tmp_path):
+    from nvfp4bench.config import RunConfig
+    from nvfp4bench.train.setup import setup
+    store = ensure_synthetic_store(tmp_path / "s", patients=10, image_size=16, progress=False)
+    _flip_last_byte(store / "images.npy")
+    config = RunConfig(arch="cnn", scale="tiny", recipe="baseline", fold=0, data=str(store),
+                       out=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="images.npy: its bytes changed"):
+        setup(config)
+    assert not (tmp_path / "out").exists()
