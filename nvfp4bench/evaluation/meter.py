@@ -138,6 +138,7 @@ class SegmentationMeter:
                "ece": self._scores.expected_calibration_error(),
                "logit_mean": logit_mean, "logit_std": logit_std,
                "prob_entropy": self._scores.prob_entropy(),
+               "distinct_probabilities": self._scores.distinct_scores(),
                "dice": _mean(self._study_dice_batches),
                "dice_s1": self._dice_sum / self._n_images if self._n_images else None,
                **self._conf, "n_pixels": n_pixels, "n_images": self._n_images,

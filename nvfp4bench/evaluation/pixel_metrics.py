@@ -177,6 +177,11 @@ class PooledScores:
         precision = tp.double() / (tp + fp).double()
         return float((pos_counts.double() * precision).sum() / n_pos)
 
+    def distinct_scores(self) -> int:
+        """How many distinct score values were seen (1: the model's output is constant)."""
+        pos, neg = self._merged()
+        return int(torch.unique(torch.cat([pos.keys, neg.keys])).numel())
+
     def roc_auc(self) -> float | None:
         """ROC-AUC, or None without a positive or without a negative pixel (undefined)."""
         pos, neg = self._merged()

@@ -126,6 +126,9 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
         rows.append([arch, scale, recipe, n_text] +
                     [_summary_cell(c, m) for c, m in zip(cols, TABLE_METRICS)])
     out.append(_md_table(["arch", "scale", "recipe", "n"] + labels, rows))
+    out.append("\nDice (soft, per image) is the study's: an empty prediction scores 1 on an "
+               "empty (tumour-free) slice, so a model that predicts no tumour at all still scores "
+               "the share of tumour-free slices (see \"Collapsed cells\").")
     if any(r.get("ci_clipped") for r in summary):
         out.append(f"\n\\* the t-interval crossed the metric's range (few {proto.unit}s: with 2 "
                    f"values t = 12.7) and is cut at its bound; read it as \"too few "
@@ -170,6 +173,18 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
                f"mean rank ± sd over those {proto.blocks} (1 = the best {label}; ties share "
                f"their average rank).")
 
+    out.append("\n### Collapsed cells (judged on validation)\n")
+    groups = collapsed_groups(view)
+    if groups:
+        out.append(_md_table(["arch", "scale", "recipe", "collapsed", "of complete", "which"],
+                             [[a, s, r, str(len(c)), str(n), ", ".join(c)]
+                              for (a, s, r), (c, n) in groups.items()]))
+        out.append("\nA collapsed cell's best checkpoint predicts no tumour pixel (or one constant "
+                   "probability) on the validation set: its AUPRC is the prevalence. It is "
+                   "counted in the tables above, as the study would; a recipe that collapses is "
+                   "a finding.")
+    else:
+        out.append("None: every complete cell predicts some tumour on its validation set.")
     out.append("\n### Missing cells\n")
     if view.missing:
         out.append("\n".join(f"- {a} / {s} / {r} / {view.block_label(f, sd)}"
@@ -186,6 +201,18 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
     else:
         out.append("None.")
     return "\n".join(out)
+
+
+def collapsed_groups(view: DatasetView) -> dict[tuple, tuple[list[str], int]]:
+    """(arch, scale, recipe) -> (the blocks of its collapsed cells, its complete cells), for the
+    groups with at least one collapsed cell."""
+    groups = {}
+    for arch, scale, recipe in product(view.archs, view.scales, view.recipes):
+        complete = view.complete(arch, scale, recipe)
+        which = [view.block_label(*b) for b, c in complete.items() if c.collapsed]
+        if which:
+            groups[(arch, scale, recipe)] = (which, len(complete))
+    return groups
 
 
 def _rank_text(row: dict | None) -> str:
@@ -351,11 +378,12 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
         cell_rows.append({"dataset": c.dataset, "split": c.split, "eval_set": eval_set,
                           "arch": c.arch, "scale": c.scale,
                           "recipe": c.recipe, "fold": c.fold, "seed": c.seed, "status": c.status,
+                          "collapsed": c.collapsed,
                           "synthetic": c.synthetic, "path": str(c.path.relative_to(root)),
                           **tests, **diags})
     write_text_atomic(out / "cells.csv", _csv(
         cell_rows, ["dataset", "split", "eval_set", "arch", "scale", "recipe", "fold", "seed",
-                    "status",
+                    "status", "collapsed",
                     "synthetic", "path", *sorted(test_keys), *sorted(diag_keys)]))
     return {"out": out, "cells": cells, "problems": problems, "summary": summary,
             "comparison": comparison, "ranking": ranking, "mean_ranks": ranks, "pairs": pairs,

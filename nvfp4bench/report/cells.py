@@ -74,6 +74,7 @@ class CellResult:
     config: dict = field(default_factory=dict)
     fingerprint: str | None = None
     split: str = "kfold"  # nvfp4bench.config.SPLITS
+    collapsed: bool = False  # the run found its best model collapsed (train.run.collapsed)
 
     @property
     def cell(self) -> Cell:
@@ -147,7 +148,8 @@ def load_cells(root, eval_set: str = "test") -> tuple[list[CellResult], list[str
         fingerprint = data.get("fingerprint") if isinstance(data.get("fingerprint"), str) else None
         cell = CellResult(path, dataset, arch, scale, recipe, fold, seed, obj["status"],
                           obj.get("error") if isinstance(obj.get("error"), str) else None,
-                          synthetic, metrics, diagnostics, config, fingerprint, split)
+                          synthetic, metrics, diagnostics, config, fingerprint, split,
+                          obj.get("collapsed") is True)
         cells.append(cell)  # one file per identity: the path is the identity
     return cells, problems
 

@@ -58,6 +58,14 @@ from nvfp4bench.train.setup import (CellRun, build_quantized_model, derive_seed,
 
 CONVERGENCE_DICE = 0.5  # the study's target_dice: the convergence epoch reaches it
 
+def collapsed(metrics: dict) -> bool:
+    """Whether a model's metrics on a partition show a collapse: it predicts no positive pixel
+    (no probability >= 0.5: tp + fp = 0), or one constant probability for every pixel. Such a
+    model still gets numbers (AUPRC = the prevalence; the study's soft Dice scores every empty
+    slice 1), so a run records ``collapsed`` instead of passing for a result."""
+    return metrics["tp"] + metrics["fp"] == 0 or metrics.get("distinct_probabilities") == 1
+
+
 def convergence_epoch(history: list[dict], target: float = CONVERGENCE_DICE) -> int | None:
     """The first epoch whose validation soft Dice (the study's) reaches ``target``, as the study's
     ``epochs_to_target`` (val_dice >= 0.5); None when no epoch did."""
@@ -177,7 +185,7 @@ def _run(cell: CellRun, on_epoch_end) -> dict:
                   "quantized_layers": list(getattr(model, "quantized_layers", [])),
                   "layer_backends": dict(getattr(model, "layer_backends", {}))},
         "history": history, "best_epoch": None, "best_val_loss": None,
-        "convergence_epoch": None, "epochs_run": None,
+        "convergence_epoch": None, "collapsed": None, "epochs_run": None,
         "stopped_early": None, "val": None, "test": None, "timing": None, "diagnostics": None,
         "checkpoints": {"last": str(cell.ckpt_path), "best": str(cell.best_path)},
     }
@@ -237,7 +245,7 @@ def _run(cell: CellRun, on_epoch_end) -> dict:
         eval_s = time.perf_counter() - t_eval
         result.update(
             status="complete", best_epoch=stopper.best_epoch, best_val_loss=stopper.best_loss,
-            convergence_epoch=convergence_epoch(history),
+            convergence_epoch=convergence_epoch(history), collapsed=collapsed(result["val"]),
             epochs_run=len(history), stopped_early=stopper.stopped and len(history) < c.epochs,
             timing={"total_seconds": sum(h["seconds"] for h in history) + eval_s,
                     "train_seconds": sum(h["seconds"] for h in history),

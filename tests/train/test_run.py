@@ -375,3 +375,31 @@ def test_convergence_epoch_is_the_first_whose_validation_dice_reaches_one_half()
     assert convergence_epoch(history[:2]) is None                       # never reached: null
     assert convergence_epoch([{"epoch": 1, "val": {"dice": 0.4999}}]) is None
     assert convergence_epoch([]) is None
+
+
+def test_a_collapsed_cell_is_recorded_warned_and_listed_by_the_report(store, tmp_path, capsys):
+    """lr 1e4 drives the model to one constant output: the cell completes with collapsed: true,
+    the command line warns in one line, and the report lists the cell."""
+    from nvfp4bench.report.build import build_report
+    from nvfp4bench.train.cli import main
+    argv = ["--arch", "vit", "--scale", "tiny", "--recipe", "baseline", "--fold", "0",
+            "--data", str(store), "--out", str(tmp_path), "--epochs", "2", "--lr", "1e4",
+            "--no-progress", "--no-diagnostics"]
+    assert main(argv) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "collapsed" in warnings[0]
+    (path,) = tmp_path.rglob("fold0_seed2026.json")
+    result = json.loads(path.read_text())
+    assert result["status"] == "complete" and result["collapsed"] is True
+    assert result["val"]["tp"] + result["val"]["fp"] == 0
+    assert result["val"]["auprc"] == pytest.approx(result["val"]["prevalence"])
+    out = build_report(tmp_path, tmp_path / "report", figures=False)
+    assert [c.collapsed for c in out["cells"]] == [True]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| vit | tiny | baseline | 1 | 1 | fold 0 seed 2026 |" in text
+    assert "an empty prediction scores 1 on an empty (tumour-free) slice" in text
+
+
+def test_a_trained_cell_is_not_collapsed(store, tmp_path):
+    result = run(_config(store, tmp_path, recipe="baseline", epochs=2))
+    assert result["collapsed"] is False and result["val"]["tp"] + result["val"]["fp"] > 0
