@@ -393,7 +393,7 @@ def test_a_collapsed_cell_is_recorded_warned_and_listed_by_the_report(store, tmp
     assert result["status"] == "complete" and result["collapsed"] is True
     assert result["val"]["tp"] + result["val"]["fp"] == 0
     assert result["val"]["auprc"] == pytest.approx(result["val"]["prevalence"])
-    out = build_report(tmp_path, tmp_path / "report", figures=False)
+    out = build_report(tmp_path, tmp_path / "report", figures=False, eval_set="val")
     assert [c.collapsed for c in out["cells"]] == [True]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| vit | tiny | baseline | 1 | 1 | fold 0 seed 2026 |" in text
