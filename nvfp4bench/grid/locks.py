@@ -13,6 +13,7 @@ Used by the grid (nvfp4bench.grid.cells, grid_workers) and by nvfp4bench.grid.sl
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -192,3 +193,48 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class CellBusy(RuntimeError):
+    """Another live run holds this cell's lock."""
+
+
+def holder(path: Path) -> dict | None:
+    """The parsed lock at ``path`` (pid, host, started, ...), or None when it is missing or
+    unreadable."""
+    try:
+        info = json.loads(path.read_bytes().decode())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+@contextlib.contextmanager
+def cell_lock(path: Path, label: str, stale_after: float = STALE_AFTER_S):
+    """Hold the cell lock ``path`` while one cell runs outside the grid: one cell, one runner.
+
+    A lock held by this process or by its parent on this host is the grid's own claim for this
+    very run (the grid starts each cell as a child, or runs it in process): the run goes on
+    under it. Any other live holder refuses the run with ``CellBusy`` naming its pid, host and
+    start. A stale lock is broken and claimed. The claim is refreshed by a heartbeat and
+    released on exit.
+    """
+    info = holder(path)
+    if (info is not None and info.get("host") == HOST
+            and info.get("pid") in (os.getpid(), os.getppid())):
+        yield None
+        return
+    lock = try_claim(path, label=label, stale_after=stale_after)
+    if lock is None:
+        info = holder(path) or {}
+        raise CellBusy(f"{label}: another run of this cell is in progress (pid "
+                       f"{info.get('pid', '?')} on {info.get('host', '?')} since "
+                       f"{info.get('started', '?')}, lock {path}); wait for it to finish or "
+                       f"stop it")
+    beat = Heartbeat()
+    beat.add(lock)
+    try:
+        yield lock
+    finally:
+        beat.stop()
+        lock.release()

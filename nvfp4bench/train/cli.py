@@ -16,6 +16,7 @@ from nvfp4bench.config import (ARMS, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THREA
                                MAX_IMAGE_SIZE, OPTIMIZER_NAMES, PRECISIONS, SPLITS, RunConfig,
                                check_image_size)
 from nvfp4bench.data import DataError
+from nvfp4bench.grid.locks import CellBusy
 from nvfp4bench.models import SCALE_NAMES
 from nvfp4bench.quant import kernels
 from nvfp4bench.quant.backends import BACKENDS
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     try:
         result = run(config)
-    except (ValueError, OSError, ImportError, DataError) as e:  # bad input, not a bug
+    except (ValueError, OSError, ImportError, DataError, CellBusy) as e:  # not a bug
         print(f"python -m nvfp4bench: error: {e}", file=sys.stderr)
         return 1
     print(summary(result))

@@ -45,9 +45,11 @@ from tqdm import tqdm
 
 from nvfp4bench import results
 from nvfp4bench.atomic import save_torch_atomic
+from nvfp4bench.cell import Cell
 from nvfp4bench.config import PROTOCOL_VERSION, RunConfig
 from nvfp4bench.data.store import store_dir_name
 from nvfp4bench.env import environment
+from nvfp4bench.grid.locks import cell_lock
 from nvfp4bench.train.evaluate import VAL_METRICS, evaluate, measure_diagnostics, validate
 from nvfp4bench.train.loop import (EarlyStopping, NonFiniteError, make_optimizer, make_scheduler,
                                    train_one_epoch)
@@ -138,8 +140,13 @@ def run(config: RunConfig, *, on_epoch_end: Callable[[int, dict], None] | None =
     try:
         if config.threads:  # 0 / None: torch's default
             torch.set_num_threads(config.threads)
-        with torch.random.fork_rng(devices=devices):
-            return _run(cell, on_epoch_end)
+        # one cell, one runner: the grid's lock file, taken here when no grid holds it
+        lock = results.sibling(cell.json_path, ".lock")
+        with cell_lock(lock, Cell.of(cell.config).label):
+            if config.resume and results.is_complete(cell.json_path, cell.config_hash):
+                return results.read_result(cell.json_path)  # finished while we waited
+            with torch.random.fork_rng(devices=devices):
+                return _run(cell, on_epoch_end)
     finally:
         torch.set_num_threads(threads)
 

@@ -403,3 +403,55 @@ def test_a_collapsed_cell_is_recorded_warned_and_listed_by_the_report(store, tmp
 def test_a_trained_cell_is_not_collapsed(store, tmp_path):
     result = run(_config(store, tmp_path, recipe="baseline", epochs=2))
     assert result["collapsed"] is False and result["val"]["tp"] + result["val"]["fp"] > 0
+
+
+HOLD_AFTER_EPOCH_1 = """
+import sys, time
+from pathlib import Path
+from nvfp4bench.train.cli import parse_config
+from nvfp4bench.train.run import run
+ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+def hold(epoch, record):
+    ready.touch()
+    while not go.exists():  # the test lets this run go on after the second start is refused
+        time.sleep(0.05)
+run(parse_config(sys.argv[3:]), on_epoch_end=hold)
+"""
+
+
+def test_the_same_cell_started_twice_trains_once(store, tmp_path):
+    """A runs the cell and is held after its first epoch; B, the same cell, refuses at once with
+    one line naming A's pid, trains nothing, and A then finishes and releases the lock."""
+    import subprocess
+    import sys
+    import time
+
+    from nvfp4bench.grid.process import child_env
+    cell = ["--arch", "cnn", "--scale", "tiny", "--recipe", "baseline", "--fold", "1",
+            "--data", str(store), "--out", str(tmp_path / "out"), "--epochs", "2",
+            "--no-progress", "--no-diagnostics"]
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_AFTER_EPOCH_1)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    a = subprocess.Popen([sys.executable, str(script), str(ready), str(go), *cell],
+                         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert a.poll() is None, a.communicate()
+            assert time.monotonic() < deadline, "the first run never finished an epoch"
+            time.sleep(0.05)
+        b = subprocess.run([sys.executable, "-m", "nvfp4bench", *cell], env=child_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert b.returncode == 1, b.stdout + b.stderr
+        err = [ln for ln in b.stderr.splitlines() if ln.strip()]
+        assert len(err) == 1 and f"pid {a.pid}" in err[0] and "in progress" in err[0], err
+        assert "epoch" not in b.stdout                                   # B trained nothing
+    finally:
+        go.touch()
+        out, err_a = a.communicate(timeout=300)
+    assert a.returncode == 0, err_a
+    (result,) = (tmp_path / "out").rglob("fold1_seed2026.json")
+    assert json.loads(result.read_text())["status"] == "complete"
+    assert not list((tmp_path / "out").rglob("*.lock"))                  # released
