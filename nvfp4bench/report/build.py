@@ -179,8 +179,9 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
         out.append(_md_table(["arch", "scale", "recipe", "collapsed", "of complete", "which"],
                              [[a, s, r, str(len(c)), str(n), ", ".join(c)]
                               for (a, s, r), (c, n) in groups.items()]))
-        out.append("\nA collapsed cell's best checkpoint predicts no tumour pixel (or one constant "
-                   "probability) on the validation set: its AUPRC is the prevalence. It is "
+        out.append("\nA collapsed cell's best checkpoint, on the validation set, predicts no "
+                   "tumour pixel and ranks pixels no better than a constant output (AUPRC at "
+                   "most 1.1x the prevalence, or one constant probability). It is "
                    "counted in the tables above, as the study would; a recipe that collapses is "
                    "a finding.")
     else:

@@ -196,10 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(result))
     print(f"  result: {_where(result, config)}")
     if result.get("collapsed"):
-        print("python -m nvfp4bench: warning: the model collapsed: its best checkpoint predicts "
-              "no tumour pixel (or one constant probability) on the validation set; its "
-              "metrics are those of an empty prediction (recorded as collapsed: true)",
-              file=sys.stderr)
+        print("python -m nvfp4bench: warning: the model collapsed: on the validation set its best "
+              "checkpoint predicts no tumour pixel and ranks pixels no better than a constant "
+              "output (recorded as collapsed: true)", file=sys.stderr)
     if result["status"] != "complete":
         print(f"python -m nvfp4bench: error: {result['error']}", file=sys.stderr)
         return 1

@@ -455,3 +455,17 @@ def test_the_same_cell_started_twice_trains_once(store, tmp_path):
     (result,) = (tmp_path / "out").rglob("fold1_seed2026.json")
     assert json.loads(result.read_text())["status"] == "complete"
     assert not list((tmp_path / "out").rglob("*.lock"))                  # released
+
+
+@pytest.mark.parametrize("metrics, expected", [
+    ({"tp": 0, "fp": 0, "auprc": 0.02, "prevalence": 0.02, "distinct_probabilities": 5}, True),
+    ({"tp": 0, "fp": 0, "auprc": 0.35, "prevalence": 0.012, "distinct_probabilities": 9e4},
+     False),                                        # under-confident but ranks well: not collapsed
+    ({"tp": 3, "fp": 9, "auprc": 0.02, "prevalence": 0.02, "distinct_probabilities": 50}, False),
+    ({"tp": 0, "fp": 0, "auprc": None, "prevalence": 0.0, "distinct_probabilities": 40}, False),
+    ({"tp": 0, "fp": 0, "auprc": None, "prevalence": 0.0, "distinct_probabilities": 1}, True),
+    ({"tp": 5, "fp": 0, "auprc": 0.9, "prevalence": 0.02, "distinct_probabilities": 1}, True),
+])
+def test_collapse_is_no_positive_pixel_at_chance_or_a_constant_output(metrics, expected):
+    from nvfp4bench.train.run import collapsed
+    assert collapsed(metrics) is expected
