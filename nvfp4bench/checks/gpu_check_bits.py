@@ -23,11 +23,9 @@ The exactness checks run the eager kernels (``CHECK_KERNELS``), the quantized la
 the kernel choice is an argument (``fake_quantize(..., kernels=)``, ``quantized(...,
 kernels=)``), never a global.
 
-Stochastic rounding: a ``torch.Generator`` on CUDA draws other numbers than one on the CPU, and
-no public argument takes the random bits themselves, so ``shared_noise`` is the one place that
-swaps an internal for the duration of a check: every binding of the quantizer's draw function
-(``nvfp4.draw_noise``, imported by ``kernels``) inside ``nvfp4bench.quant`` is replaced by one
-that draws from a single CPU generator (same shape, dtype and count) and moves the bits to the
+Stochastic rounding: a ``torch.Generator`` on CUDA draws other numbers than one on the CPU, so
+``shared_noise`` uses the quantizer's documented hook, ``nvfp4.shared_noise``: within it every
+SR draw comes from a single CPU generator (same shape, dtype and count) and is moved to the
 tensor's device. Both runs then take the same SR bits, which tests the arithmetic, not the RNG;
 the generator check still runs. Recording the layers' operands (``recording``) wraps the public
 ``fake_quantize``, ``fake_quantize_columnwise`` and ``gemm`` the same way (``rebound``).
@@ -126,16 +124,10 @@ def rebound(fn, replacement):
 @contextlib.contextmanager
 def shared_noise(seed: int = 0):
     """Within the block every SR draw of the quantizer comes from one CPU generator seeded with
-    ``seed`` and is then moved to the tensor's device: the same bits on every device (module
-    docstring). The caller's generator is still checked, never drawn from."""
-    original = nvfp4.draw_noise
-    cpu_gen = torch.Generator().manual_seed(seed)
-
-    def draw(shape, generator, mode, device):
-        nvfp4.check_sr(generator, mode)
-        return original(shape, cpu_gen, mode, torch.device("cpu")).to(device)
-
-    with rebound(original, draw):
+    ``seed`` and is then moved to the tensor's device (``nvfp4.shared_noise``): the same bits on
+    every device (module docstring). The caller's generator is still checked, never drawn
+    from."""
+    with nvfp4.shared_noise(torch.Generator().manual_seed(seed)):
         yield
 
 

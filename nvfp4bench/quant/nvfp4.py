@@ -36,6 +36,8 @@ it first.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from dataclasses import dataclass
@@ -208,11 +210,42 @@ def check_sr(generator, mode: str) -> None:
                          "(pass generator=torch.Generator(device).manual_seed(seed))")
 
 
+# The one hook into the SR draws (``shared_noise``): None, or a CPU generator that every draw
+# of the current context takes its bits from instead of the caller's generator.
+_SHARED_NOISE: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
+    "nvfp4_shared_noise", default=None)
+
+
+@contextlib.contextmanager
+def shared_noise(cpu_generator: torch.Generator):
+    """Within the block (this thread or task), every SR draw of the quantizer comes from
+    ``cpu_generator`` on the CPU and is then moved to the tensor's device, so that a CPU run
+    and a GPU run round with the same random bits (a CUDA generator draws other numbers than a
+    CPU one). The caller's generator is still checked (``check_sr``), never drawn from. For
+    checking the arithmetic across devices; training never uses it."""
+    if not isinstance(cpu_generator, torch.Generator) or cpu_generator.device.type != "cpu":
+        raise ValueError("shared_noise needs a torch.Generator on the CPU")
+    token = _SHARED_NOISE.set(cpu_generator)
+    try:
+        yield
+    finally:
+        _SHARED_NOISE.reset(token)
+
+
 def draw_noise(shape, generator, mode: str, device) -> torch.Tensor:
     """The random draws of one SR cast, from ``generator``: 8 random bits per element (uint8,
     taken four at a time from uniform int32 draws, 3x faster than one draw each) for
-    ``hardware``; fp32 uniform in [0, 1) for ``ideal``."""
+    ``hardware``; fp32 uniform in [0, 1) for ``ideal``. Inside ``shared_noise`` the bits come
+    from its CPU generator instead, then move to ``device``."""
     check_sr(generator, mode)
+    shared = _SHARED_NOISE.get()
+    if shared is not None:
+        return _draw(shape, shared, mode, torch.device("cpu")).to(device)
+    return _draw(shape, generator, mode, device)
+
+
+def _draw(shape, generator, mode: str, device) -> torch.Tensor:
+    """``draw_noise``'s draws themselves, from ``generator`` on ``device``."""
     shape = torch.Size(shape)
     if mode == "ideal":
         return torch.rand(shape, generator=generator, device=device)
