@@ -17,6 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nvfp4bench"
 TOP_LEVEL = {"__init__", "__main__", "config", "cell", "results", "atomic", "env", "options",
+             "locks",
              "bench", "verify_te", "gpu_check"}  # shared vocabulary and python -m shims
 SHIMS = {"bench", "verify_te", "gpu_check", "__main__"}
 SHIM_MAX_LINES = 12

@@ -5,6 +5,5 @@
     cells.py    a cell's target (result path, config hash) and whether it is done
     process.py  one cell's process and its log
     workers.py  worker threads, scheduling, signals
-    locks.py    the per-cell lock file (pid, host)
     slurm.py    array jobs: one task per cell
 """

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from nvfp4bench.cell import Cell
-from nvfp4bench.grid.locks import STALE_AFTER_S, lock_is_stale, log
+from nvfp4bench.locks import STALE_AFTER_S, lock_is_stale, log
 from nvfp4bench.results import (checkpoint_paths, config_hash, is_complete, read_result,
                                 result_path, sibling)
 from nvfp4bench.train.cli import parse_config

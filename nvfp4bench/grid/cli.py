@@ -40,7 +40,7 @@ beside its own restart.
 The pieces: targets and done-ness are nvfp4bench.grid.cells; one cell's process (subprocess or
 in-process, its log) is nvfp4bench.grid.process; the worker threads and scheduling are
 nvfp4bench.grid.workers; lock files (claim, heartbeat, stale, break, release) are
-nvfp4bench.grid.locks. This module is the command line.
+nvfp4bench.locks. This module is the command line.
 
 Parallelism: ``--gpus 0,1`` runs one cell per GPU at a time (each worker gets its own
 ``CUDA_VISIBLE_DEVICES``); ``--jobs N`` runs N cells at once per device (CPU, or per GPU when
@@ -63,7 +63,7 @@ from typing import Sequence
 
 from nvfp4bench.data import DEFAULT_DATA_DIR, DataError, ensure_synthetic_store
 from nvfp4bench.grid.cells import Resolver, Target, build_cells, cell_state, is_done, resolve
-from nvfp4bench.grid.locks import STALE_AFTER_S, log
+from nvfp4bench.locks import STALE_AFTER_S, log
 from nvfp4bench.grid.process import child_env
 from nvfp4bench.grid.slurm import SlurmOptions, read_cell, slurm_task, submit_slurm
 from nvfp4bench.grid.workers import run_grid, worker_envs

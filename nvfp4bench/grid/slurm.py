@@ -26,7 +26,7 @@ from typing import Sequence
 from nvfp4bench.atomic import write_text_atomic
 from nvfp4bench.cell import Cell
 from nvfp4bench.grid.cells import Resolver, Target, can_resume, is_done, resolve
-from nvfp4bench.grid.locks import (HEARTBEAT_S, STALE_AFTER_S, Heartbeat, clear_stale,
+from nvfp4bench.locks import (HEARTBEAT_S, STALE_AFTER_S, Heartbeat, clear_stale,
                                    lock_is_stale, log, try_claim)
 from nvfp4bench.grid.process import (PACKAGE_PARENT, PROCESSES, CellRunner, child_env,
                                      run_cell_inprocess)

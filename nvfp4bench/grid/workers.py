@@ -2,7 +2,7 @@
 
 ``run_grid(targets, envs)`` runs every target that is not done with one worker thread per
 environment (``worker_envs``: ``--jobs`` workers per GPU of ``--gpus``, each with its own
-``CUDA_VISIBLE_DEVICES``). A worker claims a cell's lock (nvfp4bench.grid.locks), checks again that it
+``CUDA_VISIBLE_DEVICES``). A worker claims a cell's lock (nvfp4bench.locks), checks again that it
 is not done, runs it (``--resume`` when it left a checkpoint of its config) and releases the lock;
 cells held by other workers are retried every ``POLL_S`` until done or claimable (unless
 ``wait=False``). An interrupt stops the running cells and releases every lock
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from nvfp4bench.grid.cells import Target, can_resume, is_done
-from nvfp4bench.grid.locks import (HEARTBEAT_S, STALE_AFTER_S, Heartbeat, clear_stale, log,
+from nvfp4bench.locks import (HEARTBEAT_S, STALE_AFTER_S, Heartbeat, clear_stale, log,
                                    try_claim)
 from nvfp4bench.grid.process import PROCESSES, CellRunner, child_env, run_cell_subprocess
 

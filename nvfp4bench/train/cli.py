@@ -16,7 +16,7 @@ from nvfp4bench.config import (ARMS, DEFAULT_EPOCHS, DEFAULT_SEED, DEFAULT_THREA
                                MAX_IMAGE_SIZE, OPTIMIZER_NAMES, PRECISIONS, SPLITS, RunConfig,
                                check_image_size)
 from nvfp4bench.data import DataError
-from nvfp4bench.grid.locks import CellBusy
+from nvfp4bench.locks import CellBusy
 from nvfp4bench.models import SCALE_NAMES
 from nvfp4bench.quant import kernels
 from nvfp4bench.quant.backends import BACKENDS

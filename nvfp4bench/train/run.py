@@ -49,7 +49,7 @@ from nvfp4bench.cell import Cell
 from nvfp4bench.config import PROTOCOL_VERSION, RunConfig
 from nvfp4bench.data.store import store_dir_name
 from nvfp4bench.env import environment
-from nvfp4bench.grid.locks import cell_lock
+from nvfp4bench.locks import cell_lock
 from nvfp4bench.train.evaluate import VAL_METRICS, evaluate, measure_diagnostics, validate
 from nvfp4bench.train.loop import (EarlyStopping, NonFiniteError, make_optimizer, make_scheduler,
                                    train_one_epoch)

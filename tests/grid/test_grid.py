@@ -23,11 +23,12 @@ import pytest
 from nvfp4bench.cell import Cell
 from nvfp4bench.grid import cells as grid_cells
 from nvfp4bench.grid import cli as grid
-from nvfp4bench.grid import locks, slurm
+from nvfp4bench import locks
+from nvfp4bench.grid import slurm
 from nvfp4bench.grid import process as grid_process
 from nvfp4bench.grid import workers as grid_workers
 from nvfp4bench.grid.cells import Target, build_cells, resolve
-from nvfp4bench.grid.locks import try_claim
+from nvfp4bench.locks import try_claim
 from nvfp4bench.grid.workers import run_grid
 from nvfp4bench.results import is_complete, read_result, write_result
 from tests.helpers import well_formed_result

@@ -9,7 +9,9 @@
               breaking the same lock cannot remove a fresh lock that a third one just created
     release   only by the holder whose token the lock carries
 
-Used by the grid (nvfp4bench.grid.cells, grid_workers) and by nvfp4bench.grid.slurm.
+Used by the grid (nvfp4bench.grid.cells, workers, slurm) and by a single cell run outside it
+(``cell_lock``, nvfp4bench.train.run): one cell, one runner. It sits beside the shared
+vocabulary because both training and the grid, which stands above training, take these locks.
 """
 from __future__ import annotations
 
