@@ -24,13 +24,14 @@ from nvfp4bench.train.cli import parse_config
 
 
 def build_cells(archs: Sequence[str], scales: Sequence[str], recipes: Sequence[str],
-                folds: Sequence[int], seeds: Sequence[int]) -> list[Cell]:
+                folds: Sequence[int], seeds: Sequence[int], split: str = "kfold") -> list[Cell]:
     """Every combination, cheapest first: seed, then scale (tiny first), fold, arch, recipe.
 
     The recipes of one (arch, scale, fold, seed) are adjacent, so a partial grid already holds
-    complete recipe comparisons.
+    complete recipe comparisons. ``split`` is the cells' patient split (its ``--split`` is in
+    each cell's argv, and ``holdout`` names the cells ``holdout`` in labels and logs).
     """
-    return [Cell(arch, scale, recipe, int(fold), int(seed))
+    return [Cell(arch, scale, recipe, int(fold), int(seed), split)
             for seed, scale, fold, arch, recipe
             in itertools.product(seeds, scales, folds, archs, recipes)]
 

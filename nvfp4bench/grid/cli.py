@@ -227,9 +227,10 @@ def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
             parser.error("--resume is not needed: the grid resumes interrupted cells itself")
         if name in CELL_OPTIONS:
             parser.error(f"{name} selects cells; use {name}s to choose them")
-    _apply_preset(ns, parser)
-    if ns.split != "kfold":
-        forward = ["--split", ns.split, *forward]
+        if name == "--split":
+            parser.error("--split is the grid's own option (each cell gets it in its argv): "
+                         "give it before --")
+    _apply_preset(ns, parser)  # the split goes to each cell in its own argv (Cell.argv)
     if ns.slurm and (ns.gpus or ns.jobs != 1):
         parser.error("--gpus and --jobs spread a local run; with --slurm, each array task is "
                      "one cell: ask for its GPU with --gpus-per-task 1")
@@ -257,13 +258,14 @@ def _apply_preset(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 def plan(ns: argparse.Namespace, forward: Sequence[str],
          resolver: Resolver = resolve) -> list[Target]:
-    cells = build_cells(ns.archs, ns.scales, ns.recipes, ns.folds, ns.seeds)
+    cells = build_cells(ns.archs, ns.scales, ns.recipes, ns.folds, ns.seeds, ns.split)
     return [resolver(c, forward) for c in cells]
 
 
 def probe_config(ns: argparse.Namespace, forward: Sequence[str]):
     """The RunConfig of the grid's first cell: validates the forwarded options once, up front."""
-    first = build_cells(ns.archs[:1], ns.scales[:1], ns.recipes[:1], ns.folds[:1], ns.seeds[:1])
+    first = build_cells(ns.archs[:1], ns.scales[:1], ns.recipes[:1], ns.folds[:1], ns.seeds[:1],
+                        ns.split)
     return parse_config([*first[0].argv(), *forward])
 
 
@@ -305,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         states = [cell_state(t, ns.stale_after) for t in targets]
         for t, st in zip(targets, states):
             print(f"{st:<9} {t.cell.arch:<5} {t.cell.scale:<6} {t.cell.recipe:<11} "
-                  f"fold{t.cell.fold} seed{t.cell.seed}  {t.result}")
+                  f"{t.cell.partition} seed{t.cell.seed}  {t.result}")
         counts = {s: states.count(s) for s in dict.fromkeys(states)}
         print("# " + ", ".join(f"{n} {s}" for s, n in counts.items()))
         if ns.slurm:

@@ -127,6 +127,7 @@ def test_presets_are_the_studys_run_matrices(tmp_path, capsys, preset, n, archs,
     assert {c.fold for c in cells} == ({0} if split == "holdout" else set(range(5)))
     if split == "holdout":
         assert all(t.result.name == f"holdout_seed{t.cell.seed}.json" for t in targets)
+        assert all(t.cell.label.endswith(f"/holdout/seed{t.cell.seed}") for t in targets)
     assert grid.main(["--dry-run", "--preset", preset, "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"{n} cells"
 
@@ -177,6 +178,7 @@ def test_build_cells_is_the_full_product_without_repeats():
     (["--recipes", "baseline,baseline"], "repeated"),
     (["--arch", "cnn"], "--arch selects cells; use --archs"),
     (["--", "--fold", "1"], "--fold selects cells; use --folds"),
+    (["--", "--split", "holdout"], "--split is the grid's own option"),
     (["--resume"], "the grid resumes interrupted cells itself"),
     (["--jobs", "0"], "argument --jobs: must be an integer from 1 to 256"),
     (["--slurm", "--gpus", "0,1"], "--gpus-per-task 1"),
