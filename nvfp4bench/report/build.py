@@ -185,7 +185,7 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
                    "counted in the tables above, as the study would; a recipe that collapses is "
                    "a finding.")
     else:
-        out.append("None: every complete cell predicts some tumour on its validation set.")
+        out.append("None: no complete cell collapsed.")
     out.append("\n### Missing cells\n")
     if view.missing:
         out.append("\n".join(f"- {a} / {s} / {r} / {view.block_label(f, sd)}"
