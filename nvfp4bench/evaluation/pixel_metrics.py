@@ -154,11 +154,13 @@ class PooledScores:
     def __init__(self) -> None:
         self._pos = _CountTable()
         self._neg = _CountTable()
+        self._combined = None  # _all_scores' tables, made once per state of the histograms
 
     def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
         p, t = _flat_pair(probs, targets)
         self._pos.add(p[t])
         self._neg.add(p[~t])
+        self._combined = None
 
     def _merged(self) -> tuple[_CountTable, _CountTable]:
         self._pos.merge()
@@ -179,8 +181,7 @@ class PooledScores:
 
     def distinct_scores(self) -> int:
         """How many distinct score values were seen (1: the model's output is constant)."""
-        pos, neg = self._merged()
-        return int(torch.unique(torch.cat([pos.keys, neg.keys])).numel())
+        return int(self._all_scores()[0].numel())
 
     def roc_auc(self) -> float | None:
         """ROC-AUC, or None without a positive or without a negative pixel (undefined)."""
@@ -194,7 +195,10 @@ class PooledScores:
         return twice_wins / (2.0 * n_pos * n_neg)
 
     def _all_scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys fp32, counts int64, positive counts int64) over both classes, keys sorted."""
+        """(keys fp32, counts int64, positive counts int64) over both classes, keys sorted;
+        computed once after the last update, shared by the calibration metrics."""
+        if self._combined is not None:
+            return self._combined
         pos, neg = self._merged()
         keys, inverse = torch.unique(torch.cat([pos.keys, neg.keys]), sorted=True,
                                      return_inverse=True)
@@ -202,6 +206,7 @@ class PooledScores:
         counts.index_add_(0, inverse, torch.cat([pos.counts, neg.counts]))
         positives = torch.zeros(keys.numel(), dtype=torch.int64)
         positives.index_add_(0, inverse[:pos.keys.numel()], pos.counts)
+        self._combined = (keys, counts, positives)
         return keys, counts, positives
 
     def expected_calibration_error(self, n_bins: int = ECE_BINS) -> float | None:
