@@ -156,7 +156,7 @@ def run(config: RunConfig, *, on_epoch_end: Callable[[int, dict], None] | None =
         lock = results.sibling(cell.json_path, ".lock")
         with cell_lock(lock, Cell.of(cell.config).label):
             if config.resume and results.is_complete(cell.json_path, cell.config_hash):
-                return results.read_result(cell.json_path)  # finished while we waited
+                return results.read_result(cell.json_path)  # finished before our claim
             with torch.random.fork_rng(devices=devices):
                 return _run(cell, on_epoch_end)
     finally:
