@@ -31,7 +31,8 @@ import torch._inductor.config as inductor_config
 
 from nvfp4bench.quant.nvfp4 import (BLOCK, block_amax, block_scales_f32, check_sr,
                                     check_tokens_first, columnwise_copy, dequantize_blocks,
-                                    draw_noise, e4m3_cast, e4m3_round, padded_tokens,
+                                    draw_noise, e4m3_cast, e4m3_round, grid_steps_compare,
+                                    padded_tokens,
                                     prepare_operand, row_blocks, tile_amax)
 
 KERNELS = ("eager", "compiled", "auto")  # how fake_quantize runs: the same bits
@@ -45,17 +46,21 @@ EAGER_CHUNK = 1 << 18  # elements per chunk of the eager CPU path: its temporari
 
 # Compiled kernels: each is one torch.compile graph (one call, one set of guards: the per-call
 # overhead, not the arithmetic, dominates the small tensors of a transformer's layers), one
-# function per rounding (dynamo's recompilation limit counts per function). The block scales are
-# returned as well: an output is computed once, vectorized over blocks, where an intermediate
-# would be inlined into the elementwise loop, in scalar code with three divisions per block
-# (measured on (520, 192): 121 us per call against 146 us).
+# function per rounding (dynamo's recompilation limit counts per function). The per-block scales
+# and the tensor's S_dec are returned as well: an output is computed once (S_dec once per call, the
+# scales vectorised over blocks), where an intermediate would be inlined into the elementwise loop
+# and recomputed there (scalar code with three divisions per block; measured on (520, 192): 121 us
+# per call against 146 us; S_dec an output: 4096^2 RN 74 -> 60 ms, one thread). The E2M1 cast
+# finds its grid step by comparisons (``grid_steps_compare``), which the C++ code vectorises, not
+# from the exponent bits (an int32 <-> fp32 bit cast goes through memory there: 99 -> 74 ms).
 def _fake_quantize_graph(x3, tile_rows: int, amax, noise, mode: str):
     """Block amax, tile max, tensor amax (unless given), scales and x_hat of (M, K/16, 16) x3."""
     bamax = tile_amax(block_amax(x3), tile_rows)
     if amax is None:
         amax = bamax.amax()
     scale, encode, s_dec = block_scales_f32(bamax, amax, e4m3_round)  # FP8 rounding in fp32
-    return dequantize_blocks(x3, scale, encode, s_dec, noise, mode), scale, encode
+    out = dequantize_blocks(x3, scale, encode, s_dec, noise, mode, grid_steps=grid_steps_compare)
+    return out, scale, encode, s_dec
 
 
 def _rn_kernel(x3, tile_rows: int, amax):
@@ -72,9 +77,9 @@ def _fake_quantize_compiled(x: torch.Tensor, tile_rows: int, amax, noise, mode: 
     ``view(M, K)`` a copy)."""
     x3 = _plain(row_blocks(x))
     if noise is None:
-        out, _, _ = _compiled(_rn_kernel)(x3, tile_rows, amax)
+        out = _compiled(_rn_kernel)(x3, tile_rows, amax)[0]
     else:
-        out, _, _ = _compiled(_sr_kernel)(x3, tile_rows, amax, _plain(noise.view(x3.shape)), mode)
+        out = _compiled(_sr_kernel)(x3, tile_rows, amax, _plain(noise.view(x3.shape)), mode)[0]
     return out.view(x.shape)
 
 
@@ -96,8 +101,8 @@ def _columns_graph(x3, mp: int, amax, noise, mode: str):
     scale, encode, s_dec = block_scales_f32(bamax, amax, e4m3_round)
     if noise is not None:  # drawn for the (B * C, Mp) result: element [b, c, t] for token t
         noise = noise.view(b, c, mp // BLOCK, BLOCK).permute(0, 2, 3, 1)
-    out = dequantize_blocks(blocks, scale, encode, s_dec, noise, mode)
-    return out.permute(0, 3, 1, 2).contiguous(), scale, encode
+    out = dequantize_blocks(blocks, scale, encode, s_dec, noise, mode, grid_steps=grid_steps_compare)
+    return out.permute(0, 3, 1, 2).contiguous(), scale, encode, s_dec
 
 
 def _columns_rn_kernel(x3, mp: int, amax):
@@ -113,9 +118,9 @@ def _fake_quantize_columns_compiled(x: torch.Tensor, amax, noise, mode: str):
     m, c = x.shape[-2:]
     x3, mp = _plain(x.reshape(-1, m, c)), padded_tokens(m)
     if noise is None:
-        out, _, _ = _compiled(_columns_rn_kernel)(x3, mp, amax)
+        out = _compiled(_columns_rn_kernel)(x3, mp, amax)[0]
     else:
-        out, _, _ = _compiled(_columns_sr_kernel)(x3, mp, amax, _plain(noise), mode)
+        out = _compiled(_columns_sr_kernel)(x3, mp, amax, _plain(noise), mode)[0]
     return out.view(-1, mp)
 
 

@@ -169,7 +169,26 @@ def _reciprocal_pow2(step: torch.Tensor) -> torch.Tensor:
     return (_F32_EXPONENT_NEGATE - step.view(torch.int32)).view(torch.float32)
 
 
-def _round_rn(scaled: torch.Tensor) -> torch.Tensor:
+def grid_steps_bits(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(step, 1 / step)`` of the E2M1 grid around y, |y| <= 6, from y's exponent bits: the
+    fastest form in eager PyTorch (integer ops on whole tensors)."""
+    step = _grid_step_bits(y)
+    return step, _reciprocal_pow2(step)
+
+
+def grid_steps_compare(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(step, 1 / step)`` of the E2M1 grid around y, |y| <= 6, by two comparisons of |y|: the
+    same powers of two as ``grid_steps_bits`` (also for -0, subnormals and NaN, which stays NaN
+    through the product that uses it), in the form compiled kernels vectorise (inductor's CPU code
+    moves an int32 <-> fp32 bit cast through memory, element by element)."""
+    magnitude = y.abs()
+    below_2, below_4 = magnitude < 2.0, magnitude < 4.0
+    step = torch.where(below_2, 0.5, torch.where(below_4, 1.0, 2.0))
+    inverse = torch.where(below_2, 2.0, torch.where(below_4, 1.0, 0.5))
+    return step, inverse
+
+
+def _round_rn(scaled: torch.Tensor, grid_steps=grid_steps_bits) -> torch.Tensor:
     """RN cast of fp32 values to signed E2M1 magnitudes: clamp to [-6, 6], round to the nearest
     grid value, ties to the even code.
 
@@ -177,25 +196,27 @@ def _round_rn(scaled: torch.Tensor) -> torch.Tensor:
     to a multiple of the step with ties to even multiples is rounding to the even code:
     0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4 (all ties to even).
     Scaling by the step and its reciprocal (powers of two) is exact, ``round`` is RNE, and all of
-    it is symmetric in the sign, so a tiny negative value becomes -0.
+    it is symmetric in the sign, so a tiny negative value becomes -0. ``grid_steps``: either
+    form of ``(step, 1 / step)`` (the same values).
     """
     y = scaled.clamp(min=-E2M1_MAX, max=E2M1_MAX)
-    step = _grid_step_bits(y)
-    return torch.round(y * _reciprocal_pow2(step)) * step
+    step, inverse = grid_steps(y)
+    return torch.round(y * inverse) * step
 
 
-def round_sr_abs(magnitude: torch.Tensor, noise: torch.Tensor, mode: str) -> torch.Tensor:
+def round_sr_abs(magnitude: torch.Tensor, noise: torch.Tensor, mode: str,
+                 grid_steps=grid_steps_bits) -> torch.Tensor:
     """SR cast of magnitudes |y| >= 0 with the given random draws.
 
     In grid steps ``t = |y| / step`` (exact), ``lo = floor(t)`` and ``f = t - lo`` (exact).
     ``hardware``: ``noise`` holds 8 random bits ``r`` per element (uint8), up when
     ``r < floor(256 f)`` (i.e. when ``(r + 1) / 256 <= f``; ``256 f`` is exact). ``ideal``:
     ``noise`` is uniform in [0, 1), up when ``noise < f``. A value on the grid has ``f = 0`` and
-    never moves.
+    never moves. ``grid_steps`` as in ``_round_rn``.
     """
     a = magnitude.clamp(max=E2M1_MAX)
-    step = _grid_step_bits(a)
-    t = a * _reciprocal_pow2(step)
+    step, inverse = grid_steps(a)
+    t = a * inverse
     low = torch.floor(t)
     fraction = t - low
     up = noise < (torch.floor(fraction * 256.0) if mode == "hardware" else fraction)
@@ -304,21 +325,25 @@ def tile_amax(bamax: torch.Tensor, tile_rows: int) -> torch.Tensor:
     return tiles.expand(-1, tile_rows, -1, -1).reshape(m, kb, 1)
 
 
-def _e2m1_values(x3, encode, noise, mode: str) -> torch.Tensor:
+def _e2m1_values(x3, encode, noise, mode: str, grid_steps=grid_steps_bits) -> torch.Tensor:
     """``e2m1(fl(x * enc_b))``, signed. SR works on magnitudes and restores x's sign at the end:
     exact, as IEEE products and the rounding are symmetric in the sign."""
     if noise is None:
-        return _round_rn(x3 * encode)
-    return torch.copysign(round_sr_abs(x3.abs() * encode, noise, mode), x3)
+        return _round_rn(x3 * encode, grid_steps)
+    return torch.copysign(round_sr_abs(x3.abs() * encode, noise, mode, grid_steps), x3)
 
 
-def dequantize_blocks(x3, scale, encode, s_dec, noise, mode: str, out=None) -> torch.Tensor:
+def dequantize_blocks(x3, scale, encode, s_dec, noise, mode: str, out=None,
+                      grid_steps=grid_steps_bits) -> torch.Tensor:
     """``x_hat = fl(fl(e2m1(fl(x * enc_b)) * f32(s_b)) * S_dec)``.
 
     ``x3`` is (a chunk of) x as (rows, K/16, 16); ``scale`` and ``encode`` (fp32 ``s_b`` and
-    ``enc_b``) are (rows, K/16, 1); ``s_dec`` is 0-d; ``noise`` is None for RN.
+    ``enc_b``) are (rows, K/16, 1); ``s_dec`` is 0-d; ``noise`` is None for RN; ``grid_steps``
+    how the E2M1 cast finds its grid step (``grid_steps_bits`` or ``grid_steps_compare``: the
+    same bits).
     """
-    return torch.mul(_e2m1_values(x3, encode, noise, mode) * scale, s_dec, out=out)
+    values = _e2m1_values(x3, encode, noise, mode, grid_steps)
+    return torch.mul(values * scale, s_dec, out=out)
 
 
 # --------------------------------------------------------------------------------------------

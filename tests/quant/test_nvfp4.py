@@ -519,3 +519,19 @@ def test_unknown_kernels_are_refused():
         fake_quantize(torch.ones(16, 16), kernels="triton")
     with pytest.raises(ValueError, match="kernels must be one of"):
         kernels.fake_quantize_columnwise(torch.ones(16, 16), kernels="triton")
+
+
+def test_both_forms_of_the_e2m1_grid_step_agree_bit_for_bit():
+    """``grid_steps_compare`` (compiled kernels) and ``grid_steps_bits`` (eager) give the same
+    (step, 1 / step) on every binade edge of [-6, 6], its fp32 neighbours, +-0, subnormals and
+    random values."""
+    edges = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0,
+                          5.0, 6.0])
+    up = torch.nextafter(edges, torch.full_like(edges, 7.0))
+    down = torch.nextafter(edges, torch.zeros_like(edges))
+    tiny = torch.tensor([1e-45, 1e-40, 1.1754942e-38, 1.17549435e-38])
+    rand = torch.rand(4096, generator=torch.Generator().manual_seed(0)) * 6.0
+    y = torch.cat([edges, up, down, tiny, rand])
+    y = torch.cat([y, -y])
+    for a, b in zip(nvfp4.grid_steps_compare(y), nvfp4.grid_steps_bits(y)):
+        assert torch.equal(_bits(a), _bits(b))
