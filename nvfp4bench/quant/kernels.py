@@ -24,10 +24,11 @@ so both kernels consume the same bits.
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from pathlib import Path
 
 import torch
-import torch._inductor.config as inductor_config
 
 from nvfp4bench.quant.nvfp4 import (BLOCK, block_amax, block_scales_f32, check_sr,
                                     check_tokens_first, columnwise_copy, dequantize_blocks,
@@ -194,12 +195,35 @@ def _use_compiled(x: torch.Tensor, kernels: str) -> bool:
             and x.numel() >= COMPILE_MIN_NUMEL)
 
 
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable for its cache folder
+# The user's choice, read before inductor is imported: importing it sets the variable to its
+# default folder (so this module imports inductor's config only where it needs it).
+_USER_COMPILE_CACHE = os.environ.get(COMPILE_CACHE_ENV)
+
+
+def persistent_compile_cache() -> Path:
+    """The folder where inductor keeps the compiled kernels between processes, set for this
+    process before the first compilation: ``$TORCHINDUCTOR_CACHE_DIR`` when the user set it,
+    else ``$XDG_CACHE_HOME/nvfp4bench/inductor`` (``~/.cache/nvfp4bench/inductor``), which,
+    unlike inductor's default under the temporary folder, survives a reboot. A later process
+    (the grid's next cell) then loads the kernels instead of generating and compiling their C++
+    code; it still traces them (a few seconds on the first step). Deleting the folder is safe."""
+    chosen = _USER_COMPILE_CACHE
+    if not chosen:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        chosen = str(Path(base) / "nvfp4bench" / "inductor")
+    os.environ[COMPILE_CACHE_ENV] = chosen
+    return Path(chosen)
+
+
 def _compiled(kernel):
     """``torch.compile(kernel)``, made on first use, with dynamic shapes: one compilation serves
     every shape (a new one for a size-1 dimension, the other tile, SR mode or a given amax: at
-    most 2 per function over every model and recipe in ``benchmarks/bench_layers.py steps``)."""
+    most 2 per function over every model and recipe in ``benchmarks/bench_layers.py steps``),
+    cached on disk in ``persistent_compile_cache()``."""
     fn = _compiled_kernels.get(kernel.__name__)
     if fn is None:
+        persistent_compile_cache()
         fn = _compiled_kernels[kernel.__name__] = torch.compile(
             kernel, dynamic=True, fullgraph=True, options=_ieee_inductor_options())
     return fn
@@ -210,6 +234,8 @@ def _ieee_inductor_options() -> dict:
     ``x / y`` and ``1 / x`` as IEEE divisions (``div_rn``; Triton's default ``div.full`` is
     approximate) and no flushing of subnormals to zero. No effect on CPU code. Only the options
     this torch version knows."""
+    import torch._inductor.config as inductor_config  # after persistent_compile_cache(): see there
+
     known = inductor_config.get_config_copy()
     wanted = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}
     return {k: v for k, v in wanted.items() if k in known}
