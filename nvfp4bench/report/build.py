@@ -11,11 +11,12 @@ protocol (each its own section, never pooled), to ``--out`` (default ``RESULTS_D
   Cohen's d, Wilcoxon signed-rank p and its Holm correction over the recipes of one arch x scale;
   every recipe pair as the study tests it (``tables.pairwise_rows``; Holm per arch x scale or
   ``--holm global``); Kendall's W of the recipe ranking over folds (seeds) with each recipe's mean
-  rank +- sd; the missing cells (expected from the grid of the archs, scales, recipes, folds and
-  seeds present) and the failed ones. Synthetic data is said at the top; every table and figure
+  rank +- sd; the cost of training each arch x scale x recipe (``tables.cost_rows``: seconds,
+  epochs, median step and its multiple of the baseline's); the missing cells (expected from the
+  grid of the archs, scales, recipes, folds and seeds present) and the failed ones. Synthetic data is said at the top; every table and figure
   names its partition.
 * ``summary.csv``, ``comparison.csv`` (every table metric), ``pairwise.csv``, ``ranking.csv``,
-  ``mean_ranks.csv``, ``cells.csv``; every row names its ``dataset``, ``split`` and
+  ``mean_ranks.csv``, ``cost.csv``, ``cells.csv``; every row names its ``dataset``, ``split`` and
   ``eval_set``.
 * Figures when matplotlib is installed (else a note): nvfp4bench.report.figures.
 
@@ -36,7 +37,7 @@ from nvfp4bench.report.cells import (PROTOCOLS, DatasetView, dataset_views, load
                                      metric_value, ordered)
 from nvfp4bench.report.figures import diagnostic_summaries, make_figures
 from nvfp4bench.report.tables import (MIN_PAIR_BLOCKS, TABLE_METRICS, comparison_rows,
-                                      consistency_problems, hd95_unit, mean_rank_rows,
+                                      consistency_problems, cost_rows, hd95_unit, mean_rank_rows,
                                       pairwise_rows, ranking_rows, summary_rows)
 
 METRIC_LABELS = {"auprc": "AUPRC", "recall": "recall", "precision": "precision", "f2": "F2",
@@ -92,8 +93,28 @@ def _summary_cell(s: dict, metric: str) -> str:
     return text
 
 
+def render_cost(view: DatasetView, baseline: str, cost) -> list[str]:
+    """The cost section: training time, epochs and step per arch x scale x recipe."""
+    out = ["\n### Cost of training (complete cells)\n"]
+    if not cost:
+        return out + ["No complete cell."]
+    out.append(_md_table(
+        ["arch", "scale", "recipe", "n", "train s (mean)", "train h (total)", "epochs (mean)",
+         "median step ms", f"x `{baseline}` step"],
+        [[r["arch"], r["scale"], r["recipe"], str(r["n_cells"]), _f(r["train_s_mean"], 0),
+          _f(None if r["train_s_total"] is None else r["train_s_total"] / 3600, 2),
+          _f(r["epochs_mean"], 1), _f(r["step_ms_median"], 0), _f(r["step_x_baseline"], 2)]
+         for r in cost]))
+    out.append("\nFrom each result's `timing`: training seconds summed over resumed runs, "
+               "evaluation excluded; the median step is the median over cells of each cell's "
+               "median training step. Wall-clock time on whatever machine ran the cells, and "
+               "under whatever else it ran: compare recipes of one arch x scale, run side by "
+               "side, rather than absolute times.")
+    return out
+
+
 def render_dataset(view: DatasetView, baseline: str, metric: str, summary, comparison,
-                   ranking, mean_ranks, pairs, skipped, holm_scope: str) -> str:
+                   ranking, mean_ranks, pairs, skipped, holm_scope: str, cost=()) -> str:
     unit = hd95_unit(view)
     proto = view.protocol
     part = f"{view.eval_set} partition"
@@ -172,6 +193,8 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
                f"{proto.blocks} where every recipe has a value count. Beside W, each recipe's "
                f"mean rank ± sd over those {proto.blocks} (1 = the best {label}; ties share "
                f"their average rank).")
+
+    out += render_cost(view, baseline, cost)
 
     out.append("\n### Collapsed cells (judged on validation)\n")
     groups = collapsed_groups(view)
@@ -306,21 +329,24 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
     metrics = tuple(dict.fromkeys((*TABLE_METRICS, metric)))
 
     views = dataset_views(cells, eval_set)
-    summary, comparison, ranking, ranks, pairs, skipped, sections = [], [], [], [], [], [], []
+    summary, comparison, ranking, ranks, pairs, skipped, costs, sections = ([], [], [], [], [],
+                                                                            [], [], [])
     for view in views:
         s = summary_rows(view, metrics)
         cmp = comparison_rows(view, baseline, metrics)
         rk = ranking_rows(view, metrics)
         mr = mean_rank_rows(view, metrics)
         tested, untested = pairwise_rows(view, metrics, holm_scope)
+        cost = cost_rows(view, baseline)
         summary += s
         comparison += cmp
         ranking += rk
         ranks += mr
         pairs += tested
         skipped += untested
+        costs += cost
         text = render_dataset(view, baseline, metric, s, cmp, rk, mr, tested, untested,
-                              holm_scope)
+                              holm_scope, cost)
         if figures:
             chosen = recipe or (DEFAULT_FIGURE_RECIPE if DEFAULT_FIGURE_RECIPE in view.recipes
                                 else next((r for r in view.recipes if r != baseline), baseline))
@@ -369,6 +395,9 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
         ranking, [*view_cols, "metric", "kendalls_w", "m_blocks", "n_recipes"]))
     write_text_atomic(out / "mean_ranks.csv", _csv(
         ranks, [*view_cols, "metric", "recipe", "mean_rank", "rank_sd", "m_blocks"]))
+    write_text_atomic(out / "cost.csv", _csv(
+        costs, [*view_cols, "recipe", "n_cells", "train_s_mean", "train_s_total", "epochs_mean",
+                "step_ms_median", "step_x_baseline"]))
     cell_rows, test_keys, diag_keys = [], set(), set()
     for c in cells:
         tests = {k: c.metrics[k] for k in c.metrics
@@ -388,4 +417,4 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
                     "synthetic", "path", *sorted(test_keys), *sorted(diag_keys)]))
     return {"out": out, "cells": cells, "problems": problems, "summary": summary,
             "comparison": comparison, "ranking": ranking, "mean_ranks": ranks, "pairs": pairs,
-            "skipped_pairs": skipped, "views": views}
+            "skipped_pairs": skipped, "cost": costs, "views": views}

@@ -75,6 +75,8 @@ class CellResult:
     fingerprint: str | None = None
     split: str = "kfold"  # nvfp4bench.config.SPLITS
     collapsed: bool = False  # the run found its best model collapsed (train.run.collapsed)
+    timing: dict = field(default_factory=dict)  # the result's "timing" block (seconds, step ms)
+    epochs_run: int | None = None
 
     @property
     def cell(self) -> Cell:
@@ -146,10 +148,14 @@ def load_cells(root, eval_set: str = "test") -> tuple[list[CellResult], list[str
         diagnostics = obj.get("diagnostics") if isinstance(obj.get("diagnostics"), dict) else {}
         synthetic = data.get("synthetic") if isinstance(data.get("synthetic"), bool) else None
         fingerprint = data.get("fingerprint") if isinstance(data.get("fingerprint"), str) else None
+        timing = obj.get("timing") if isinstance(obj.get("timing"), dict) else {}
+        epochs = obj.get("epochs_run")
         cell = CellResult(path, dataset, arch, scale, recipe, fold, seed, obj["status"],
                           obj.get("error") if isinstance(obj.get("error"), str) else None,
                           synthetic, metrics, diagnostics, config, fingerprint, split,
-                          obj.get("collapsed") is True)
+                          obj.get("collapsed") is True, timing,
+                          epochs if isinstance(epochs, int) and not isinstance(epochs, bool)
+                          else None)
         cells.append(cell)  # one file per identity: the path is the identity
     return cells, problems
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import defaultdict
 from itertools import combinations, product
 
@@ -205,6 +206,46 @@ def pairwise_rows(view: DatasetView, metrics=TABLE_METRICS,
                 row[f"p_below_{level}"] = row["p"] is not None and row["p"] < level
                 row[f"holm_below_{level}"] = adjusted is not None and adjusted < level
     return tested, skipped
+
+
+def _timing_value(timing: dict, key: str) -> float | None:
+    v = timing.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def cost_rows(view: DatasetView, baseline: str) -> list[dict]:
+    """What each arch x scale x recipe cost to train, from its complete cells' ``timing``:
+    the mean and total training seconds (over resumes), the mean epochs run, the median over
+    cells of each cell's median step, and that step as a multiple of the baseline's median step
+    of the same arch x scale (None without a baseline cell). Wall-clock figures: they depend on
+    the machine and on what else it ran."""
+    rows = []
+    for arch, scale in product(view.archs, view.scales):
+        group = []
+        for recipe in view.recipes:
+            cells = list(view.complete(arch, scale, recipe).values())
+            if not cells:
+                continue
+            seconds = [v for c in cells if (v := _timing_value(c.timing, "train_seconds"))
+                       is not None]
+            steps = [v for c in cells if (v := _timing_value(c.timing, "median_step_ms"))
+                     is not None]
+            epochs = [c.epochs_run for c in cells if c.epochs_run is not None]
+            group.append({"dataset": view.name, "split": view.split, "eval_set": view.eval_set,
+                          "arch": arch, "scale": scale, "recipe": recipe,
+                          "n_cells": len(cells),
+                          "train_s_mean": sum(seconds) / len(seconds) if seconds else None,
+                          "train_s_total": sum(seconds) if seconds else None,
+                          "epochs_mean": sum(epochs) / len(epochs) if epochs else None,
+                          "step_ms_median": statistics.median(steps) if steps else None})
+        base = next((r["step_ms_median"] for r in group if r["recipe"] == baseline), None)
+        for row in group:
+            step = row["step_ms_median"]
+            row["step_x_baseline"] = step / base if step is not None and base else None
+        rows += group
+    return rows
 
 
 def hd95_unit(view: DatasetView) -> str:

@@ -34,6 +34,12 @@ def _write(root, arch, scale, recipe, fold, seed, obj):
     return path
 
 
+def _timing(arch, recipe, fold):
+    step = {"cnn": 300.0, "vit": 100.0}.get(arch, 200.0) * {"baseline": 1.0, "nvfp4_full": 1.5,
+                                                 "2d_rht_sr": 1.8}[recipe] + 7.0 * fold
+    return {"train_seconds": step * (40 + 3 * fold) * 0.05, "median_step_ms": step}
+
+
 def _cell(arch, recipe, fold, status="complete"):
     obj = {"schema_version": 1, "status": status, "error": None, "config_hash": "0" * 16,
            "config": {"arch": arch, "scale": "tiny", "recipe": recipe, "fold": fold, "seed": SEED,
@@ -43,7 +49,8 @@ def _cell(arch, recipe, fold, status="complete"):
                      for m in ("auprc", "recall", "dice", "hd95_mean")} | {"hd95_unit": "voxel"}
               for part in ("test", "val")},
            "diagnostics": {"summary": {"attention_collapsed_share": 0.1 * fold,
-                                       "gradient_cosine": 0.9 - 0.01 * fold, "flag": True}}}
+                                       "gradient_cosine": 0.9 - 0.01 * fold, "flag": True}},
+           "timing": _timing(arch, recipe, fold), "epochs_run": 40 + 3 * fold}
     if status == "failed":
         obj.update(test=None, val=None,
                    error="NonFiniteError: epoch 3: validation loss is nan\ntrace")
@@ -474,12 +481,36 @@ def test_the_eval_set_chooses_the_partition_and_every_table_and_figure_names_it(
     assert f"every metric from the **{part} partition**" in text
     headings = [ln for ln in text.splitlines() if ln.startswith("### ")
                 and not ln.startswith(("### Missing", "### Failed", "### Figures",
-                                       "### Collapsed"))]
+                                       "### Collapsed", "### Cost"))]  # of no partition
     assert headings and all(f"{part} partition" in h for h in headings), headings
     assert f"{other} partition)" not in text
     figures = [ln for ln in text.splitlines() if ln.startswith("![")]
     named = [ln for ln in figures if "diagnostics" not in ln]
     assert named and all(f"({part} partition)" in ln for ln in named), named
-    for name in ("summary", "comparison", "pairwise", "ranking", "mean_ranks", "cells"):
+    for name in ("summary", "comparison", "pairwise", "ranking", "mean_ranks", "cost", "cells"):
         with open(tmp_path / part / f"{name}.csv") as f:
             assert {r["eval_set"] for r in csv.DictReader(f)} == {part}, name
+
+
+def test_cost_table_from_the_complete_cells_timing(results, tmp_path):
+    R.build_report(results, tmp_path / "rep", figures=False)
+    rows = {(r["arch"], r["recipe"]): r for r in
+            csv.DictReader(open(tmp_path / "rep" / "cost.csv"))}
+    assert len(rows) == len(ARCHS) * len(RECIPES)
+    for arch in ARCHS:
+        base_steps = [_timing(arch, "baseline", f)["median_step_ms"] for f in FOLDS
+                      if (arch, "tiny", "baseline", f) not in (MISSING, FAILED)]
+        for recipe in RECIPES:
+            folds = [f for f in FOLDS if (arch, "tiny", recipe, f) not in (MISSING, FAILED)]
+            seconds = [_timing(arch, recipe, f)["train_seconds"] for f in folds]
+            steps = [_timing(arch, recipe, f)["median_step_ms"] for f in folds]
+            row = rows[(arch, recipe)]
+            assert int(row["n_cells"]) == len(folds)
+            assert float(row["train_s_mean"]) == pytest.approx(np.mean(seconds), rel=1e-12)
+            assert float(row["train_s_total"]) == pytest.approx(np.sum(seconds), rel=1e-12)
+            assert float(row["epochs_mean"]) == pytest.approx(np.mean([40 + 3 * f for f in folds]))
+            assert float(row["step_ms_median"]) == pytest.approx(np.median(steps))
+            assert float(row["step_x_baseline"]) == pytest.approx(
+                np.median(steps) / np.median(base_steps))
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "### Cost of training (complete cells)" in report
