@@ -51,8 +51,22 @@ def git_commit(root: Path = PACKAGE_ROOT) -> dict:
     return {"commit": sha, "dirty": None if status is None else bool(status)}
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``), or
+    None when neither says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment(device: torch.device) -> dict:
-    """python, torch, device and GPU name, CUDA, Transformer Engine, package version, git."""
+    """python, torch, device and GPU name, CUDA, the CPU (model, logical cores, intra-op
+    threads), Transformer Engine, package version, git."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     te = _version("transformer_engine") or _version("transformer-engine")
     return {
@@ -64,6 +78,8 @@ def environment(device: torch.device) -> dict:
         "gpu": gpu,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "transformer_engine": te,
         "nvfp4bench": nvfp4bench.__version__,
         "git": git_commit(),
