@@ -105,6 +105,15 @@ def render_cost(view: DatasetView, baseline: str, cost) -> list[str]:
           _f(None if r["train_s_total"] is None else r["train_s_total"] / 3600, 2),
           _f(r["epochs_mean"], 1), _f(r["step_ms_median"], 0), _f(r["step_x_baseline"], 2)]
          for r in cost]))
+    totals: dict[tuple[str, str], list] = {}
+    for r in cost:
+        entry = totals.setdefault((r["arch"], r["scale"]), [0.0, 0])
+        entry[0] += r["train_s_total"] or 0.0
+        entry[1] += r["n_cells"]
+    out.append("\nTraining time in all: " + "; ".join(
+        f"{a} / {s} {_f(h / 3600, 2)} h ({n} cells)" for (a, s), (h, n) in totals.items())
+        + f"; together {_f(sum(h for h, _ in totals.values()) / 3600, 2)} h "
+          f"({sum(n for _, n in totals.values())} cells).")
     out.append("\nFrom each result's `timing`: training seconds summed over resumed runs, "
                "evaluation excluded; the median step is the median over cells of each cell's "
                "median training step. Wall-clock time on whatever machine ran the cells, and "

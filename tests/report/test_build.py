@@ -514,3 +514,8 @@ def test_cost_table_from_the_complete_cells_timing(results, tmp_path):
                 np.median(steps) / np.median(base_steps))
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "### Cost of training (complete cells)" in report
+    for arch in ARCHS:
+        cells = [(r, f) for r in RECIPES for f in FOLDS
+                 if (arch, "tiny", r, f) not in (MISSING, FAILED)]
+        hours = sum(_timing(arch, r, f)["train_seconds"] for r, f in cells) / 3600
+        assert f"{arch} / tiny {hours:.2f} h ({len(cells)} cells)" in report
