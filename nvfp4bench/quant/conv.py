@@ -52,9 +52,9 @@ class QuantizedConv2dFunction(torch.autograd.Function):
         oh, ow = g.out_size(h, wd)
         with fp32_region(x.device):
             # X quantized along C per pixel: (N, H, W, C_in); padding pixels are zeros
-            xq = op.roles.activation(to_nhwc(x))
             # W viewed (C_out, K), K = (kh, kw, C_in): 1x16 along C_in or 16x16 tiles per tap
-            wq = op.roles.weight(w.permute(0, 2, 3, 1).reshape(cout, taps * c))
+            xq, wq = op.roles.forward_operands(to_nhwc(x),
+                                               w.permute(0, 2, 3, 1).reshape(cout, taps * c))
             # --- fprop ---
             # fprop: Y (M, C_out) = sum_t im2col_t(Q(X)) (M, C_in) @ Q_w(W)_t (C_out, C_in)^T
             y = gather_taps(xq, per_tap(wq, taps), g, (oh, ow), (h, wd))
@@ -119,9 +119,9 @@ class QuantizedConvTranspose2dFunction(torch.autograd.Function):
         oh, ow = out_size  # the adjoint Conv2d maps (oh, ow) -> (h, wd)
         m = n * h * wd
         with fp32_region(x.device):
-            xq = op.roles.activation(to_nhwc(x)).view(m, cin)  # (M, C_in)
-            # W viewed (K', C_in), K' = (kh, kw, C_out): the fprop contracts over C_in
-            wq = op.roles.weight(w.permute(2, 3, 1, 0).reshape(taps * cout, cin))
+            # X (M, C_in); W viewed (K', C_in), K' = (kh, kw, C_out): the fprop contracts over C_in
+            xq, wq = op.roles.forward_operands(to_nhwc(x).view(m, cin),
+                                               w.permute(2, 3, 1, 0).reshape(taps * cout, cin))
             # --- fprop ---
             # fprop (a Conv2d dgrad): Y = sum_t col2im_t(Q(X) (M, C_in) @ Q_w(W)_t (C_out, C_in)^T)
             y = scatter_taps(xq, wq.view(taps, cout, cin), g, (h, wd), (oh, ow))

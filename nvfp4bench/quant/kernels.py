@@ -64,6 +64,13 @@ def _fake_quantize_graph(x3, tile_rows: int, amax, noise, mode: str):
     return out, scale, encode, s_dec
 
 
+def _pair_kernel(x3, w3, w_tile_rows: int):
+    """The fprop's two operands in one graph (one call per layer forward, not two): x along its
+    rows in 1x16 blocks, w in its tiles; each RN with its own tensor amax."""
+    return (_fake_quantize_graph(x3, 1, None, None, "rn")[0],
+            _fake_quantize_graph(w3, w_tile_rows, None, None, "rn")[0])
+
+
 def _rn_kernel(x3, tile_rows: int, amax):
     return _fake_quantize_graph(x3, tile_rows, amax, None, "rn")
 
@@ -300,6 +307,32 @@ def fake_quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bo
     with torch.no_grad():  # no autograd history: the QAT layers define their own backward
         x, tile = prepare_operand(x.detach(), tile, rht, "fake_quantize")
         return _fake_quantize_2d(x, tile, sr, generator, sr_mode, amax, kernels)
+
+
+def _fake_quantize_pair_compiled(x: torch.Tensor, w: torch.Tensor, w_tile_rows: int):
+    xq, wq = _compiled(_pair_kernel)(_plain(row_blocks(x)), _plain(row_blocks(w)), w_tile_rows)
+    return xq.view(x.shape), wq.view(w.shape)
+
+
+def _fake_quantize_pair_eager(x: torch.Tensor, w: torch.Tensor, w_tile_rows: int):
+    return (_fake_quantize_eager(x, 1, None, None, "rn"),
+            _fake_quantize_eager(w, w_tile_rows, None, None, "rn"))
+
+
+def fake_quantize_pair(x: torch.Tensor, w: torch.Tensor, *, w_tile=(1, BLOCK),
+                       kernels: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fake_quantize(x), fake_quantize(w, tile=w_tile))``, both RN, each with its own tensor
+    amax: the same bits as the two calls, in one compiled call (the forward's X and W).
+    ``x`` and ``w`` are 2-D, blocks along their last dimension."""
+    check_kernels(kernels)
+    with torch.no_grad():
+        x, _ = prepare_operand(x.detach(), (1, BLOCK), False, "fake_quantize_pair")
+        w, w_tile = prepare_operand(w.detach(), w_tile, False, "fake_quantize_pair")
+        if x.numel() == 0 or w.numel() == 0 or not _use_compiled(x, kernels):
+            return (_fake_quantize_2d(x, (1, BLOCK), False, None, "hardware", None, kernels),
+                    _fake_quantize_2d(w, w_tile, False, None, "hardware", None, kernels))
+        return _run_compiled(kernels, _fake_quantize_pair_compiled, _fake_quantize_pair_eager,
+                             x, w, w_tile[0])
 
 
 def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,

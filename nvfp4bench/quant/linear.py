@@ -26,8 +26,10 @@ class QuantizedLinearFunction(torch.autograd.Function):
         with fp32_region(x.device):
             # --- fprop ---
             # fprop: Y (..., M, N) = Q(X) (..., M, K) @ Q_w(W)^T (..., K, N)
-            xq = op.roles.activation(x)
-            wq = op.roles.weight(w)
+            if w.dim() == 2:  # a Linear: X and W quantized in one call
+                xq, wq = op.roles.forward_operands(x, w)
+            else:  # an attention matmul: batched operands
+                xq, wq = op.roles.activation(x), op.roles.weight(w)
             y = gemm(xq, wq)
             if bias is not None:
                 y += bias.float()

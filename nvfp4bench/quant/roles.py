@@ -175,6 +175,13 @@ class Roles:
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         return _rowwise(w, tile=self.weight_tile, kernels=self.kernels)
 
+    def forward_operands(self, x: torch.Tensor,
+                         w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(activation(x), weight(w))`` for a 2-D w, in one kernel call."""
+        xq, wq = kernels.fake_quantize_pair(x.reshape(-1, x.shape[-1]), w,
+                                            w_tile=self.weight_tile, kernels=self.kernels)
+        return xq.view(x.shape), wq
+
     # dgrad: dY rowwise along N (SR), W^T along N
     def gradient(self, dy: torch.Tensor) -> torch.Tensor:
         return _rowwise(dy, sr=self.sr, generator=self.generator, kernels=self.kernels)

@@ -524,6 +524,21 @@ def test_unknown_kernels_are_refused():
         kernels.fake_quantize_columnwise(torch.ones(16, 16), kernels="triton")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("w_tile", [(1, 16), (16, 16)])
+def test_the_forward_pair_equals_two_calls_and_the_reference(backend, w_tile):
+    """``fake_quantize_pair`` (X and W in one compiled call) gives each operand the bits of its
+    own call, each with its own tensor amax: x has rows of wildly different scales, w's amax
+    is 1e3 times smaller."""
+    x = _adversarial(0)[:48]
+    w = _adversarial(1)[:32, :64] * 1e-3
+    xq, wq = kernels.fake_quantize_pair(x, w, w_tile=w_tile, kernels=backend)
+    assert torch.equal(_bits(xq), _bits(fake_quantize(x, kernels=backend)))
+    assert torch.equal(_bits(wq), _bits(fake_quantize(w, tile=w_tile, kernels=backend)))
+    ref = torch.from_numpy(_reference_fake_quantize(w.numpy(), w_tile[0]))
+    assert torch.equal(_bits(wq), _bits(ref))
+
+
 def test_both_forms_of_the_e2m1_grid_step_agree_bit_for_bit():
     """``grid_steps_compare`` (compiled kernels) and ``grid_steps_bits`` (eager) give the same
     (step, 1 / step) on every binade edge of [-6, 6], its fp32 neighbours, +-0, subnormals and
