@@ -20,6 +20,12 @@ reassociation could change, and inductor's C++ flags keep ``-ffp-contract=off
 -fno-unsafe-math-optimizations`` anyway. The tests check both kernels against the NumPy
 reference, bit for bit. SR draws its random bits eagerly from the caller's ``torch.Generator``,
 so both kernels consume the same bits.
+
+A compiled call costs tens of microseconds of dynamo overhead whatever its size, which matters
+for a transformer's small layers: ``fake_quantize_pair`` quantizes a layer's forward X and W in
+one call (measured on a stack of eight 192 x 192 quantized Linears, 512 tokens, one thread:
+fwd + bwd 24.2 -> 22.6 ms). Fusing a Linear's four backward quantizations into one graph was
+measured slower (23.4 -> 26.9 ms), so the backward makes one call per operand.
 """
 from __future__ import annotations
 
