@@ -28,7 +28,8 @@ Stochastic rounding: a ``torch.Generator`` on CUDA draws other numbers than one 
 SR draw comes from a single CPU generator (same shape, dtype and count) and is moved to the
 tensor's device. Both runs then take the same SR bits, which tests the arithmetic, not the RNG;
 the generator check still runs. Recording the layers' operands (``recording``) wraps the public
-``fake_quantize``, ``fake_quantize_columnwise`` and ``gemm`` the same way (``rebound``).
+``fake_quantize``, ``fake_quantize_columnwise``, ``fake_quantize_pair`` and ``gemm`` the same way
+(``rebound``).
 """
 from __future__ import annotations
 
@@ -260,14 +261,17 @@ LAYER_CASES = {  # name -> (module factory, input shape)
 
 @contextlib.contextmanager
 def recording(log: list):
-    """Append ("q", output) for every fake_quantize / fake_quantize_columnwise call and ("gemm",
-    a, b, output) for every GEMM of the layers, all copied to the CPU; SR draws shared."""
+    """Append ("q", output) for every fake_quantize / fake_quantize_columnwise call (one per
+    output of fake_quantize_pair) and ("gemm", a, b, output) for every GEMM of the layers, all
+    copied to the CPU; SR draws shared."""
     fq, fqc, mm = kernels.fake_quantize, kernels.fake_quantize_columnwise, gemm.gemm
+    pair = kernels.fake_quantize_pair
 
     def rec_q(fn):
         def wrapper(*args, **kwargs):
             out = fn(*args, **kwargs)
-            log.append(("q", out.detach().cpu().clone()))
+            for t in out if isinstance(out, tuple) else (out,):
+                log.append(("q", t.detach().cpu().clone()))
             return out
         return wrapper
 
@@ -277,7 +281,7 @@ def recording(log: list):
         return r
 
     with shared_noise(0), rebound(fq, rec_q(fq)), rebound(fqc, rec_q(fqc)), \
-            rebound(mm, rec_gemm):
+            rebound(pair, rec_q(pair)), rebound(mm, rec_gemm):
         yield
 
 

@@ -154,8 +154,9 @@ def test_shared_noise_makes_sr_independent_of_the_generator(choice):
 
 
 def test_recording_sees_every_quantized_operand_and_gemm():
-    """A Linear's fwd + bwd under nvfp4_full: 2 + 2 + 2 fake_quantize calls (X and W; dY and
-    W along N; dY^T and X^T) and 3 GEMMs, each recorded once; the originals come back after."""
+    """A Linear's fwd + bwd under nvfp4_full: 2 + 2 + 2 quantized operands (X and W, in one
+    fake_quantize_pair call; dY and W along N; dY^T and X^T) and 3 GEMMs, each recorded once;
+    the originals come back after."""
     made = gpu_check_bits.make_layer("linear_64x48_40tok", "nvfp4_full", torch.device("cpu"))
     log = []
     gpu_check_bits.run_layer(made, log)
@@ -165,6 +166,7 @@ def test_recording_sees_every_quantized_operand_and_gemm():
         assert torch.equal(c, a @ b.mT)
     assert all(getattr(m, n) is gemm.gemm for m, n in gpu_check_bits.bindings(gemm.gemm))
     assert kernels.fake_quantize.__name__ == "fake_quantize"  # not the recording wrapper
+    assert kernels.fake_quantize_pair.__name__ == "fake_quantize_pair"
     with pytest.raises(LookupError), gpu_check_bits.rebound(lambda: None, None):
         pass
 
