@@ -37,11 +37,12 @@ from pathlib import Path
 
 import torch
 
-from nvfp4bench.quant.nvfp4 import (BLOCK, block_amax, block_scales_f32, check_sr,
+from nvfp4bench.quant.nvfp4 import (BLOCK, block_amax, block_scales_f32, check_2d, check_sr,
                                     check_tokens_first, columnwise_copy, dequantize_blocks,
-                                    draw_noise, e4m3_cast, e4m3_round, grid_steps_compare,
-                                    padded_tokens,
-                                    prepare_operand, row_blocks, tile_amax)
+                                    device_rht_matrix, draw_noise, e4m3_cast, e4m3_round,
+                                    grid_steps_compare, padded_tokens, prepare_operand,
+                                    row_blocks, tile_amax)
+from nvfp4bench.quant.nvfp4 import rht as nvfp4_rht
 
 KERNELS = ("eager", "compiled", "auto")  # how fake_quantize runs: the same bits
 # "auto" compiles tensors with at least this many elements. One compiled call costs ~40 us of
@@ -243,15 +244,20 @@ def _compiled(kernel):
     return fn
 
 
+EMULATED_CASTS = "emulate_precision_casts"  # inductor: keep a cast to bf16 and back a rounding
+
+
 def _ieee_inductor_options() -> dict:
-    """Inductor options that make its GPU (Triton) code round as eager PyTorch does: fp32
-    ``x / y`` and ``1 / x`` as IEEE divisions (``div_rn``; Triton's default ``div.full`` is
-    approximate) and no flushing of subnormals to zero. No effect on CPU code. Only the options
-    this torch version knows."""
+    """Inductor options that make its code round as eager PyTorch does: fp32 ``x / y`` and
+    ``1 / x`` as IEEE divisions (``div_rn``; Triton's default ``div.full`` is approximate) and no
+    flushing of subnormals to zero (GPU code only); and a cast to bf16 and back kept as the
+    rounding it is (``EMULATED_CASTS``; without it inductor drops the round trip, on the CPU
+    too). Only the options this torch version knows."""
     import torch._inductor.config as inductor_config  # after persistent_compile_cache(): see there
 
     known = inductor_config.get_config_copy()
-    wanted = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}
+    wanted = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True,
+              EMULATED_CASTS: True}
     return {k: v for k, v in wanted.items() if k in known}
 
 
@@ -284,6 +290,30 @@ def _run_compiled(kernels: str, compiled, eager, *args):
         return eager(*args)
 
 
+def _bf16_round_kernel(x):
+    """``x.to(bfloat16).float()``: one of the RHT's two bf16 roundings (``nvfp4.rht``)."""
+    return x.to(torch.bfloat16).float()
+
+
+def _rht_compiled(x: torch.Tensor) -> torch.Tensor:
+    """``nvfp4.rht(x)`` with its two bf16 roundings as compiled passes; the rotation between them
+    is the same ``torch.matmul`` call on the same (M, K/16, 16) fp32 tiles (the same bits)."""
+    m, k = x.shape
+    tiles = _compiled(_bf16_round_kernel)(_plain(x.reshape(m, k // BLOCK, BLOCK)))
+    rotated = torch.matmul(tiles, device_rht_matrix(x.device))
+    return _compiled(_bf16_round_kernel)(rotated).view(m, k)
+
+
+def apply_rht(x: torch.Tensor, kernels: str = "eager") -> torch.Tensor:
+    """``nvfp4.rht(x)``, the same bits, on ``kernels``: compiled, its bf16 roundings take one
+    pass each instead of two (4096^2: 158 -> ~100 ms, one thread); eager where this torch's
+    inductor cannot keep a bf16 round trip (``EMULATED_CASTS``)."""
+    if not _use_compiled(x, kernels) or EMULATED_CASTS not in _ieee_inductor_options():
+        return nvfp4_rht(x)
+    check_2d(x, "rht")
+    return _run_compiled(kernels, _rht_compiled, nvfp4_rht, x)
+
+
 def _fake_quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str,
                       amax, kernels: str) -> torch.Tensor:
     """fake_quantize of a prepared (fp32, contiguous, checked) 2-D tensor."""
@@ -312,7 +342,8 @@ def fake_quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bo
     if sr:  # refuse a bad SR call before any work
         check_sr(generator, sr_mode)
     with torch.no_grad():  # no autograd history: the QAT layers define their own backward
-        x, tile = prepare_operand(x.detach(), tile, rht, "fake_quantize")
+        x, tile = prepare_operand(x.detach(), tile, rht, "fake_quantize",
+                                  rotate=lambda t: apply_rht(t, kernels=kernels))
         return _fake_quantize_2d(x, tile, sr, generator, sr_mode, amax, kernels)
 
 

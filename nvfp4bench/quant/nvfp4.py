@@ -379,7 +379,7 @@ def rht(x: torch.Tensor) -> torch.Tensor:
     As TE does: the input is rounded to bf16, rotated in fp32, and rounded to bf16 again before
     amax and quantization. Returns fp32 (holding bf16 values), the shape of ``x``.
     """
-    _check_2d(x, "rht")
+    check_2d(x, "rht")
     m, k = x.shape
     tiles = x.to(torch.bfloat16).float().view(m, k // BLOCK, BLOCK)
     rotated = torch.matmul(tiles, device_rht_matrix(x.device))
@@ -389,7 +389,7 @@ def rht(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-def _check_2d(x: torch.Tensor, what: str, tile: tuple[int, int] = (1, BLOCK)) -> None:
+def check_2d(x: torch.Tensor, what: str, tile: tuple[int, int] = (1, BLOCK)) -> None:
     if x.dim() != 2:
         raise ValueError(f"{what}: expected a 2-D tensor, got shape {tuple(x.shape)}; "
                          f"reshape to (rows, K) with blocks along the last dimension")
@@ -409,12 +409,16 @@ def _check_tile(tile) -> tuple[int, int]:
     return tile
 
 
-def prepare_operand(x: torch.Tensor, tile, rht_on: bool, what: str) -> tuple[torch.Tensor, tuple]:
+def prepare_operand(x: torch.Tensor, tile, rht_on: bool, what: str,
+                    rotate=None) -> tuple[torch.Tensor, tuple]:
+    """x checked (2-D, the tile fits) as contiguous fp32, rotated by the RHT when ``rht_on``
+    (``rotate``: a function computing ``rht``'s bits, e.g. on compiled kernels; default
+    ``rht``), and the checked tile."""
     tile = _check_tile(tile)
-    _check_2d(x, what, (BLOCK, BLOCK) if tile == (BLOCK, BLOCK) else (1, BLOCK))
+    check_2d(x, what, (BLOCK, BLOCK) if tile == (BLOCK, BLOCK) else (1, BLOCK))
     if rht_on and tile != (1, BLOCK):
         raise ValueError(f"{what}: the RHT is applied to 1x16 (columnwise wgrad) operands only")
-    x = rht(x) if rht_on else x.float()
+    x = (rotate or rht)(x) if rht_on else x.float()
     return x.contiguous(), tile
 
 

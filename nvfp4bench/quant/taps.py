@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nvfp4bench.quant import kernels, nvfp4
+from nvfp4bench.quant import kernels
 from nvfp4bench.quant.gemm import ConvGeometry, axis_window, gemm
 from nvfp4bench.quant.nvfp4 import BLOCK
 from nvfp4bench.quant.roles import Columnwise, token_buffer
@@ -197,7 +197,8 @@ def unfolded_operands(src: torch.Tensor, g: ConvGeometry, oh: int, ow: int, spec
     if spec.quantize and not spec.rht:
         amax = whole_amax
     elif spec.quantize and len(chunks) > 1:
-        amax = torch.stack([nvfp4.rht(_fill_planes(ch, src, g, oh, ow)[0]).abs().amax()
+        amax = torch.stack([kernels.apply_rht(_fill_planes(ch, src, g, oh, ow)[0],
+                                              kernels=spec.kernels).abs().amax()
                             for ch in chunks]).amax()
     for ch in chunks:
         buf, rows = _fill_planes(ch, src, g, oh, ow)
@@ -215,7 +216,7 @@ def unfolded_operands(src: torch.Tensor, g: ConvGeometry, oh: int, ow: int, spec
                 yield t, body[k, :, :, d:d + oh].reshape(c, m)
             continue
         # SR with the RHT: rotate each plane once, then quantize every tap's own copy
-        rotated = nvfp4.rht(buf)
+        rotated = kernels.apply_rht(buf, kernels=spec.kernels)
         chunk_amax = rotated.abs().amax() if amax is None else amax  # one chunk: all taps
         body = rotated[:, :n * rows * ow].view(len(ch), c, n, rows, ow)
         stacked = torch.empty(len(taps) * c, m, device=src.device)

@@ -505,8 +505,8 @@ def test_k4s2_wgrad_quantizes_each_shared_block_once(case, recipe, shared, rotat
     layer, x = make_case(CASE[case])
     twin = quantized(layer, recipe, generator=torch.Generator().manual_seed(0))
     y = twin(x.clone().requires_grad_())
-    sizes = {"fake_quantize": [0], "rht": [0]}
-    for fn, module in (("fake_quantize", kernels), ("rht", nvfp4)):
+    sizes = {"fake_quantize": [0], "apply_rht": [0]}
+    for fn, module in (("fake_quantize", kernels), ("apply_rht", kernels)):
         real = getattr(module, fn)
         monkeypatch.setattr(module, fn, lambda t, _real=real, _fn=fn, **kw:
                             sizes[_fn].append(t.numel()) or _real(t, **kw))
@@ -518,7 +518,7 @@ def test_k4s2_wgrad_quantizes_each_shared_block_once(case, recipe, shared, rotat
     planes, taps = 8 * c * n * (rows + 1) * cols, 16 * c * n * rows * cols
     assert max(sizes["fake_quantize"]) == (planes if shared else taps)
     if rotated and not shared:  # layers.py rotates the planes itself, then quantizes the taps
-        assert max(sizes["rht"]) == planes
+        assert max(sizes["apply_rht"]) == planes
 
 
 def test_quantized_matmul_broadcasts_and_plain_matmul_is_torch_matmul():

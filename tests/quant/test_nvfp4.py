@@ -539,6 +539,20 @@ def test_the_forward_pair_equals_two_calls_and_the_reference(backend, w_tile):
     assert torch.equal(_bits(wq), _bits(ref))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_rht_equals_the_reference_rht(dtype):
+    """``kernels.apply_rht`` on compiled kernels keeps both bf16 roundings (ties to even, NaN,
+    inf, subnormals), the same bits as ``nvfp4.rht``; inductor would drop a bf16 round trip
+    without ``emulate_precision_casts``."""
+    x = _adversarial(5)[:, :64].clone()
+    x[4, :8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, -0.0,
+                             3.3895e38, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8])  # two ties
+    x[5] = 1.0 + 2.0 ** -8  # a row of ties: each rotated sum is exact, then rounded again
+    x = x.to(dtype)
+    ours = kernels.apply_rht(x, kernels="compiled")
+    assert torch.equal(_bits(ours), _bits(rht(x)))
+
+
 def test_both_forms_of_the_e2m1_grid_step_agree_bit_for_bit():
     """``grid_steps_compare`` (compiled kernels) and ``grid_steps_bits`` (eager) give the same
     (step, 1 / step) on every binade edge of [-6, 6], its fp32 neighbours, +-0, subnormals and
