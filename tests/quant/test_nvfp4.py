@@ -553,6 +553,18 @@ def test_compiled_rht_equals_the_reference_rht(dtype):
     assert torch.equal(_bits(ours), _bits(rht(x)))
 
 
+def test_auto_rotates_only_large_tensors_with_compiled_roundings(monkeypatch):
+    calls = []
+    real = kernels._rht_compiled
+    monkeypatch.setattr(kernels, "_rht_compiled", lambda t: calls.append(t.numel()) or real(t))
+    small = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    large = torch.randn(kernels.RHT_COMPILE_MIN_NUMEL // 512, 512,
+                        generator=torch.Generator().manual_seed(1))
+    for x in (small, large):
+        assert torch.equal(_bits(kernels.apply_rht(x, kernels="auto")), _bits(rht(x)))
+    assert calls == [large.numel()]
+
+
 def test_both_forms_of_the_e2m1_grid_step_agree_bit_for_bit():
     """``grid_steps_compare`` (compiled kernels) and ``grid_steps_bits`` (eager) give the same
     (step, 1 / step) on every binade edge of [-6, 6], its fp32 neighbours, +-0, subnormals and
