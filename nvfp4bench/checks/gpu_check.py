@@ -16,7 +16,8 @@ a time cap; a stage that fails or runs out of time reports FAIL and the next one
                operands bit for bit, GEMMs to fp32 rounding
   compiled     the compiled quantizer kernels (kernels="compiled") vs eager on the device
                (CUDA only)
-  syncs        host-device synchronisations per layer fwd+bwd (CUDA only)
+  syncs        host-device synchronisations per layer fwd+bwd and per whole training step
+               (forward, loss, backward, AdamW) of each arch x recipe (CUDA only)
   bench_quant  fake_quantize vs a plain copy (nvfp4bench.bench quant), eager kernels
   store        a synthetic slice store at the training image size (data_prep --source synthetic)
   train        one training epoch + one validation pass per arch x recipe (baseline, nvfp4_full,
@@ -242,11 +243,13 @@ def stage_syncs(ctx: Context) -> dict:
     if ctx.device.type != "cuda":
         return result("SKIP", "CPU: no host-device synchronisation to count")
     rows = gpu_check_bits.count_syncs(ctx.device)
-    total = sum(r["syncs"] for r in rows)
-    where = sorted({w for r in rows for w in r["where"]})
-    line = (f"{total} synchronisations in {len(rows)} layer fwd+bwd"
+    steps = gpu_check_bits.count_step_syncs(ctx.device)
+    total, in_steps = sum(r["syncs"] for r in rows), sum(r["syncs"] for r in steps)
+    where = sorted({w for r in rows + steps for w in r["where"]})
+    line = (f"{total} synchronisations in {len(rows)} layer fwd+bwd, {in_steps} in "
+            f"{len(steps)} whole training steps (arch x recipe)"
             + (f" at {', '.join(where[:4])}" if where else ""))
-    return result("PASS" if total == 0 else "INFO", line, rows=rows)
+    return result("PASS" if total + in_steps == 0 else "INFO", line, rows=rows, steps=steps)
 
 
 def stage_bench_quant(ctx: Context) -> dict:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 # The project's modules (the only place this file names them).
+from nvfp4bench.checks.bench import TrainingCase
 from nvfp4bench.quant import STUDY_RECIPES, gemm, get_recipe, kernels, nvfp4, quantized, taps
 
 U32 = 2.0 ** -24  # fp32 unit roundoff
@@ -384,24 +385,50 @@ def check_compiled(device: torch.device, size: int, case: str) -> dict:
     return {"case": case, "n": x.numel(), "mismatches": mismatches(outs["compiled"], outs["eager"])}
 
 
+def syncs_of(fn, device: torch.device) -> tuple[int, list[str]]:
+    """How many host-device synchronisations one call of ``fn`` makes on ``device`` (after the
+    device is idle), and where each was called from: ``torch.cuda.set_sync_debug_mode("warn")``
+    turns each into a warning."""
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    return len(syncs), sorted({f"{w.filename}:{w.lineno}" for w in syncs})
+
+
 def count_syncs(device: torch.device) -> list[dict]:
     """Host-device synchronisations of one forward + backward of each layer case per quantized
-    recipe (after a warm-up call), from ``torch.cuda.set_sync_debug_mode("warn")``: the count
-    and where each was called from."""
+    recipe (after a warm-up call): the count and where each was called from."""
     rows = []
     for recipe in quantized_recipes():
         for case in LAYER_CASES:
             made = make_layer(case, recipe, device)
             run_layer(made)
-            torch.cuda.synchronize(device)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    run_layer(made)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-            rows.append({"recipe": recipe, "case": case, "syncs": len(syncs),
-                         "where": sorted({f"{w.filename}:{w.lineno}" for w in syncs})})
+            count, where = syncs_of(lambda: run_layer(made), device)
+            rows.append({"recipe": recipe, "case": case, "syncs": count, "where": where})
+    return rows
+
+
+STEP_ARCHS = ("cnn", "vit", "swin")
+
+
+def count_step_syncs(device: torch.device, archs=STEP_ARCHS, recipes=None,
+                     image_size: int = 64, batch_size: int = 2) -> list[dict]:
+    """Host-device synchronisations of one whole training step (forward, loss, backward, AdamW;
+    ``bench.TrainingCase`` at the tiny scale, after a warm-up step) per arch and quantized
+    recipe (default: every one): a step that synchronises stalls the GPU's queue once per
+    step."""
+    rows = []
+    for arch in archs:
+        for recipe in recipes or quantized_recipes():
+            case = TrainingCase(arch, "tiny", recipe, image_size=image_size,
+                                batch_size=batch_size, device=str(device))
+            case.step()
+            count, where = syncs_of(case.step, device)
+            rows.append({"arch": arch, "recipe": recipe, "syncs": count, "where": where})
     return rows

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,33 @@ def test_stages_past_the_budget_are_skipped(tmp_path):
     stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
     assert [r["status"] for r in stages.values()] == ["SKIP", "SKIP"]
     assert "budget" in stages["ops"]["line"]
+
+
+def _fake_sync_mode(monkeypatch) -> list:
+    """torch.cuda's sync-debug switch and synchronize, recorded instead (no CUDA here)."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    return modes
+
+
+def test_sync_counting_counts_the_sync_warnings_of_one_call(monkeypatch):
+    modes = _fake_sync_mode(monkeypatch)
+
+    def two_syncs():
+        assert modes == ["warn"]
+        for message in ("called a synchronizing CUDA operation", "another thing",
+                        "called a synchronizing CUDA operation"):
+            warnings.warn(message)
+
+    count, where = gpu_check_bits.syncs_of(two_syncs, torch.device("cpu"))
+    assert count == 2 and len(where) == 1 and modes == ["warn", "default"]
+
+
+def test_whole_training_steps_are_counted_per_arch_and_recipe(monkeypatch):
+    modes = _fake_sync_mode(monkeypatch)
+    rows = gpu_check_bits.count_step_syncs(torch.device("cpu"), archs=("vit",),
+                                           recipes=("nvfp4_full", "fwd_only"), image_size=32)
+    assert [(r["arch"], r["recipe"], r["syncs"]) for r in rows] == [
+        ("vit", "nvfp4_full", 0), ("vit", "fwd_only", 0)]
+    assert modes == ["warn", "default"] * 2
