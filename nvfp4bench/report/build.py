@@ -86,6 +86,8 @@ def _summary_cell(s: dict, metric: str) -> str:
     d = _digits(metric)
     if s["mean"] is None:
         return "n/a"
+    if s["sd"] is None:  # one value: no spread to show
+        return _f(s["mean"], d)
     text = f"{_f(s['mean'], d)} ± {_f(s['sd'], d)}"
     if s["ci_low"] is not None:
         text += f" [{_f(s['ci_low'], d)}, {_f(s['ci_high'], d)}]" + ("*" if s["ci_clipped"] else "")

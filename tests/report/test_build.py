@@ -519,3 +519,14 @@ def test_cost_table_from_the_complete_cells_timing(results, tmp_path):
                  if (arch, "tiny", r, f) not in (MISSING, FAILED)]
         hours = sum(_timing(arch, r, f)["train_seconds"] for r, f in cells) / 3600
         assert f"{arch} / tiny {hours:.2f} h ({len(cells)} cells)" in report
+
+
+def test_a_single_seed_shows_its_value_without_a_spread(tmp_path):
+    root = tmp_path / "results"
+    for recipe in ("baseline", "nvfp4_full"):
+        _write_holdout(root, "cnn", recipe, SEED, _holdout_cell("cnn", recipe, SEED))
+    R.build_report(root, tmp_path / "rep", figures=False)
+    text = (tmp_path / "rep" / "report.md").read_text()
+    value = _value("cnn", "baseline", f"holdout{SEED}", "auprc")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| cnn | tiny | baseline | 1 |"))
+    assert f"| {value:.4f} |" in row and "±" not in row
