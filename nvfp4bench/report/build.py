@@ -290,9 +290,29 @@ def _render_pairs(view: DatasetView, metric: str, label: str, pairs, skipped,
     skip = [r for r in skipped if r["metric"] == metric]
     if skip:
         out.append(f"\nSkipped, fewer than {MIN_PAIR_BLOCKS} common {proto.blocks}: "
-                   + "; ".join(f"{r['arch']} / {r['scale']} {r['recipe_1']} vs {r['recipe_2']} "
-                               f"({r['n_blocks']})" for r in skip) + ".")
+                   + "; ".join(_skipped_text(view, metric, group)
+                               for group in _by_arch_scale(skip)) + ".")
     return out
+
+
+def _by_arch_scale(rows: list[dict]) -> list[list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["scale"]), []).append(r)
+    return list(groups.values())
+
+
+def _skipped_text(view: DatasetView, metric: str, group: list[dict]) -> str:
+    """The skipped pairs of one arch x scale: each pair with its count of common blocks, or,
+    when every pair of its recipes is skipped with one count (e.g. a single seed), one line."""
+    arch, scale = group[0]["arch"], group[0]["scale"]
+    present = [r for r in view.recipes if view.values(arch, scale, r, metric)]
+    counts = {r["n_blocks"] for r in group}
+    if len(group) == len(present) * (len(present) - 1) // 2 and len(counts) == 1:
+        return (f"{arch} / {scale}: all {len(group)} pairs of its {len(present)} recipes "
+                f"({counts.pop()} common each)")
+    return "; ".join(f"{arch} / {scale} {r['recipe_1']} vs {r['recipe_2']} ({r['n_blocks']})"
+                     for r in group)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -530,3 +530,14 @@ def test_a_single_seed_shows_its_value_without_a_spread(tmp_path):
     value = _value("cnn", "baseline", f"holdout{SEED}", "auprc")
     row = next(ln for ln in text.splitlines() if ln.startswith("| cnn | tiny | baseline | 1 |"))
     assert f"| {value:.4f} |" in row and "±" not in row
+
+
+def test_a_single_seed_skips_every_pair_in_one_line_per_arch_and_scale(tmp_path):
+    root = tmp_path / "results"
+    for arch in ("cnn", "vit"):
+        for recipe in RECIPES:
+            _write_holdout(root, arch, recipe, SEED, _holdout_cell(arch, recipe, SEED))
+    R.build_report(root, tmp_path / "rep", figures=False)
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert ("Skipped, fewer than 3 common seeds: cnn / tiny: all 3 pairs of its 3 recipes "
+            "(1 common each); vit / tiny: all 3 pairs of its 3 recipes (1 common each).") in text
