@@ -117,7 +117,8 @@ def _columns_graph(x3, mp: int, amax, noise, mode: str):
     scale, encode, s_dec = block_scales_f32(bamax, amax, e4m3_round)
     if noise is not None:  # drawn for the (B * C, Mp) result: element [b, c, t] for token t
         noise = noise.view(b, c, mp // BLOCK, BLOCK).permute(0, 2, 3, 1)
-    out = dequantize_blocks(blocks, scale, encode, s_dec, noise, mode, grid_steps=grid_steps_compare)
+    out = dequantize_blocks(blocks, scale, encode, s_dec, noise, mode,
+                            grid_steps=grid_steps_compare)
     return out.permute(0, 3, 1, 2).contiguous(), scale, encode, s_dec
 
 

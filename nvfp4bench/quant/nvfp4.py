@@ -178,9 +178,10 @@ def grid_steps_bits(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def grid_steps_compare(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(step, 1 / step)`` of the E2M1 grid around y, |y| <= 6, by two comparisons of |y|: the
-    same powers of two as ``grid_steps_bits`` (also for -0, subnormals and NaN, which stays NaN
-    through the product that uses it), in the form compiled kernels vectorise (inductor's CPU code
-    moves an int32 <-> fp32 bit cast through memory, element by element)."""
+    same powers of two as ``grid_steps_bits`` for every such y, -0 and subnormals included (a NaN
+    gets other steps from the two, and a NaN from the product that uses them either way), in the
+    form compiled kernels vectorise (inductor's CPU code moves an int32 <-> fp32 bit cast through
+    memory, element by element)."""
     magnitude = y.abs()
     below_2, below_4 = magnitude < 2.0, magnitude < 4.0
     step = torch.where(below_2, 0.5, torch.where(below_4, 1.0, 2.0))
