@@ -431,6 +431,9 @@ SIGTERM_WORKER = textwrap.dedent("""
             time.sleep(float(sys.argv[3]))
 
     signal.signal(signal.SIGTERM, grid._raise_interrupt)
+    # Ctrl-C as a terminal's foreground job gets it: Python's own handler, also where this test
+    # runs as a background job, whose shell started it with SIGINT ignored (inherited here).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         grid_workers.run_grid(fake_targets(tmp), [{}], runner=runner)
     except KeyboardInterrupt:
