@@ -303,7 +303,7 @@ def stage_verify_te(ctx: Context) -> dict:
 STAGES: dict[str, tuple] = {
     "env": (stage_env, 30), "tests": (stage_tests, 300), "ops": (stage_ops, 60),
     "quantizer": (stage_quantizer, 120), "layers": (stage_layers, 180),
-    "syncs": (stage_syncs, 60), "bench_quant": (stage_bench_quant, 120),
+    "syncs": (stage_syncs, 180), "bench_quant": (stage_bench_quant, 120),
     "store": (stage_store, 300), "train": (stage_train, 600),
     "train_scales": (stage_train_scales, 300), "projection": (stage_projection, 30),
     "compiled": (stage_compiled, 180), "verify_te": (stage_verify_te, 300),
