@@ -116,12 +116,13 @@ def load_cells(root, eval_set: str = "test") -> tuple[list[CellResult], list[str
         raise ValueError(f"eval_set must be one of {', '.join(EVAL_SETS)}, got {eval_set!r}")
     root = Path(root)
     cells, problems = [], []
-    for path in sorted(root.rglob("*_seed*.json")):
+    # exactly <dataset>/<arch>/<scale>/<recipe>/<cell>.json below root: a results folder that
+    # holds other results deeper down (results/examples/...) does not pool them with its own
+    for path in sorted(root.glob("*/*/*/*/*_seed*.json")):
         match = CELL_NAME.match(path.name)
-        rel = path.relative_to(root).parts
-        if not match or len(rel) < 5:
+        if not match:
             continue
-        dataset, arch, scale, recipe = rel[-5:-1]
+        dataset, arch, scale, recipe = path.relative_to(root).parts[:4]
         split = "holdout" if match.group(2) else "kfold"
         fold, seed = int(match.group(1) or 0), int(match.group(3))
         obj, err = _read_json(path)

@@ -541,3 +541,16 @@ def test_a_single_seed_skips_every_pair_in_one_line_per_arch_and_scale(tmp_path)
     text = (tmp_path / "rep" / "report.md").read_text()
     assert ("Skipped, fewer than 3 common seeds: cnn / tiny: all 3 pairs of its 3 recipes "
             "(1 common each); vit / tiny: all 3 pairs of its 3 recipes (1 common each).") in text
+
+
+def test_results_deeper_than_the_layout_are_not_pooled_with_the_folder_s_own(tmp_path):
+    """``report results/`` reads results/<dataset>/<arch>/<scale>/<recipe>/<cell>.json only:
+    the examples committed under results/examples/<name>/ stay out of the user's report."""
+    root = tmp_path / "results"
+    _write_holdout(root, "cnn", "baseline", SEED, _holdout_cell("cnn", "baseline", SEED))
+    nested = root / "examples" / "some-study"
+    for recipe in RECIPES:
+        _write_holdout(nested, "cnn", recipe, SEED, _holdout_cell("cnn", recipe, SEED))
+    out = R.build_report(root, tmp_path / "rep", figures=False)
+    assert [(c.arch, c.recipe) for c in out["cells"]] == [("cnn", "baseline")]
+    assert len(R.build_report(nested, tmp_path / "rep2", figures=False)["cells"]) == len(RECIPES)
