@@ -13,8 +13,8 @@ protocol (each its own section, never pooled), to ``--out`` (default ``RESULTS_D
   ``--holm global``); Kendall's W of the recipe ranking over folds (seeds) with each recipe's mean
   rank +- sd; the cost of training each arch x scale x recipe (``tables.cost_rows``: seconds,
   epochs, median step and its multiple of the baseline's); the missing cells (expected from the
-  grid of the archs, scales, recipes, folds and seeds present) and the failed ones. Synthetic data is said at the top; every table and figure
-  names its partition.
+  grid of the archs, scales, recipes, folds and seeds present) and the failed ones. Synthetic
+  data is said at the top; every table and figure names its partition.
 * ``summary.csv``, ``comparison.csv`` (every table metric), ``pairwise.csv``, ``ranking.csv``,
   ``mean_ranks.csv``, ``cost.csv``, ``cells.csv``; every row names its ``dataset``, ``split`` and
   ``eval_set``.
