@@ -75,7 +75,6 @@ from nvfp4bench.quant.recipes import Recipe
 
 ROW_BLOCK = (1, BLOCK)
 TILE_2D = (BLOCK, BLOCK)
-# A conv wgrad unfolds its input this many bytes (fp32) at a time, at least one plane (tap).
 
 
 # --------------------------------------------------------------------------------------------
