@@ -5,8 +5,8 @@ and calls them in this order::
 
     default_precision(device)          its compute precision when neither --precision nor the
                                        recipe sets one (None: the device's default)
-    preflight(recipe, device, dtype)   every refusal that needs no model or data (first thing)
-    swap(model, recipe, names, generator=..., kernels=...) -> {name: backend that runs it}
+    preflight(recipe, device, dtype, format)  every refusal that needs no model or data (first)
+    swap(model, recipe, names, generator=..., kernels=..., format=...) -> {name: backend}
     context(recipe, device, dtype)     the context every forward runs in (training steps,
                                        evaluation, diagnostics)
 
@@ -34,6 +34,7 @@ from typing import ContextManager, Protocol
 import torch
 from torch import nn
 
+from nvfp4bench.quant.formats import DEFAULT_FORMAT, FORMATS, Format
 from nvfp4bench.quant.recipes import Recipe
 from nvfp4bench.quant.te import linear as te_linear
 from nvfp4bench.quant.te import runtime as te
@@ -45,12 +46,12 @@ class Backend(Protocol):
 
     def default_precision(self, device: torch.device) -> str | None: ...
 
-    def preflight(self, recipe: Recipe, device: torch.device,
-                  dtype: torch.dtype | None) -> object | None: ...
+    def preflight(self, recipe: Recipe, device: torch.device, dtype: torch.dtype | None,
+                  format: Format = FORMATS[DEFAULT_FORMAT]) -> object | None: ...
 
     def swap(self, model: nn.Module, recipe: Recipe, names: Sequence[str], *,
-             generator: torch.Generator | None = None,
-             kernels: str = "eager") -> dict[str, str]: ...
+             generator: torch.Generator | None = None, kernels: str = "eager",
+             format: Format = FORMATS[DEFAULT_FORMAT]) -> dict[str, str]: ...
 
     def context(self, recipe: Recipe, device: torch.device,
                 dtype: torch.dtype | None) -> ContextManager: ...
@@ -72,14 +73,15 @@ class Emulator:
         """None: the device's default (fp16 autocast on CUDA, fp32 on the CPU)."""
         return None
 
-    def preflight(self, recipe, device, dtype):
+    def preflight(self, recipe, device, dtype, format=FORMATS[DEFAULT_FORMAT]):
         return None
 
-    def swap(self, model, recipe, names, *, generator=None, kernels="eager"):
+    def swap(self, model, recipe, names, *, generator=None, kernels="eager",
+             format=FORMATS[DEFAULT_FORMAT]):
         """Every twin is built (and checked) before the first swap, so a refused layer leaves
         the model untouched."""
         modules = {name: model.get_submodule(name) for name in names}
-        made = {name: emulator_twin(m, recipe, generator, name, kernels).train(m.training)
+        made = {name: emulator_twin(m, recipe, generator, name, kernels, format).train(m.training)
                 for name, m in modules.items()}
         for name, twin in made.items():
             set_submodule(model, name, twin)
@@ -98,10 +100,15 @@ class TransformerEngine:
         """bf16 on CUDA: Transformer Engine's NVFP4 runs under bf16 only."""
         return "bf16" if torch.device(device).type == "cuda" else None
 
-    def preflight(self, recipe, device, dtype):
+    def preflight(self, recipe, device, dtype, format=FORMATS[DEFAULT_FORMAT]):
+        if recipe.quantized:
+            te.check_te_format(format)
         return te.preflight(recipe, dtype, device)
 
-    def swap(self, model, recipe, names, *, generator=None, kernels="eager"):
+    def swap(self, model, recipe, names, *, generator=None, kernels="eager",
+             format=FORMATS[DEFAULT_FORMAT]):
+        if recipe.quantized:
+            te.check_te_format(format)
         return te_linear.swap(model, recipe, names, generator=generator, kernels=kernels)
 
     def context(self, recipe, device, dtype):

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from nvfp4bench.quant.formats import Format, fake_quantize_prepared, get_format
 from nvfp4bench.quant.nvfp4 import (BLOCK, block_amax, block_scales_f32, check_2d, check_sr,
                                     check_tokens_first, columnwise_copy, dequantize_blocks,
                                     device_rht_matrix, draw_noise, e4m3_cast, e4m3_round,
@@ -348,20 +349,36 @@ def _fake_quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str,
 def fake_quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bool = False,
                   generator: torch.Generator | None = None,
                   sr_mode: str = "hardware", amax: torch.Tensor | None = None,
-                  kernels: str = "eager") -> torch.Tensor:
+                  kernels: str = "eager", format: str | Format | None = None) -> torch.Tensor:
     """``dequantize(quantize(x, ...))`` in fp32, without materialising codes: the QAT hot path.
 
     Runs on ``kernels`` (``KERNELS``: eager, compiled or auto); SR draws its random bits from
     ``generator`` in eager PyTorch either way, so all kernels give the same bits for the same
-    generator state. The result carries no autograd history.
+    generator state. The result carries no autograd history. ``format``: a block format of
+    ``formats.FORMATS`` (default ``nvfp4``); ``tile`` (16, 16) means the format's 2-D tiles.
+    The formats other than ``nvfp4`` run eager whatever ``kernels`` says.
     """
     check_kernels(kernels)
+    fmt = get_format(format)
     if sr:  # refuse a bad SR call before any work
         check_sr(generator, sr_mode)
     with torch.no_grad():  # no autograd history: the QAT layers define their own backward
         x, tile = prepare_operand(x.detach(), tile, rht, "fake_quantize",
                                   rotate=lambda t: apply_rht(t, kernels=kernels))
+        if not fmt.is_nvfp4:
+            return _fake_quantize_format(x, fmt, tile, sr, generator, sr_mode, amax)
         return _fake_quantize_2d(x, tile, sr, generator, sr_mode, amax, kernels)
+
+
+def _fake_quantize_format(x: torch.Tensor, fmt: Format, tile, sr: bool, generator,
+                          sr_mode: str, amax) -> torch.Tensor:
+    """fake_quantize of a prepared 2-D tensor in a format other than plain NVFP4 (eager)."""
+    if amax is not None:
+        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return x.clone()
+    noise = draw_noise(x.shape, generator, sr_mode, x.device) if sr else None
+    return fake_quantize_prepared(x, fmt, tile[0] > 1, noise, sr_mode if sr else "rn", amax)
 
 
 def _fake_quantize_pair_compiled(x: torch.Tensor, w: torch.Tensor, w_tile_rows: int):
@@ -375,11 +392,15 @@ def _fake_quantize_pair_eager(x: torch.Tensor, w: torch.Tensor, w_tile_rows: int
 
 
 def fake_quantize_pair(x: torch.Tensor, w: torch.Tensor, *, w_tile=(1, BLOCK),
-                       kernels: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+                       kernels: str = "eager",
+                       format: str | Format | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fake_quantize(x), fake_quantize(w, tile=w_tile))``, both RN, each with its own tensor
     amax: the same bits as the two calls, in one compiled call (the forward's X and W).
     ``x`` and ``w`` are 2-D, blocks along their last dimension."""
     check_kernels(kernels)
+    if not get_format(format).is_nvfp4:
+        return (fake_quantize(x, kernels=kernels, format=format),
+                fake_quantize(w, tile=w_tile, kernels=kernels, format=format))
     with torch.no_grad():
         x, _ = prepare_operand(x.detach(), (1, BLOCK), False, "fake_quantize_pair")
         w, w_tile = prepare_operand(w.detach(), w_tile, False, "fake_quantize_pair")
@@ -393,13 +414,18 @@ def fake_quantize_pair(x: torch.Tensor, w: torch.Tensor, *, w_tile=(1, BLOCK),
 def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,
                              generator: torch.Generator | None = None, sr_mode: str = "hardware",
                              amax: torch.Tensor | None = None,
-                             kernels: str = "eager") -> torch.Tensor:
+                             kernels: str = "eager",
+                             format: str | Format | None = None) -> torch.Tensor:
     """``fake_quantize(columnwise_copy(x), ...)``: the same bits, random draws and amax (one over
     all matrices). The compiled kernels make no copy first: it reads the blocks (16
     consecutive rows of one column) in x's layout and writes the result transposed. No RHT
     (for that: ``fake_quantize(columnwise_copy(x), rht=True)``).
     """
     check_kernels(kernels)
+    if not get_format(format).is_nvfp4:
+        check_tokens_first(x, "fake_quantize_columnwise")
+        return fake_quantize(columnwise_copy(x.detach()), sr=sr, generator=generator,
+                             sr_mode=sr_mode, amax=amax, kernels=kernels, format=format)
     if sr:
         check_sr(generator, sr_mode)
     check_tokens_first(x, "fake_quantize_columnwise")

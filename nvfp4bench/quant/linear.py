@@ -14,6 +14,7 @@ from nvfp4bench.quant.autograd import (QuantizedLayer, check_generator, fp32_reg
 from nvfp4bench.quant.gemm import bias_grad, gemm
 from nvfp4bench.quant.nvfp4 import padded_tokens
 from nvfp4bench.quant.recipes import Recipe
+from nvfp4bench.quant.formats import Format, get_format
 from nvfp4bench.quant.roles import ROW_BLOCK, Op, Roles
 
 
@@ -94,16 +95,17 @@ class QuantizedMatmul(nn.Module):
     """
 
     def __init__(self, recipe: Recipe | str, *, generator: torch.Generator | None = None,
-                 kernels: str = "eager"):
+                 kernels: str = "eager", format: str | Format | None = None):
         super().__init__()
         recipe = resolve_recipe(recipe, generator, "QuantizedMatmul")
         if not recipe.quantized:
             raise ValueError(f"QuantizedMatmul: recipe {recipe.name!r} quantizes nothing; "
                              f"use Matmul")
-        self.op = Op(Roles(recipe, generator, ROW_BLOCK, kernels), "QuantizedMatmul")
+        self.op = Op(Roles(recipe, generator, ROW_BLOCK, kernels, get_format(format)),
+                     "QuantizedMatmul")
 
     def extra_repr(self) -> str:
-        return f"recipe={self.op.roles.recipe.name}"
+        return f"recipe={self.op.roles.recipe.name}, format={self.op.roles.format.name}"
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.dim() < 2 or b.dim() < 2:

@@ -95,14 +95,16 @@ class NVFP4Tensor:
 # --------------------------------------------------------------------------------------------
 # Scales
 # --------------------------------------------------------------------------------------------
-def global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
+def global_encode_scale(amax: torch.Tensor,
+                        numerator: float = GLOBAL_ENCODE_NUMERATOR) -> torch.Tensor:
     """``S_enc = min(fl(2688 / amax), FLT_MAX)``, and 1 where amax is 0 or S_enc underflows to 0.
 
     A true division: PyTorch evaluates ``2688 / tensor`` as ``tensor.reciprocal() * 2688``, two
     roundings that differ from ``fl(2688 / amax)`` for about a quarter of all amax values.
+    ``numerator``: ``6 * E4M3 bound``, 2688 but for a format with another bound (4over6: 1536).
     """
     amax = amax.float()
-    s_enc = torch.clamp(torch.full_like(amax, GLOBAL_ENCODE_NUMERATOR).div_(amax), max=FLT_MAX)
+    s_enc = torch.clamp(torch.full_like(amax, numerator).div_(amax), max=FLT_MAX)
     return torch.where((amax == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
 
 
@@ -206,16 +208,17 @@ def _round_rn(scaled: torch.Tensor, grid_steps=grid_steps_bits) -> torch.Tensor:
 
 
 def round_sr_abs(magnitude: torch.Tensor, noise: torch.Tensor, mode: str,
-                 grid_steps=grid_steps_bits) -> torch.Tensor:
+                 grid_steps=grid_steps_bits, limit: float = E2M1_MAX) -> torch.Tensor:
     """SR cast of magnitudes |y| >= 0 with the given random draws.
 
     In grid steps ``t = |y| / step`` (exact), ``lo = floor(t)`` and ``f = t - lo`` (exact).
     ``hardware``: ``noise`` holds 8 random bits ``r`` per element (uint8), up when
     ``r < floor(256 f)`` (i.e. when ``(r + 1) / 256 <= f``; ``256 f`` is exact). ``ideal``:
     ``noise`` is uniform in [0, 1), up when ``noise < f``. A value on the grid has ``f = 0`` and
-    never moves. ``grid_steps`` as in ``_round_rn``.
+    never moves. ``grid_steps`` as in ``_round_rn``; ``limit``: the largest grid value (another
+    element type's grid and max, ``mx.Element``).
     """
-    a = magnitude.clamp(max=E2M1_MAX)
+    a = magnitude.clamp(max=limit)
     step, inverse = grid_steps(a)
     t = a * inverse
     low = torch.floor(t)

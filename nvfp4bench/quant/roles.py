@@ -69,6 +69,7 @@ from dataclasses import dataclass
 import torch
 
 from nvfp4bench.quant import kernels, nvfp4
+from nvfp4bench.quant.formats import DEFAULT_FORMAT, FORMATS, Format
 from nvfp4bench.quant.gemm import ConvGeometry
 from nvfp4bench.quant.nvfp4 import BLOCK, padded_tokens
 from nvfp4bench.quant.recipes import Recipe
@@ -113,12 +114,18 @@ class Columnwise:
     rht: bool = False
     sr: bool = False
     kernels: str = "eager"  # how fake_quantize runs (kernels.KERNELS): the same bits
+    format: Format = FORMATS[DEFAULT_FORMAT]  # the block format (formats.FORMATS)
 
     @property
     def deterministic_blocks(self) -> bool:
         """A quantized block is a function of its 16 values and the tensor amax alone (RN):
         a block that appears in several taps of an unfolded tensor may be quantized once."""
         return self.quantize and not self.sr
+
+    @property
+    def block(self) -> int:
+        """Elements per scale block along the tokens."""
+        return self.format.block
 
     def apply(self, buf: torch.Tensor, generator=None, amax=None) -> torch.Tensor:
         """The operand from the tokens-last fp32 ``buf`` (one chunk of it: ``amax`` is then the
@@ -127,7 +134,7 @@ class Columnwise:
             return buf
         return kernels.fake_quantize(buf, rht=self.rht, sr=self.sr, amax=amax,
                                      generator=generator if self.sr else None,
-                                     kernels=self.kernels)
+                                     kernels=self.kernels, format=self.format)
 
     def of_tokens(self, t: torch.Tensor, generator=None) -> torch.Tensor:
         """``apply(nvfp4.columnwise_copy(t))`` for an (..., M, C) tensor; with
@@ -135,7 +142,8 @@ class Columnwise:
         comes first."""
         if self.quantize and not self.rht:
             return kernels.fake_quantize_columnwise(t, sr=self.sr, kernels=self.kernels,
-                                                    generator=generator if self.sr else None)
+                                                    generator=generator if self.sr else None,
+                                                    format=self.format)
         return self.apply(nvfp4.columnwise_copy(t), generator)
 
 
@@ -148,13 +156,16 @@ class Roles:
 
     weight_tile: (16, 16) for a 2-D recipe's weights; (1, 16) otherwise and for the second
     operand of an attention matmul, which is an activation. kernels: how every fake_quantize
-    of the layer runs (``kernels.KERNELS``; speed only, the same bits).
+    of the layer runs (``kernels.KERNELS``; speed only, the same bits). format: the block format
+    every operand is quantized to (``formats.FORMATS``; a 2-D weight tile is then that format's
+    block x block).
     """
 
     recipe: Recipe
     generator: torch.Generator | None = None
     weight_tile: tuple[int, int] = ROW_BLOCK
     kernels: str = "eager"
+    format: Format = FORMATS[DEFAULT_FORMAT]
 
     def __post_init__(self) -> None:
         kernels.check_kernels(self.kernels)
@@ -169,35 +180,38 @@ class Roles:
 
     # fprop: X rowwise RN, W in its tiles RN
     def activation(self, x: torch.Tensor) -> torch.Tensor:
-        return _rowwise(x, kernels=self.kernels)
+        return _rowwise(x, kernels=self.kernels, format=self.format)
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
-        return _rowwise(w, tile=self.weight_tile, kernels=self.kernels)
+        return _rowwise(w, tile=self.weight_tile, kernels=self.kernels, format=self.format)
 
     def forward_operands(self, x: torch.Tensor,
                          w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(activation(x), weight(w))`` for a 2-D w, in one kernel call."""
         xq, wq = kernels.fake_quantize_pair(x.reshape(-1, x.shape[-1]), w,
-                                            w_tile=self.weight_tile, kernels=self.kernels)
+                                            w_tile=self.weight_tile, kernels=self.kernels,
+                                            format=self.format)
         return xq.view(x.shape), wq
 
     # dgrad: dY rowwise along N (SR), W^T along N
     def gradient(self, dy: torch.Tensor) -> torch.Tensor:
-        return _rowwise(dy, sr=self.sr, generator=self.generator, kernels=self.kernels)
+        return _rowwise(dy, sr=self.sr, generator=self.generator, kernels=self.kernels,
+                        format=self.format)
 
     def weight_t(self, w: torch.Tensor | None, wq: torch.Tensor | None) -> torch.Tensor:
         if self.weight_tile == TILE_2D:
             return wq.mT  # the forward's 16x16 tiles, transposed: one W in both passes
-        return _rowwise(w.mT, kernels=self.kernels)  # a fresh 1x16 copy along N
+        return _rowwise(w.mT, kernels=self.kernels, format=self.format)  # a fresh copy along N
 
     # wgrad: tokens-last copies along M, RHT when on; the gradient with SR
     @property
     def gradient_columns(self) -> Columnwise:
-        return Columnwise(quantize=True, rht=self.rht, sr=self.sr, kernels=self.kernels)
+        return Columnwise(quantize=True, rht=self.rht, sr=self.sr, kernels=self.kernels,
+                          format=self.format)
 
     @property
     def activation_columns(self) -> Columnwise:
-        return Columnwise(quantize=True, rht=self.rht, kernels=self.kernels)
+        return Columnwise(quantize=True, rht=self.rht, kernels=self.kernels, format=self.format)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nvfp4bench.quant.backends import BACKENDS, Backend, get_backend
+from nvfp4bench.quant.formats import Format, get_format
 from nvfp4bench.quant.recipes import Recipe, get_recipe
 from nvfp4bench.quant.twins import set_submodule
 
@@ -66,7 +67,8 @@ def register_backend(name: str, backend: Backend) -> None:
 
 def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str | Backend = "emulator", *,
                    generator: torch.Generator | None = None, quantize_attention: bool = False,
-                   layers: LayerSelection | None = None, kernels: str = "eager") -> nn.Module:
+                   layers: LayerSelection | None = None, kernels: str = "eager",
+                   format: str | Format | None = None) -> nn.Module:
     """Swap, in place, the layers to quantize for their NVFP4 twins; returns ``model``.
 
     Any ``nn.Module`` works: ``layers`` selects its Linear / Conv2d / ConvTranspose2d / Matmul
@@ -76,7 +78,8 @@ def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str | Backen
     which swaps nothing) and ``model.layer_backends`` (name -> the backend that runs it).
     ``generator`` feeds stochastic rounding; ``quantize_attention`` also swaps the two attention
     matmuls (an extension beyond the study). ``kernels`` picks how the emulator's layers run
-    fake_quantize (``kernels.KERNELS``: eager, compiled or auto; the same bits). Run the model's
+    fake_quantize (``kernels.KERNELS``: eager, compiled or auto; the same bits). ``format``: the
+    block format of every quantized operand (``formats.FORMATS``; default ``nvfp4``). Run the model's
     forwards inside
     ``get_backend(backend).context(recipe, device, dtype)``. ``recipe`` and ``backend`` may be
     names or the resolved objects (a training run resolves them once and passes the objects).
@@ -90,8 +93,9 @@ def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str | Backen
     names = (quantizable_layers(model, attention=quantize_attention, layers=layers)
              if recipe.quantized else [])
     originals = {name: model.get_submodule(name) for name in names}
-    placement = (chosen.swap(model, recipe, names, generator=generator, kernels=kernels)
-                 if names else {})
+    fmt = get_format(format)
+    placement = (chosen.swap(model, recipe, names, generator=generator, kernels=kernels,
+                             format=fmt) if names else {})
     model.quantized_layers = names
     model.layer_backends = {name: placement.get(name, chosen.name) for name in names}
     setattr(model, ORIGINALS_ATTR, originals)  # a plain dict: not registered as submodules

@@ -122,14 +122,15 @@ class Plane:
     rows: int
 
 
-def _planes(g: ConvGeometry, oh: int, ow: int, share: bool) -> list[Plane]:
+def _planes(g: ConvGeometry, oh: int, ow: int, share: bool, block: int = BLOCK) -> list[Plane]:
     """The planes that hold every tap of im2col. One plane per tap, unless ``share``: taps with
     the same column offset whose row offsets differ by whole strides read the same input rows
-    shifted by whole output rows, and with ``ow % 16 == 0`` every 16-token block (16 pixels of
-    one output row) of one is a block of the other, so one plane serves them all. A plane is
+    shifted by whole output rows, and with ``ow % block == 0`` every token block (``block``
+    pixels of one output row; 16 for NVFP4) of one is a block of the other, so one plane serves
+    them all. A plane is
     split where its taps leave a gap of more than ``oh`` rows, so that every plane row belongs
     to some tap (an RHT amax over the planes is then the amax over the taps)."""
-    if not (share and ow % BLOCK == 0):
+    if not (share and ow % block == 0):
         return [Plane(((t, 0),), *g.offset(t), oh) for t in range(g.taps)]
     sh = g.stride[0]
     classes: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -184,7 +185,8 @@ def unfolded_operands(src: torch.Tensor, g: ConvGeometry, oh: int, ow: int, spec
     """
     c, n = src.shape[:2]
     m = n * oh * ow
-    planes = _planes(g, oh, ow, spec.quantize and (spec.deterministic_blocks or spec.rht))
+    planes = _planes(g, oh, ow, spec.quantize and (spec.deterministic_blocks or spec.rht),
+                     spec.block)
     per_row = 4 * c * n * ow
     chunks, size = [[]], 0
     for p in planes:
@@ -207,7 +209,7 @@ def unfolded_operands(src: torch.Tensor, g: ConvGeometry, oh: int, ow: int, spec
             for k, p in enumerate(ch):
                 yield p.taps[0][0], out[k * c:(k + 1) * c]
             continue
-        # shared planes: ow % 16 == 0, so m is a multiple of 16 and Mp == m
+        # shared planes: ow % block == 0, so m is a multiple of 16 and Mp == m
         taps = [(t, k, d) for k, p in enumerate(ch) for t, d in p.taps]
         if spec.deterministic_blocks:
             body = spec.apply(buf, generator, amax)[:, :n * rows * ow]
@@ -224,7 +226,7 @@ def unfolded_operands(src: torch.Tensor, g: ConvGeometry, oh: int, ow: int, spec
             stacked[i * c:(i + 1) * c].view(c, n, oh, ow).copy_(body[k, :, :, d:d + oh])
         del rotated, body
         out = kernels.fake_quantize(stacked, sr=True, generator=generator, amax=chunk_amax,
-                                    kernels=spec.kernels)
+                                    kernels=spec.kernels, format=spec.format)
         for i, (t, _, _) in enumerate(taps):
             yield t, out[i * c:(i + 1) * c]
 

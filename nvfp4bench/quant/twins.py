@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from nvfp4bench.quant.autograd import resolve_recipe
+from nvfp4bench.quant.formats import Format, get_format
 from nvfp4bench.quant.conv import QuantizedConv2d, QuantizedConvTranspose2d, conv_geometry
 from nvfp4bench.quant.linear import QuantizedLinear, QuantizedMatmul
 from nvfp4bench.quant.matmul import Matmul
@@ -14,12 +15,14 @@ from nvfp4bench.quant.recipes import Recipe
 from nvfp4bench.quant.roles import Roles
 
 
-def _check_channels(name: str, what: str, cin: int, cout: int) -> None:
-    bad = [f"{label}={v}" for label, v in ((f"in_{what}", cin), (f"out_{what}", cout)) if v % BLOCK]
+def _check_channels(name: str, what: str, cin: int, cout: int, multiple: int = BLOCK,
+                    format_name: str = "NVFP4") -> None:
+    bad = [f"{label}={v}" for label, v in ((f"in_{what}", cin), (f"out_{what}", cout))
+           if v % multiple]
     if bad:
-        raise ValueError(f"{name}: NVFP4 needs {what} counts that are multiples of {BLOCK}, got "
-                         f"{', '.join(bad)} (in_{what}={cin}, out_{what}={cout}); keep this layer "
-                         f"in high precision or change its width")
+        raise ValueError(f"{name}: {format_name} needs {what} counts that are multiples of "
+                         f"{multiple}, got {', '.join(bad)} (in_{what}={cin}, out_{what}={cout}); "
+                         f"keep this layer in high precision or change its width")
 
 
 def _twin_linear(module, roles, name):
@@ -27,13 +30,21 @@ def _twin_linear(module, roles, name):
     return QuantizedLinear(module, roles, name)
 
 
+def _check_conv_channels(module, roles, name) -> None:
+    """Channels are multiples of 16 and of the format's block: a block of an implicit-GEMM
+    operand must not straddle two taps (a Linear's last block is zero-padded instead)."""
+    multiple = max(BLOCK, roles.format.block)
+    label = "NVFP4" if multiple == BLOCK else roles.format.name
+    _check_channels(name, "channels", module.in_channels, module.out_channels, multiple, label)
+
+
 def _twin_conv2d(module, roles, name):
-    _check_channels(name, "channels", module.in_channels, module.out_channels)
+    _check_conv_channels(module, roles, name)
     return QuantizedConv2d(module, roles, name, conv_geometry(module, name))
 
 
 def _twin_conv_transpose2d(module, roles, name):
-    _check_channels(name, "channels", module.in_channels, module.out_channels)
+    _check_conv_channels(module, roles, name)
     return QuantizedConvTranspose2d(module, roles, name, conv_geometry(module, name))
 
 
@@ -45,14 +56,16 @@ TWINS = {nn.Linear: _twin_linear, nn.Conv2d: _twin_conv2d,
 
 def quantized(module: nn.Module, recipe: Recipe | str, *,
               generator: torch.Generator | None = None, name: str | None = None,
-              kernels: str = "eager") -> nn.Module:
+              kernels: str = "eager", format: str | Format | None = None) -> nn.Module:
     """The NVFP4 twin of ``module`` (nn.Linear, nn.Conv2d or nn.ConvTranspose2d) under ``recipe``.
 
     The twin shares ``weight`` and ``bias`` (the same Parameters). A baseline recipe
     (``quantized=False``) returns ``module`` itself. ``generator`` feeds stochastic rounding
     (required when the recipe has SR). ``name`` labels errors (default: the module's repr).
     ``kernels`` picks how its fake_quantize calls run (``kernels.KERNELS``; the same bits).
+    ``format``: the block format of its operands (``formats.FORMATS``; default ``nvfp4``).
     """
+    fmt = get_format(format)
     name = name or repr(module)
     recipe = resolve_recipe(recipe, generator, name)
     if not recipe.quantized:
@@ -60,18 +73,20 @@ def quantized(module: nn.Module, recipe: Recipe | str, *,
     for kind, twin in TWINS.items():
         if isinstance(module, kind):
             tile = recipe.weight_tile
-            return twin(module, Roles(recipe, generator, tile, kernels), name)
+            return twin(module, Roles(recipe, generator, tile, kernels, fmt), name)
     raise TypeError(f"{name}: no NVFP4 twin for {type(module).__name__}; supported: "
                     f"{', '.join(k.__name__ for k in TWINS)}")
 
 
 def emulator_twin(module: nn.Module, recipe: Recipe, generator: torch.Generator | None,
-                  name: str, kernels: str = "eager") -> nn.Module:
+                  name: str, kernels: str = "eager",
+                  format: str | Format | None = None) -> nn.Module:
     """The emulator's twin of any quantizable module: ``quantized`` for a Linear or a
     convolution, ``QuantizedMatmul`` for an attention ``Matmul``."""
     if isinstance(module, Matmul):
-        return QuantizedMatmul(recipe, generator=generator, kernels=kernels)
-    return quantized(module, recipe, generator=generator, name=name, kernels=kernels)
+        return QuantizedMatmul(recipe, generator=generator, kernels=kernels, format=format)
+    return quantized(module, recipe, generator=generator, name=name, kernels=kernels,
+                     format=format)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nvfp4bench.quant import kernels, nvfp4, taps
+from nvfp4bench.quant import formats, kernels, nvfp4, taps
 from nvfp4bench.quant.gemm import axis_window, bias_grad, gemm
 from nvfp4bench.quant.linear import QuantizedMatmul
 from nvfp4bench.quant.matmul import Matmul
@@ -39,17 +39,19 @@ def one_thread():
 # ---------------------------------------------------------------------------------------------
 # The reference: operand roles of docs/nvfp4.md section 3, on explicit GEMM matrices
 # ---------------------------------------------------------------------------------------------
-def Q(x, *, tile=(1, 16), rht=False, sr=False, generator=None, amax=None):
-    """dequantize(quantize(x)) of a 2-D tensor. ``amax`` imposes the tensor amax (of the rotated
-    values with ``rht``): an extra row holding it raises S_enc's amax and changes no other row's
-    blocks (1x16 blocks lie within a row)."""
+def Q(x, *, tile=(1, 16), rht=False, sr=False, generator=None, amax=None, format="nvfp4"):
+    """dequantize(quantize(x)) of a 2-D tensor in ``format``. ``amax`` imposes the tensor amax
+    (of the rotated values with ``rht``): an extra row holding it raises S_enc's amax and changes
+    no other row's blocks (1-D blocks lie within a row; MX formats have no tensor amax)."""
     if amax is None:
-        return nvfp4.dequantize(nvfp4.quantize(x, tile=tile, rht=rht, sr=sr, generator=generator))
+        return formats.dequantize(formats.quantize(x, format=format, tile=tile, rht=rht, sr=sr,
+                                                   generator=generator))
     v = nvfp4.rht(x) if rht else x.float()
     extra = torch.zeros(1, v.shape[1])
     extra[0, 0] = amax
-    q = nvfp4.quantize(torch.cat([v, extra]), tile=tile, sr=sr, generator=generator)
-    return nvfp4.dequantize(q)[:-1]
+    q = formats.quantize(torch.cat([v, extra]), format=format, tile=tile, sr=sr,
+                         generator=generator)
+    return formats.dequantize(q)[:-1]
 
 
 def expected_sr(x, *, rht=False, amax=None):
@@ -79,13 +81,17 @@ def pad_tokens(t):
 class Reference:
     """B, D, A of each recipe (layers.py's docstring, written again from the spec's table)."""
 
-    def __init__(self, recipe, generator=None, expectation=False):
+    def __init__(self, recipe, generator=None, expectation=False, format="nvfp4"):
         self.r, self.g, self.expectation = get_recipe(recipe), generator, expectation
+        self.format = format
+
+    def Q(self, x, **kw):
+        return Q(x, format=self.format, **kw)
 
     def _grad_q(self, x, rht=False, amax=None):
         if self.r.stochastic_rounding and self.expectation:
             return expected_sr(x, rht=rht, amax=amax)
-        return Q(x, rht=rht, sr=self.r.stochastic_rounding, generator=self.g, amax=amax)
+        return self.Q(x, rht=rht, sr=self.r.stochastic_rounding, generator=self.g, amax=amax)
 
     def grad_rows(self, dy, amax=None):  # dgrad's dY, (M, N)
         return self._grad_q(dy, amax=amax) if self.r.backward_override is None else dy.float()
@@ -96,7 +102,7 @@ class Reference:
             return w2d.t().float()
         if mode == "dequantized" or self.r.weight_tile == (16, 16):
             return wq.t()
-        return Q(w2d.t())
+        return self.Q(w2d.t())
 
     def grad_cols(self, dyt, amax=None):  # wgrad's dY^T, (N, Mp)
         if self.r.backward_override is None:
@@ -106,7 +112,7 @@ class Reference:
     def act_cols(self, xt, xqt, amax=None):  # wgrad's X^T, (K, Mp)
         mode = self.r.backward_override
         if mode is None:
-            return Q(xt, rht=self.r.rht, amax=None if self.r.rht else amax)
+            return self.Q(xt, rht=self.r.rht, amax=None if self.r.rht else amax)
         return xqt if mode == "dequantized" else xt
 
 
@@ -137,7 +143,7 @@ def tap_sum(a, b, c):
 def reference_linear(layer, x, dy, ref):
     w, b = layer.weight.detach(), layer.bias.detach()
     x2, dy2 = x.reshape(-1, x.shape[-1]).float(), dy.reshape(-1, dy.shape[-1]).float()
-    xq, wq = Q(x2), Q(w, tile=ref.r.weight_tile)
+    xq, wq = ref.Q(x2), ref.Q(w, tile=ref.r.weight_tile)
     y = gemm(xq, wq) + b                                               # fprop
     dx = gemm(ref.grad_rows(dy2), ref.weight_t(w, wq))                  # dgrad
     dw = gemm(ref.grad_cols(pad_tokens(dy2.t())),                       # wgrad
@@ -151,9 +157,9 @@ def reference_conv2d(layer, x, dy, ref):
     cout, kh, kw = w.shape[0], *w.shape[2:]
     xcol = unfold_nhwc(x, layer)                                        # (M, K)
     amax_x = x.abs().max()  # the activation tensor's amax (some pixels may be in no tap)
-    xq = Q(xcol, amax=amax_x)
+    xq = ref.Q(xcol, amax=amax_x)
     w2d = w.permute(0, 2, 3, 1).reshape(cout, -1)                       # (C_out, K)
-    wq = Q(w2d, tile=ref.r.weight_tile)
+    wq = ref.Q(w2d, tile=ref.r.weight_tile)
     y = tap_sum(xq, wq, c) + b                                          # fprop
     dy2 = dy.permute(0, 2, 3, 1).reshape(-1, cout).float()              # (M, C_out)
     g, wd = ref.grad_rows(dy2), ref.weight_t(w2d, wq)                   # wd: (K, C_out)
@@ -173,9 +179,9 @@ def reference_conv_transpose2d(layer, x, dy, ref):
     cout, kh, kw = w.shape[1], *w.shape[2:]
     oh, ow = dy.shape[2:]
     x2 = x.permute(0, 2, 3, 1).reshape(-1, cin).float()                 # (M, C_in)
-    xq = Q(x2)
+    xq = ref.Q(x2)
     w2d = w.permute(2, 3, 1, 0).reshape(-1, cin)                        # (K', C_in), K' = T*C_out
-    wq = Q(w2d, tile=ref.r.weight_tile)
+    wq = ref.Q(w2d, tile=ref.r.weight_tile)
     ycol = torch.cat([gemm(xq, wq_t) for wq_t in wq.split(cout, 0)], 1)  # (M, K')
     y = fold_nhwc(ycol, n, (oh, ow), layer) + b.view(1, -1, 1, 1)       # fprop: a conv dgrad
     dycol = unfold_nhwc(dy, layer)                                      # (M, K')
@@ -291,6 +297,62 @@ def test_sr_recipes_forward_equals_reference_and_backward_is_seeded(recipe, case
         assert torch.equal(runs[0][i], runs[1][i]), f"same seed, different {what}"
         assert not torch.equal(runs[0][i], runs[2][i]), f"seed does not reach the {what}"
         assert runs[0][i].isfinite().all()
+
+
+# Every format through the same reference. MX blocks are 32 long, so the convolutions have
+# 32 channels (a block must not straddle two taps) and rows of 32 output pixels where taps share
+# their token blocks; the Linear's 16 outputs make the dgrad's blocks along N zero-padded to 32.
+FORMAT_CASES = [
+    ("linear", lambda: nn.Linear(32, 16), (3, 5, 32), reference_linear),
+    ("conv_s2p1_batch1", lambda: nn.Conv2d(32, 32, 3, stride=2, padding=1), (1, 32, 5, 7),
+     reference_conv2d),
+    ("conv_skips_rows", lambda: nn.Conv2d(32, 32, 2, stride=3, padding=(0, 1)), (1, 32, 8, 7),
+     reference_conv2d),
+    ("conv_k4s2_shared", lambda: nn.Conv2d(32, 32, 4, stride=2, padding=1), (1, 32, 4, 64),
+     reference_conv2d),
+    ("convT_k4s2_shared", lambda: nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1),
+     (1, 32, 3, 16), reference_conv_transpose2d),
+]
+OTHER_FORMATS = ["nvfp4_4over6", "nvfp4_4over6_mse", "mxfp4", "mxfp8_rceil"]
+
+
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES])
+@pytest.mark.parametrize("fmt", OTHER_FORMATS)
+@pytest.mark.parametrize("recipe", RN)
+def test_every_format_equals_the_unfold_gemm_reference_bit_for_bit(recipe, fmt, case):
+    layer, x = make_case(case)
+    dy = output_grad(layer, x)
+    twin = quantized(layer, recipe, format=fmt)
+    y, dx, dw, db = run_layer(twin, x, dy)
+    ry, rdx, rdw, rdb = case[3](layer, x, dy, Reference(recipe, format=fmt))
+    for what, a, e in (("output", y, ry), ("input grad", dx, rdx), ("weight grad", dw, rdw),
+                       ("bias grad", db, rdb)):
+        assert_bits(a, e, f"{recipe} {fmt} {case[0]} {what}")
+    assert not torch.equal(y, case[3](layer, x, dy, Reference(recipe))[0]), \
+        f"{fmt} gives the nvfp4 output"
+
+
+@pytest.mark.parametrize("fmt", OTHER_FORMATS)
+@pytest.mark.parametrize("recipe", SR)
+def test_every_format_with_sr_is_seeded(recipe, fmt):
+    layer, x = make_case(FORMAT_CASES[3])
+    dy = output_grad(layer, x)
+    runs = [run_layer(quantized(layer, recipe, format=fmt,
+                                generator=torch.Generator().manual_seed(s)), x, dy)
+            for s in (7, 7, 8)]
+    reference = Reference(recipe, torch.Generator().manual_seed(0), format=fmt)
+    assert_bits(runs[0][0], FORMAT_CASES[3][3](layer, x, dy, reference)[0],
+                f"{recipe} {fmt} output")  # the forward has no SR
+    for i, what in ((1, "input grad"), (2, "weight grad")):
+        assert torch.equal(runs[0][i], runs[1][i]), f"same seed, different {what}"
+        assert not torch.equal(runs[0][i], runs[2][i]), f"seed does not reach the {what}"
+        assert runs[0][i].isfinite().all()
+
+
+def test_mx_convolutions_need_channels_in_multiples_of_32():
+    with pytest.raises(ValueError, match=r"mxfp4 needs channels counts that are multiples of 32"):
+        quantized(nn.Conv2d(16, 32, 3), "nvfp4_full", format="mxfp4")
+    quantized(nn.Linear(16, 48), "nvfp4_full", format="mxfp4")  # a Linear's blocks are padded
 
 
 @pytest.mark.parametrize("recipe", ["nvfp4_full", "sr_only", "2d_rht_sr"])

@@ -258,6 +258,14 @@ def check_te_available(env: Mapping[str, str] | None = None) -> TEInfo:
                   capability=(int(capability[0]), int(capability[1])))
 
 
+def check_te_format(format) -> None:
+    """The te backend runs the ``nvfp4`` format only (a Transformer Engine recipe for another
+    format is not wired up yet); any other format runs on the emulator."""
+    if format.name != "nvfp4":
+        raise TEUnavailable(f"--backend te runs the nvfp4 format only, not {format.name}; "
+                            f"use --backend emulator for --format {format.name}")
+
+
 def preflight(recipe: Recipe, dtype: torch.dtype | None = torch.bfloat16,
               device: torch.device | str = "cuda") -> TEInfo | None:
     """Every refusal that does not need the model, before a run starts (call it before building
