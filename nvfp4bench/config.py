@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from nvfp4bench.quant.formats import DEFAULT_FORMAT
+
 
 @dataclass(frozen=True)
 class OptimizerSpec:
@@ -93,6 +95,7 @@ class RunConfig:
     head_prior: float | None = None  # opt-in, not the study's: head bias starts at logit(p)
     # quantization
     recipe: str = "nvfp4_full"
+    format: str = DEFAULT_FORMAT  # quant.formats.FORMATS: the block format of quantized operands
     backend: str = "emulator"
     quantize_attention: bool = False
     quant_kernels: str = "auto"  # quant.kernels.KERNELS: eager, compiled, auto (compile big ones)

@@ -34,7 +34,7 @@ from typing import Any
 
 from nvfp4bench import atomic
 from nvfp4bench.cell import Cell
-from nvfp4bench.config import NON_RESULT_FIELDS, PROTOCOL_VERSION, SPLITS
+from nvfp4bench.config import DEFAULT_FORMAT, NON_RESULT_FIELDS, PROTOCOL_VERSION, SPLITS
 from nvfp4bench.data.store import (DEFAULT_DATA_DIR, SYNTHETIC_NAME, SliceStore, is_store,
                                    store_dir_name)
 
@@ -54,9 +54,12 @@ def config_hash(config) -> str:
     and the CNN's default hash alike. The data enters as the store's content fingerprint (see
     ``data_identity``), so a store rebuilt in place makes its cells pending again and a store
     that moved keeps them complete. ``config.PROTOCOL_VERSION`` enters too: a result computed
-    before a change of what a cell computes is outdated.
+    before a change of what a cell computes is outdated. The default ``--format nvfp4`` is left
+    out, so that the hash of an nvfp4 cell is the one it had before formats existed.
     """
     d = {k: v for k, v in config.resolved().to_dict().items() if k not in NON_RESULT_FIELDS}
+    if d.get("format") == DEFAULT_FORMAT:
+        del d["format"]
     d["data"] = data_identity(config.data)
     d["protocol"] = PROTOCOL_VERSION
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
@@ -86,12 +89,13 @@ def dataset_dir(data) -> str:
 
 
 def result_path(config, store=None) -> Path:
-    """OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.json of a RunConfig.
+    """OUT/<dataset>/<arch>/<scale>/<variant>/fold<k>_seed<s>.json of a RunConfig; the variant is
+    the recipe, ``<recipe>@<format>`` for a format other than nvfp4 (``Cell.variant``).
 
     ``store``: the config's SliceStore when already open (saves opening it again)."""
     dataset = store_dir_name(store) if store is not None else dataset_dir(config.data)
     cell = Cell.of(config)
-    return Path(config.out) / dataset / cell.arch / cell.scale / cell.recipe / f"{cell.stem}.json"
+    return Path(config.out) / dataset / cell.arch / cell.scale / cell.variant / f"{cell.stem}.json"
 
 
 def sibling(json_path, suffix: str) -> Path:

@@ -18,22 +18,29 @@ import torch
 
 from nvfp4bench.cell import Cell
 from nvfp4bench.locks import STALE_AFTER_S, lock_is_stale, log
+from nvfp4bench.quant.formats import DEFAULT_FORMAT
+from nvfp4bench.quant.recipes import RECIPES
 from nvfp4bench.results import (checkpoint_paths, config_hash, is_complete, read_result,
                                 result_path, sibling)
 from nvfp4bench.train.cli import parse_config
 
 
 def build_cells(archs: Sequence[str], scales: Sequence[str], recipes: Sequence[str],
-                folds: Sequence[int], seeds: Sequence[int], split: str = "kfold") -> list[Cell]:
-    """Every combination, cheapest first: seed, then scale (tiny first), fold, arch, recipe.
+                folds: Sequence[int], seeds: Sequence[int], split: str = "kfold",
+                formats: Sequence[str] = (DEFAULT_FORMAT,)) -> list[Cell]:
+    """Every combination, cheapest first: seed, then scale (tiny first), fold, arch, recipe,
+    format.
 
     The recipes of one (arch, scale, fold, seed) are adjacent, so a partial grid already holds
     complete recipe comparisons. ``split`` is the cells' patient split (its ``--split`` is in
     each cell's argv, and ``holdout`` names the cells ``holdout`` in labels and logs).
+    ``formats``: a quantized recipe runs once per format; a baseline recipe, which quantizes
+    nothing, once (its cell is shared by every format).
     """
-    return [Cell(arch, scale, recipe, int(fold), int(seed), split)
+    return [Cell(arch, scale, recipe, int(fold), int(seed), split, fmt)
             for seed, scale, fold, arch, recipe
-            in itertools.product(seeds, scales, folds, archs, recipes)]
+            in itertools.product(seeds, scales, folds, archs, recipes)
+            for fmt in (formats if RECIPES[recipe].quantized else (DEFAULT_FORMAT,))]
 
 
 @dataclass(frozen=True)

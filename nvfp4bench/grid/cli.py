@@ -4,6 +4,9 @@
 
     cells = seeds x scales x folds x archs x recipes          (1 x 3 x 5 x 3 x 8 = 360 by default)
 
+(``--formats nvfp4,mxfp4`` adds one cell per quantized recipe cell and format; a baseline cell,
+which quantizes nothing, is shared.)
+
 The default archs are the three families with their study optimisers (cnn, vit, swin); the
 fourth arm, ``vit_adamax`` (the ViT with Adamax), is one ``--archs`` away. ``--preset`` picks one
 of the study's three run matrices instead (``PRESETS``; options given beside it narrow or change
@@ -70,6 +73,7 @@ from nvfp4bench.grid.workers import run_grid, worker_envs
 from nvfp4bench import options
 from nvfp4bench.config import ARMS
 from nvfp4bench.models import SCALE_NAMES
+from nvfp4bench.quant.formats import DEFAULT_FORMAT, FORMATS
 from nvfp4bench.quant.recipes import RECIPES, STUDY_RECIPES
 from nvfp4bench.report.cells import EVAL_SETS
 from nvfp4bench.train.cli import parse_config
@@ -77,7 +81,7 @@ from nvfp4bench.train.cli import parse_config
 FOLDS = tuple(range(5))
 DEFAULT_SEEDS = (2026,)
 # Options that name the cell; the grid sets them, so they may not be forwarded.
-CELL_OPTIONS = ("--arch", "--scale", "--recipe", "--fold", "--seed", "--resume")
+CELL_OPTIONS = ("--arch", "--scale", "--recipe", "--format", "--fold", "--seed", "--resume")
 SPLITS = ("kfold", "holdout")  # nvfp4bench.data.folds.PROTOCOLS
 DEFAULT_ARCHS = ("cnn", "vit", "swin")  # the full grid: one arm per family (config.ARMS)
 
@@ -174,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list (default: all: {','.join(scales)})")
     g.add_argument("--recipes", type=_csv("recipe", list(RECIPES)), default=None,
                    help=f"comma list (default: the study's 8: {','.join(STUDY_RECIPES)})")
+    g.add_argument("--formats", type=_csv("format", list(FORMATS)), default=(DEFAULT_FORMAT,),
+                   help=f"comma list of block formats, from {','.join(FORMATS)}: every "
+                        f"quantized recipe cell runs once per format, the baseline cells once "
+                        f"(default: {DEFAULT_FORMAT})")
     g.add_argument("--folds", type=_csv("fold", FOLDS, int), default=None,
                    help="comma list (default: 0,1,2,3,4; 0 with --split holdout)")
     g.add_argument("--seeds", type=_csv("seed", None, options.integer(0, options.SEED_MAX)), default=None,
@@ -258,7 +266,8 @@ def _apply_preset(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 def plan(ns: argparse.Namespace, forward: Sequence[str],
          resolver: Resolver = resolve) -> list[Target]:
-    cells = build_cells(ns.archs, ns.scales, ns.recipes, ns.folds, ns.seeds, ns.split)
+    cells = build_cells(ns.archs, ns.scales, ns.recipes, ns.folds, ns.seeds, ns.split,
+                        ns.formats)
     return [resolver(c, forward) for c in cells]
 
 
@@ -306,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.dry_run:
         states = [cell_state(t, ns.stale_after) for t in targets]
         for t, st in zip(targets, states):
-            print(f"{st:<9} {t.cell.arch:<5} {t.cell.scale:<6} {t.cell.recipe:<11} "
+            print(f"{st:<9} {t.cell.arch:<5} {t.cell.scale:<6} {t.cell.variant:<11} "
                   f"{t.cell.partition} seed{t.cell.seed}  {t.result}")
         counts = {s: states.count(s) for s in dict.fromkeys(states)}
         print("# " + ", ".join(f"{n} {s}" for s, n in counts.items()))

@@ -37,8 +37,8 @@ from nvfp4bench.report.cells import (PROTOCOLS, DatasetView, dataset_views, load
                                      metric_value, ordered)
 from nvfp4bench.report.figures import diagnostic_summaries, make_figures
 from nvfp4bench.report.tables import (MIN_PAIR_BLOCKS, TABLE_METRICS, comparison_rows,
-                                      consistency_problems, cost_rows, hd95_unit, mean_rank_rows,
-                                      pairwise_rows, ranking_rows, summary_rows)
+                                      consistency_problems, cost_rows, format_rows, hd95_unit,
+                                      mean_rank_rows, pairwise_rows, ranking_rows, summary_rows)
 
 METRIC_LABELS = {"auprc": "AUPRC", "recall": "recall", "precision": "precision", "f2": "F2",
                  "iou": "IoU", "dice": "Dice (soft, per image)", "hd95_mean": "HD95",
@@ -125,7 +125,8 @@ def render_cost(view: DatasetView, baseline: str, cost) -> list[str]:
 
 
 def render_dataset(view: DatasetView, baseline: str, metric: str, summary, comparison,
-                   ranking, mean_ranks, pairs, skipped, holm_scope: str, cost=()) -> str:
+                   ranking, mean_ranks, pairs, skipped, holm_scope: str, cost=(),
+                   formats=()) -> str:
     unit = hd95_unit(view)
     proto = view.protocol
     part = f"{view.eval_set} partition"
@@ -189,6 +190,7 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
                    "two-sided, Holm-corrected over the recipes of one arch x scale. With n pairs "
                    f"the smallest possible Wilcoxon p is 2 / 2^n (0.0625 for 5 {proto.unit}s).")
 
+    out += _render_formats(view, metric, label, formats)
     out += _render_pairs(view, metric, label, pairs, skipped, holm_scope)
 
     out.append(f"\n### Stability of the recipe ranking over {proto.unit}s (Kendall's W, {label}, "
@@ -259,6 +261,28 @@ def _rank_text(row: dict | None) -> str:
 
 def _flags(row: dict, prefix: str) -> str:
     return "**" if row[f"{prefix}_below_0.01"] else "*" if row[f"{prefix}_below_0.05"] else ""
+
+
+def _render_formats(view: DatasetView, metric: str, label: str, formats) -> list[str]:
+    """The format comparison of one metric; nothing when the view holds one format only."""
+    mine = [r for r in formats if r["metric"] == metric]
+    if not mine:
+        return []
+    proto = view.protocol
+    return [f"\n### {label} ({view.eval_set} partition): each block format against nvfp4 under "
+            f"the same recipe, paired per {proto.block}\n",
+            _md_table(["arch", "scale", "recipe", "format", "pairs", "% of nvfp4 [95 % CI]",
+                       "mean diff", "Cohen's d", "Wilcoxon p", "Holm p"],
+                      [[r["arch"], r["scale"], r["recipe"], r["format"], str(r["n_pairs"]),
+                        (f"{_f(r['pct_mean'], 2)} [{_f(r['pct_ci_low'], 2)}, "
+                         f"{_f(r['pct_ci_high'], 2)}]" if r["pct_ci_low"] is not None
+                         else _f(r["pct_mean"], 2)),
+                        _f(r["mean_diff"], _digits(metric)), _f(r["cohens_d"], 3),
+                        _p(r["wilcoxon_p"]), _p(r["holm_p"])] for r in mine]),
+            "\n% of nvfp4: mean over pairs of 100 x (recipe in the format) / (recipe in nvfp4); "
+            "diff = format - nvfp4; Wilcoxon signed-rank, two-sided, Holm-corrected over the "
+            "format variants of one arch x scale. A baseline quantizes nothing and has no "
+            "format."]
 
 
 def _render_pairs(view: DatasetView, metric: str, label: str, pairs, skipped,
@@ -362,6 +386,7 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
     views = dataset_views(cells, eval_set)
     summary, comparison, ranking, ranks, pairs, skipped, costs, sections = ([], [], [], [], [],
                                                                             [], [], [])
+    format_comparison = []
     for view in views:
         s = summary_rows(view, metrics)
         cmp = comparison_rows(view, baseline, metrics)
@@ -369,6 +394,8 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
         mr = mean_rank_rows(view, metrics)
         tested, untested = pairwise_rows(view, metrics, holm_scope)
         cost = cost_rows(view, baseline)
+        fmt = format_rows(view, metrics)
+        format_comparison += fmt
         summary += s
         comparison += cmp
         ranking += rk
@@ -377,7 +404,7 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
         skipped += untested
         costs += cost
         text = render_dataset(view, baseline, metric, s, cmp, rk, mr, tested, untested,
-                              holm_scope, cost)
+                              holm_scope, cost, fmt)
         if figures:
             chosen = recipe or (DEFAULT_FIGURE_RECIPE if DEFAULT_FIGURE_RECIPE in view.recipes
                                 else next((r for r in view.recipes if r != baseline), baseline))
@@ -417,6 +444,10 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
         comparison, [*view_cols, "recipe", "baseline", "metric", "n_pairs", "mean_diff",
                      "pct_mean", "pct_ci_low", "pct_ci_high", "cohens_d", "wilcoxon_p",
                      "holm_p"]))
+    write_text_atomic(out / "formats.csv", _csv(
+        format_comparison, [*view_cols, "recipe", "format", "reference", "metric", "n_pairs",
+                            "mean_diff", "pct_mean", "pct_ci_low", "pct_ci_high", "cohens_d",
+                            "wilcoxon_p", "holm_p"]))
     write_text_atomic(out / "pairwise.csv", _csv(
         pairs + [{**r, "skipped": True} for r in skipped],
         [*view_cols, "metric", "recipe_1", "recipe_2", "n_blocks", "skipped", "mean_1",
@@ -448,4 +479,5 @@ def build_report(results_dir, out_dir=None, *, baseline: str = "baseline", metri
                     "synthetic", "path", *sorted(test_keys), *sorted(diag_keys)]))
     return {"out": out, "cells": cells, "problems": problems, "summary": summary,
             "comparison": comparison, "ranking": ranking, "mean_ranks": ranks, "pairs": pairs,
-            "skipped_pairs": skipped, "cost": costs, "views": views}
+            "skipped_pairs": skipped, "cost": costs, "formats": format_comparison,
+            "views": views}

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
-from nvfp4bench.cell import Cell
-from nvfp4bench.config import SPLITS
+from nvfp4bench.cell import Cell, split_variant, variant_name
+from nvfp4bench.config import DEFAULT_FORMAT, SPLITS
 from nvfp4bench.quant.recipes import RECIPES
 from nvfp4bench.results import result_problem
 
@@ -63,7 +63,7 @@ class CellResult:
     dataset: str
     arch: str
     scale: str
-    recipe: str
+    recipe: str  # the variant: the recipe, or <recipe>@<format> (cell.variant_name)
     fold: int
     seed: int
     status: str
@@ -80,7 +80,8 @@ class CellResult:
 
     @property
     def cell(self) -> Cell:
-        return Cell(self.arch, self.scale, self.recipe, self.fold, self.seed, self.split)
+        recipe, fmt = split_variant(self.recipe)
+        return Cell(self.arch, self.scale, recipe, self.fold, self.seed, self.split, fmt)
 
     @property
     def key(self) -> tuple:
@@ -132,7 +133,9 @@ def load_cells(root, eval_set: str = "test") -> tuple[list[CellResult], list[str
                             f"{problem}")
             continue
         config, data = obj["config"], obj["data"]
-        stated = {"arch": config["arch"], "scale": config["scale"], "recipe": config["recipe"],
+        # the recipe folder is the variant: <recipe>@<format> for a format other than nvfp4
+        variant = variant_name(config["recipe"], config.get("format", DEFAULT_FORMAT))
+        stated = {"arch": config["arch"], "scale": config["scale"], "recipe": variant,
                   "fold": config["fold"], "seed": config["seed"],
                   # a config from before --split existed ran the k-fold split
                   "split": config.get("split", "kfold"),

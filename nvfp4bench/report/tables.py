@@ -5,7 +5,8 @@ both): ``summary_rows`` (mean, sd, 95 % CI, n of each metric
 per arch x scale x recipe, the CI cut at the metric's range: ``metric_bounds``),
 ``comparison_rows`` (each recipe vs the baseline, paired per (fold, seed): % of baseline with its
 CI, mean difference, paired Cohen's d, Wilcoxon signed-rank p, Holm over the recipes of one
-arch x scale x metric), ``pairwise_rows`` (every recipe pair as the study's
+arch x scale x metric), ``format_rows`` (each recipe in another block format against the same
+recipe in nvfp4, the same statistics), ``pairwise_rows`` (every recipe pair as the study's
 ``analyze_multi_seed.py`` tests it: Wilcoxon signed-rank statistic, raw and Holm-adjusted p, flags
 at 0.05 and 0.01; pairs with fewer than 3 common blocks skipped and listed), ``ranking_rows``
 (Kendall's W of the recipe ranking over complete blocks), ``mean_rank_rows`` (each recipe's mean
@@ -20,7 +21,8 @@ import statistics
 from collections import defaultdict
 from itertools import combinations, product
 
-from nvfp4bench.config import NON_RESULT_FIELDS
+from nvfp4bench.cell import split_variant
+from nvfp4bench.config import DEFAULT_FORMAT, NON_RESULT_FIELDS
 from nvfp4bench.quant.recipes import RECIPES
 from nvfp4bench.report import stats
 from nvfp4bench.report.cells import DatasetView
@@ -100,24 +102,50 @@ def comparison_rows(view: DatasetView, baseline: str, metrics=TABLE_METRICS) -> 
         for recipe in view.recipes:
             if recipe == baseline:
                 continue
-            mine = view.values(arch, scale, recipe, metric)
-            blocks = sorted(set(base) & set(mine))
-            x, y = [mine[b] for b in blocks], [base[b] for b in blocks]
-            pct = stats.percent_of_baseline(x, y)
             group.append({"dataset": view.name, "split": view.split,
                           "eval_set": view.eval_set, "arch": arch,
                           "scale": scale, "recipe": recipe, "baseline": baseline,
-                          "metric": metric, "n_pairs": len(blocks),
-                          "mean_diff": stats.summarize([a - b for a, b in zip(x, y)])["mean"],
-                          "pct_mean": pct["mean"], "pct_ci_low": pct["ci_low"],
-                          "pct_ci_high": pct["ci_high"], "pct_values": [100 * a / b for a, b in
-                                                                        zip(x, y) if b != 0],
-                          "cohens_d": stats.cohens_d_paired(x, y),
-                          "wilcoxon_p": stats.wilcoxon_paired(x, y)})
+                          "metric": metric,
+                          **paired_stats(view.values(arch, scale, recipe, metric), base)})
         for row, adjusted in zip(group, stats.holm([r["wilcoxon_p"] for r in group])):
             row["holm_p"] = adjusted
         # recipes never run at this arch x scale (all cells missing or failed) get no row
         rows.extend(r for r in group if view.complete(arch, scale, r["recipe"]))
+    return rows
+
+
+def paired_stats(mine: dict, reference: dict) -> dict:
+    """``mine`` against ``reference`` (block -> value) over their common blocks: pairs, mean
+    difference, % of the reference with its CI, paired Cohen's d, Wilcoxon p."""
+    blocks = sorted(set(reference) & set(mine))
+    x, y = [mine[b] for b in blocks], [reference[b] for b in blocks]
+    pct = stats.percent_of_baseline(x, y)
+    return {"n_pairs": len(blocks),
+            "mean_diff": stats.summarize([a - b for a, b in zip(x, y)])["mean"],
+            "pct_mean": pct["mean"], "pct_ci_low": pct["ci_low"], "pct_ci_high": pct["ci_high"],
+            "pct_values": [100 * a / b for a, b in zip(x, y) if b != 0],
+            "cohens_d": stats.cohens_d_paired(x, y), "wilcoxon_p": stats.wilcoxon_paired(x, y)}
+
+
+def format_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
+    """Each recipe in another block format (the variant ``<recipe>@<format>``) against the same
+    recipe in nvfp4, paired per (fold, seed) block; Holm over the variants of one arch x scale x
+    metric. Empty when the view has no other format."""
+    variants = [v for v in view.recipes
+                if split_variant(v)[1] != DEFAULT_FORMAT and split_variant(v)[0] in view.recipes]
+    rows = []
+    for arch, scale, metric in product(view.archs, view.scales, metrics):
+        group = []
+        for variant in variants:
+            recipe, fmt = split_variant(variant)
+            group.append({"dataset": view.name, "split": view.split, "eval_set": view.eval_set,
+                          "arch": arch, "scale": scale, "recipe": recipe, "format": fmt,
+                          "reference": DEFAULT_FORMAT, "variant": variant, "metric": metric,
+                          **paired_stats(view.values(arch, scale, variant, metric),
+                                         view.values(arch, scale, recipe, metric))})
+        for row, adjusted in zip(group, stats.holm([r["wilcoxon_p"] for r in group])):
+            row["holm_p"] = adjusted
+        rows.extend(r for r in group if view.complete(arch, scale, r["variant"]))
     return rows
 
 
@@ -158,9 +186,13 @@ def mean_rank_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
 
 
 def study_order(recipes) -> list[str]:
-    """Recipes by the study's recipe id (0 = baseline first); recipes without one last."""
-    return sorted(recipes, key=lambda r: (RECIPES[r].study_id is None, RECIPES[r].study_id or 0,
-                                          r))
+    """Recipes (variants ``<recipe>@<format>`` too) by the study's recipe id (0 = baseline
+    first), each recipe's nvfp4 cells before its other formats; recipes without an id last."""
+    def key(variant):
+        recipe, fmt = split_variant(variant)
+        study_id = RECIPES[recipe].study_id
+        return (study_id is None, study_id or 0, recipe, fmt != DEFAULT_FORMAT, fmt)
+    return sorted(recipes, key=key)
 
 
 def pairwise_rows(view: DatasetView, metrics=TABLE_METRICS,

@@ -20,6 +20,7 @@ from nvfp4bench.locks import CellBusy
 from nvfp4bench.models import SCALE_NAMES
 from nvfp4bench.quant import kernels
 from nvfp4bench.quant.backends import BACKENDS
+from nvfp4bench.quant.formats import DEFAULT_FORMAT, FORMATS
 from nvfp4bench.quant.recipes import RECIPES
 from nvfp4bench.results import result_path
 from nvfp4bench.train.run import run
@@ -36,6 +37,7 @@ def _image_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     archs, scales = tuple(ARMS), SCALE_NAMES
     recipes = "\n".join(f"  {name:<11} {r.description}" for name, r in RECIPES.items())
+    formats = "\n".join(f"  {name:<17} {f.description}" for name, f in FORMATS.items())
     optim = "\n".join(f"  {arch:<10} {arm.family} with {arm.optimizer.name} lr "
                       f"{arm.optimizer.lr:g}, weight decay {arm.optimizer.weight_decay:g}"
                       for arch, arm in ARMS.items())
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and evaluate one cell (arch x scale x recipe x fold) of the grid and "
                     "write its result JSON.",
         epilog=f"architectures: {', '.join(archs)}\nscales: {', '.join(scales)}\n\n"
-               f"recipes:\n{recipes}\n\narms (model family and default optimiser):\n{optim}\n\n"
+               f"recipes:\n{recipes}\n\nformats:\n{formats}\n\narms (model family and default optimiser):\n{optim}\n\n"
                f"example:\n  python -m nvfp4bench --arch swin --scale tiny "
                f"--recipe nvfp4_full --fold 0")
 
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=list(BACKENDS), default="emulator",
                    help="NVFP4 implementation: the exact emulator, or Transformer Engine "
                         "(CUDA, optional) (default: %(default)s)")
+    g.add_argument("--format", choices=list(FORMATS), default=DEFAULT_FORMAT, metavar="FORMAT",
+                   help="the block format of every quantized operand (listed below; default: "
+                        "%(default)s); a baseline recipe quantizes nothing, whatever the format")
     g.add_argument("--quantize-attention", action="store_true",
                    help="also quantize the two attention matmuls (an extension; off in the study)")
     g.add_argument("--quant-kernels", choices=kernels.KERNELS, default="auto",

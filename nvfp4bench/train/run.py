@@ -198,7 +198,7 @@ def _run(cell: CellRun, on_epoch_end) -> dict:
         "status": "running", "error": None,
         "config": c.to_dict(), "config_hash": cell.config_hash,
         "env": environment(cell.device), "data": _data_block(cell),
-        "model": {"arch": c.arch, "scale": c.scale, "recipe": c.recipe,
+        "model": {"arch": c.arch, "scale": c.scale, "recipe": c.recipe, "format": c.format,
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "family": c.family, "init_seed": init_seed(c.family, c.scale, c.seed),
                   "quantized_layers": list(getattr(model, "quantized_layers", [])),

@@ -26,6 +26,7 @@ from nvfp4bench.config import RunConfig, check_image_size
 from nvfp4bench.data import SliceDataset, SliceStore, ensure_synthetic_store, load_folds
 from nvfp4bench.models import build_model
 from nvfp4bench.quant.backends import Backend, get_backend
+from nvfp4bench.quant.formats import get_format
 from nvfp4bench.quant.recipes import Recipe, get_recipe
 from nvfp4bench.quant.swap import quantize_model
 
@@ -117,7 +118,8 @@ def setup(config: RunConfig) -> CellRun:
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, recipe, device, backend)
     # the backend's refusals come first: before any data or model is built
-    backend.preflight(recipe, device, AUTOCAST_DTYPES[precision])
+    fmt = get_format(config.format)
+    backend.preflight(recipe, device, AUTOCAST_DTYPES[precision], fmt)
     if config.data is None:
         store_dir = Path(ensure_synthetic_store(progress=config.progress))
     else:
@@ -152,7 +154,8 @@ def build_quantized_model(cell: CellRun, sr_generator: torch.Generator) -> nn.Mo
                             in_channels=int(cell.store.channels), head_prior=c.head_prior)
     model = model.to(cell.device)
     model = quantize_model(model, cell.recipe, cell.backend, generator=sr_generator,
-                           quantize_attention=c.quantize_attention, kernels=c.quant_kernels)
+                           quantize_attention=c.quantize_attention, kernels=c.quant_kernels,
+                           format=c.format)
     return model
 
 

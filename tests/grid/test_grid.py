@@ -172,11 +172,25 @@ def test_build_cells_is_the_full_product_without_repeats():
     assert cells[0].scale == "tiny" and cells[-1].scale == "base"  # cheapest first (per seed)
 
 
+def test_formats_add_one_cell_per_quantized_recipe_cell_and_share_the_baseline(tmp_path, capsys):
+    args = ["--dry-run", "--archs", "cnn", "--scales", "tiny", "--folds", "0", "--out",
+            str(tmp_path)]
+    assert grid.main(args) == 0
+    study = capsys.readouterr().out.splitlines()[-1]
+    assert grid.main([*args, "--formats", "nvfp4,mxfp4,nvfp4_4over6"]) == 0
+    out = capsys.readouterr().out
+    assert study == "8 cells" and out.splitlines()[-1] == "22 cells"  # 8 + 7 quantized x 2
+    assert "/2d_rht_sr@mxfp4/fold0_seed2026.json" in out and "baseline@" not in out
+    assert "2d_rht_sr@nvfp4_4over6" in out and "/2d_rht_sr/fold0_seed2026.json" in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--archs", "cnn,resnet"], "unknown arch resnet"),
     (["--folds", "0,7"], "unknown fold 7"),
     (["--recipes", "baseline,baseline"], "repeated"),
     (["--arch", "cnn"], "--arch selects cells; use --archs"),
+    (["--", "--format", "mxfp4"], "--format selects cells; use --formats"),
+    (["--formats", "nvfp4,fp3"], "unknown format fp3"),
     (["--", "--fold", "1"], "--fold selects cells; use --folds"),
     (["--", "--split", "holdout"], "--split is the grid's own option"),
     (["--resume"], "the grid resumes interrupted cells itself"),

@@ -554,3 +554,41 @@ def test_results_deeper_than_the_layout_are_not_pooled_with_the_folder_s_own(tmp
     out = R.build_report(root, tmp_path / "rep", figures=False)
     assert [(c.arch, c.recipe) for c in out["cells"]] == [("cnn", "baseline")]
     assert len(R.build_report(nested, tmp_path / "rep2", figures=False)["cells"]) == len(RECIPES)
+
+
+def test_formats_are_compared_with_nvfp4_under_the_same_recipe(results, tmp_path):
+    """Cells of 2d_rht_sr in two more formats (folders 2d_rht_sr@<format>): a format section
+    paired per fold against 2d_rht_sr in nvfp4, equal to scipy's Wilcoxon and an independent
+    Holm; the baseline comparison lists each variant as a recipe of its own."""
+    shift = {"mxfp4": -0.03, "nvfp4_4over6": 0.004}
+    for fmt, delta in shift.items():
+        for fold in FOLDS:
+            obj = _cell("cnn", "2d_rht_sr", fold)
+            obj["config"]["format"] = fmt
+            obj["test"]["auprc"] += delta + 0.003 * fold
+            _write(results, "cnn", "tiny", f"2d_rht_sr@{fmt}", fold, SEED, obj)
+    before = R.build_report(results, tmp_path / "before", figures=False)
+    assert not [r for r in before["formats"] if r["format"] == "nvfp4"]
+    rows = {r["format"]: r for r in before["formats"]
+            if (r["arch"], r["metric"]) == ("cnn", "auprc")}
+    assert set(rows) == set(shift) and all(r["recipe"] == "2d_rht_sr" for r in rows.values())
+    ref = np.array([_value("cnn", "2d_rht_sr", f, "auprc") for f in FOLDS])
+    for fmt, delta in shift.items():
+        x = ref + delta + 0.003 * np.arange(5)
+        assert rows[fmt]["n_pairs"] == 5
+        assert rows[fmt]["wilcoxon_p"] == pytest.approx(sst.wilcoxon(x - ref).pvalue)
+        assert rows[fmt]["pct_mean"] == pytest.approx(np.mean(100 * x / ref))
+    holm = _holm([rows["mxfp4"]["wilcoxon_p"], rows["nvfp4_4over6"]["wilcoxon_p"]])
+    assert [rows["mxfp4"]["holm_p"], rows["nvfp4_4over6"]["holm_p"]] == pytest.approx(holm)
+    report = (tmp_path / "before" / "report.md").read_text()
+    assert "each block format against nvfp4 under the same recipe" in report
+    assert "| cnn | tiny | 2d_rht_sr | mxfp4 | 5 |" in report
+    assert {r["recipe"] for r in before["comparison"]} >= {"2d_rht_sr@mxfp4", "nvfp4_full"}
+    with open(tmp_path / "before" / "formats.csv") as f:
+        assert sum(1 for r in csv.DictReader(f) if r["arch"] == "cnn") == 2 * 4  # x 4 metrics
+
+
+def test_a_report_without_other_formats_has_no_format_section(results, tmp_path):
+    R.build_report(results, tmp_path / "rep", figures=False)
+    assert "block format" not in (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "formats.csv").read_text().count("\n") == 1  # the header

@@ -469,3 +469,46 @@ def test_the_same_cell_started_twice_trains_once(store, tmp_path):
 def test_collapse_is_no_positive_pixel_at_chance_or_a_constant_output(metrics, expected):
     from nvfp4bench.train.run import collapsed
     assert collapsed(metrics) is expected
+
+
+def test_a_cell_in_another_format_trains_records_it_and_has_its_own_folder(store, tmp_path):
+    from nvfp4bench.train.cli import main
+    base = ["--arch", "cnn", "--scale", "tiny", "--recipe", "2d_rht_sr", "--fold", "1",
+            "--epochs", "1", "--batch-size", "16", "--data", str(store), "--out", str(tmp_path),
+            "--no-progress", "--no-diagnostics"]
+    assert main([*base, "--format", "mxfp4"]) == 0
+    nvfp4 = results.result_path(_config(store, tmp_path, recipe="2d_rht_sr"))
+    path = nvfp4.parent.parent / "2d_rht_sr@mxfp4" / nvfp4.name
+    on_disk = json.loads(path.read_text())
+    assert on_disk["status"] == "complete" and on_disk["config"]["format"] == "mxfp4"
+    assert on_disk["model"]["format"] == "mxfp4" and on_disk["model"]["quantized_layers"]
+    assert on_disk["config_hash"] != results.config_hash(
+        _config(store, tmp_path, recipe="2d_rht_sr"))
+    assert not nvfp4.exists()
+
+
+# config_hash and result_path of nvfp4 cells as the commit before formats existed (ecc63fd)
+# computed them, with the data identity fixed: finished nvfp4 results stay complete.
+HASHES_BEFORE_FORMATS = {
+    "--arch cnn --scale tiny --recipe nvfp4_full --fold 0": "cf4497e99a7874ff",
+    "--arch swin --scale tiny --recipe 2d_rht_sr --fold 0 --split holdout --seed 2027":
+        "abdc2a8c05379934",
+    "--arch vit_adamax --scale small --recipe baseline --fold 3 --epochs 5 --image-size 128":
+        "739218dd6e17c91c",
+    "--arch vit --scale base --recipe fwd_rht --fold 1 --quantize-attention --precision bf16":
+        "bb79159548f9a376",
+}
+
+
+@pytest.mark.parametrize("argv", list(HASHES_BEFORE_FORMATS))
+def test_nvfp4_cells_keep_their_config_hash_and_path(argv, monkeypatch):
+    from nvfp4bench.train.cli import parse_config
+    monkeypatch.setattr(results, "data_identity", lambda data: "fingerprint:0123456789abcdef")
+    monkeypatch.setattr(results, "dataset_dir", lambda data: "synthetic")
+    for extra in ([], ["--format", "nvfp4"]):
+        config = parse_config([*argv.split(), "--out", "OUT", *extra])
+        assert results.config_hash(config) == HASHES_BEFORE_FORMATS[argv]
+        recipe = argv.split()[5]
+        assert results.result_path(config).parent.name == recipe
+    other = parse_config([*argv.split(), "--out", "OUT", "--format", "nvfp4_4over6"])
+    assert results.config_hash(other) != HASHES_BEFORE_FORMATS[argv]
