@@ -1,14 +1,20 @@
 """Micro-benchmarks: the NVFP4 quantizer against a plain copy, and training steps per recipe.
 
-``python -m nvfp4bench.bench quant [--size 4096] [--device cpu|cuda] [--repeats N] [--json]``
+``python -m nvfp4bench.bench quant [--size 4096] [--device cpu|cuda] [--repeats N]
+[--formats nvfp4,mxfp4,...] [--json]``
     times ``fake_quantize`` of a ``size x size`` fp32 tensor (RN 1x16, RN 16x16, SR 1x16,
-    RHT + SR 1x16) on each of the quantizer's kernels (eager, compiled; ``--kernels``) and
+    RHT + SR 1x16; "16" is the format's block, 32 for MX) on each of the quantizer's kernels
+    (eager, compiled; ``--kernels``; formats other than nvfp4 run eager) and
     ``dst.copy_(x)`` of the same tensor into an existing one, and prints each median with its
-    ratio to the copy.
+    ratio to the copy, and the signal-to-quantization-noise ratio of each case,
+    ``10 log10(sum x^2 / sum (x - x_hat)^2)`` in dB, on that Gaussian tensor and on a
+    heavy-tailed one (Student's t, 3 degrees of freedom) of the same size (against the rotated
+    tensor for the RHT case).
 
 ``python -m nvfp4bench.bench train --arch cnn --scale small --recipes baseline,nvfp4_full,2d_rht_sr
---image-size 128 --batch-size 8 --steps 5 [--device cuda] [--json]``
-    times training steps (forward, BCE loss on random data, backward, AdamW step) for each recipe,
+--image-size 128 --batch-size 8 --steps 5 [--formats nvfp4,mxfp4] [--device cuda] [--json]``
+    times training steps (forward, BCE loss on random data, backward, AdamW step) for each recipe
+    (in each format: ``<recipe>@<format>``),
     after warm-up steps, the recipes taking turns step by step, and prints the median step, its
     ratio to the unquantized baseline of the same compute dtype (recipe ``baseline``: fp32 on the CPU,
     bf16 autocast on CUDA), the peak memory of one step, and the seconds of training steps in one
@@ -41,7 +47,9 @@ import torch
 from nvfp4bench import options
 from nvfp4bench.config import MAX_IMAGE_SIZE
 from nvfp4bench.models import ARCHS, build_model
+from nvfp4bench.cell import variant_name
 from nvfp4bench.quant import kernels, nvfp4
+from nvfp4bench.quant.formats import DEFAULT_FORMAT, FORMATS, get_format
 from nvfp4bench.quant.recipes import get_recipe
 from nvfp4bench.quant.swap import quantize_model
 from nvfp4bench.train.loop import synchronize
@@ -65,44 +73,79 @@ def _timed(fn, device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------
 # quant
 # --------------------------------------------------------------------------------------------
-def _quant_calls(x: torch.Tensor, choice: str, seed: int = 0) -> dict:
-    """case -> zero-argument callable running it on the kernels ``choice``; ``copy`` is the
-    yardstick."""
+QUANT_KWARGS = {"rn_1x16": {}, "rn_16x16": {"tile": (16, 16)}, "sr_1x16": {"sr": True},
+                "rht_sr_1x16": {"rht": True, "sr": True}}
+
+
+def _quant_calls(x: torch.Tensor, choice: str, fmt: str = DEFAULT_FORMAT, seed: int = 0) -> dict:
+    """case -> zero-argument callable running it on the kernels ``choice`` in format ``fmt``;
+    ``copy`` is the yardstick."""
     dst = torch.empty_like(x)
     g = torch.Generator(x.device).manual_seed(seed)
-    kwargs = {"rn_1x16": {}, "rn_16x16": {"tile": (16, 16)},
-              "sr_1x16": {"sr": True, "generator": g},
-              "rht_sr_1x16": {"rht": True, "sr": True, "generator": g}}
 
     def on_kernels(kw):
         def call():
-            return kernels.fake_quantize(x, **kw, kernels=choice)
+            return kernels.fake_quantize(x, **kw, kernels=choice, format=fmt,
+                                         generator=g if kw.get("sr") else None)
         return call
 
-    return {"copy": lambda: dst.copy_(x), **{case: on_kernels(kw) for case, kw in kwargs.items()}}
+    return {"copy": lambda: dst.copy_(x),
+            **{case: on_kernels(kw) for case, kw in QUANT_KWARGS.items()}}
 
 
-def run_quant(size: int, device: str, repeats: int, kernel_choices: list[str]) -> list[dict]:
-    """One row per (kernels, case): median/min ms, first-call ms (compilation), ratio to copy.
-    The repeats interleave the cases, so that slow phases of a shared machine hit all alike."""
+def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """``10 log10(sum x^2 / sum (x - x_hat)^2)``, in float64."""
+    x, x_hat = x.double(), x_hat.double()
+    return 10 * math.log10(x.pow(2).sum().item() / (x - x_hat).pow(2).sum().item())
+
+
+def _sqnr(x: torch.Tensor, case: str, fmt: str) -> float:
+    kw = QUANT_KWARGS[case]
+    reference = kernels.apply_rht(x) if kw.get("rht") else x
+    g = torch.Generator(x.device).manual_seed(1) if kw.get("sr") else None
+    return sqnr_db(reference, kernels.fake_quantize(x, **kw, format=fmt, generator=g))
+
+
+def run_quant(size: int, device: str, repeats: int, kernel_choices: list[str],
+              formats_: tuple[str, ...] = (DEFAULT_FORMAT,)) -> list[dict]:
+    """One row per (kernels, format, case): median/min ms, first-call ms (compilation), ratio to
+    copy, SQNR on a Gaussian and a heavy-tailed tensor. The repeats interleave the cases, so that
+    slow phases of a shared machine hit all alike. A format other than nvfp4 runs once (eager)."""
     dev = torch.device(device)
     x = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(dev)
+    heavy = heavy_tailed(size, dev)
     calls = {}
-    for choice in kernel_choices:
-        for case, fn in _quant_calls(x, choice).items():
-            if case != "copy" or not calls:
-                calls[(choice if case != "copy" else "-", case)] = fn
+    for fmt in formats_:
+        choices = kernel_choices if get_format(fmt).is_nvfp4 else ["eager"]
+        for choice in choices:
+            for case, fn in _quant_calls(x, choice, fmt).items():
+                if case != "copy" or not calls:
+                    calls[(choice if case != "copy" else "-", fmt if case != "copy" else "-",
+                           case)] = fn
     first = {key: _timed(fn, dev) for key, fn in calls.items()}
     times = {key: [] for key in calls}
     for _ in range(repeats):
         for key, fn in calls.items():
             times[key].append(_timed(fn, dev))
-    copy_ms = statistics.median(times[("-", "copy")])
-    return [{"case": case, "kernels": choice, "size": size, "device": str(dev),
+    copy_ms = statistics.median(times[("-", "-", "copy")])
+    quality = {(fmt, case): (_sqnr(x, case, fmt), _sqnr(heavy, case, fmt))
+               for _, fmt, case in calls if case != "copy"}
+    return [{"case": case, "kernels": choice, "format": fmt, "size": size, "device": str(dev),
              "threads": torch.get_num_threads(), "median_ms": statistics.median(t),
-             "min_ms": min(t), "first_call_ms": first[(choice, case)],
-             "ratio_to_copy": statistics.median(t) / copy_ms, "repeats": repeats}
-            for (choice, case), t in times.items()]
+             "min_ms": min(t), "first_call_ms": first[(choice, fmt, case)],
+             "ratio_to_copy": statistics.median(t) / copy_ms, "repeats": repeats,
+             "sqnr_gaussian_db": quality.get((fmt, case), (None, None))[0],
+             "sqnr_student_t3_db": quality.get((fmt, case), (None, None))[1],
+             "bits_per_element": get_format(fmt).bits_per_element if fmt != "-" else None}
+            for (choice, fmt, case), t in times.items()]
+
+
+def heavy_tailed(size: int, device) -> torch.Tensor:
+    """A ``size x size`` fp32 tensor of Student's t with 3 degrees of freedom (seeded)."""
+    g = torch.Generator().manual_seed(1)
+    normal = torch.randn(size, size, generator=g)
+    chi2 = torch.randn(3, size, size, generator=g).pow(2).sum(0)
+    return (normal / torch.sqrt(chi2 / 3)).to(device)
 
 
 def _print_quant(rows: list[dict]) -> None:
@@ -110,11 +153,14 @@ def _print_quant(rows: list[dict]) -> None:
     print(f"fake_quantize of a {r0['size']}x{r0['size']} fp32 tensor on {r0['device']}, "
           f"torch {torch.__version__}, {r0['threads']} threads, median of {r0['repeats']}"
           f"{', THP_MEM_ALLOC_ENABLE=1' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else ''}")
-    print(f"{'case':<13}{'kernels':<10}{'median ms':>10}{'min ms':>9}{'x copy':>8}"
-          f"{'1st call ms':>13}")
+    print(f"{'case':<13}{'kernels':<10}{'format':<18}{'median ms':>10}{'min ms':>9}{'x copy':>8}"
+          f"{'1st call ms':>13}{'bits':>6}{'SQNR dB':>9}{'t3 dB':>7}")
     for r in rows:
-        print(f"{r['case']:<13}{r['kernels']:<10}{r['median_ms']:>10.1f}{r['min_ms']:>9.1f}"
-              f"{r['ratio_to_copy']:>8.1f}{r['first_call_ms']:>13.0f}")
+        db = ("" if r["sqnr_gaussian_db"] is None else
+              f"{r['bits_per_element']:>6.2f}{r['sqnr_gaussian_db']:>9.2f}"
+              f"{r['sqnr_student_t3_db']:>7.2f}")
+        print(f"{r['case']:<13}{r['kernels']:<10}{r['format']:<18}{r['median_ms']:>10.1f}"
+              f"{r['min_ms']:>9.1f}{r['ratio_to_copy']:>8.1f}{r['first_call_ms']:>13.0f}{db}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +229,8 @@ class TrainingCase:
     """One recipe's model, optimizer and random batch, ready to run training steps."""
 
     def __init__(self, arch: str, scale: str, recipe_name: str, *, image_size: int,
-                 batch_size: int, device: str, seed: int = 0, quant_kernels: str = "eager"):
+                 batch_size: int, device: str, seed: int = 0, quant_kernels: str = "eager",
+                 format: str = DEFAULT_FORMAT):
 
         self.device = torch.device(device)
         self.recipe = recipe_name
@@ -192,7 +239,7 @@ class TrainingCase:
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         torch.manual_seed(seed)  # the same initial weights for every recipe
         self.model = build_model(arch, scale, image_size=image_size)
-        quantize_model(self.model, recipe, kernels=quant_kernels,
+        quantize_model(self.model, recipe, kernels=quant_kernels, format=format,
                        generator=torch.Generator(self.device).manual_seed(seed))
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
@@ -217,16 +264,19 @@ def run_train(args) -> list[dict]:
     recipes = [r for r in args.recipes.split(",") if r]
     if BASELINE_RECIPE not in recipes:
         recipes.insert(0, BASELINE_RECIPE)
+    variants = [(name, fmt) for name in recipes
+                for fmt in (args.formats.split(",") if get_recipe(name).quantized
+                            else [DEFAULT_FORMAT])]
     cases, rows = [], []
-    for name in recipes:
+    for name, fmt in variants:
         case = TrainingCase(args.arch, args.scale, name, image_size=args.image_size,
                             batch_size=args.batch_size, device=args.device,
-                            quant_kernels=args.quant_kernels)
+                            quant_kernels=args.quant_kernels, format=fmt)
         warmup_ms = [_timed(case.step, case.device) for _ in range(args.warmup)]
         with PeakMemory(case.device) as mem:
             case.step()
         cases.append(case)
-        rows.append({"arch": args.arch, "scale": args.scale, "recipe": name,
+        rows.append({"arch": args.arch, "scale": args.scale, "recipe": variant_name(name, fmt),
                      "precision": case.precision, "image_size": args.image_size,
                      "batch_size": args.batch_size, "device": str(case.device),
                      "quant_kernels": args.quant_kernels, "threads": torch.get_num_threads(),
@@ -251,12 +301,13 @@ def _print_train(rows: list[dict]) -> None:
           f"{r0['batch_size']}, {r0['device']} ({r0['precision']} baseline), quantizer "
           f"{r0['quant_kernels']}, torch {torch.__version__}, {r0['threads']} threads, median of "
           f"{r0['steps']} steps; epoch s = training steps of one {r0['epoch_slices']}-slice epoch")
-    print(f"{'recipe':<12}{'step ms':>9}{'min ms':>9}{'x base':>8}{'epoch s':>9}{'peak MB':>9}"
-          f"{'warm-up ms':>14}")
+    width = max(12, *(len(r["recipe"]) + 1 for r in rows))
+    print(f"{'recipe':<{width}}{'step ms':>9}{'min ms':>9}{'x base':>8}{'epoch s':>9}"
+          f"{'peak MB':>9}{'warm-up ms':>14}")
     for r in rows:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         warm = "/".join(f"{t:.0f}" for t in r["warmup_ms"])
-        print(f"{r['recipe']:<12}{r['step_ms']:>9.0f}{r['min_step_ms']:>9.0f}{r['ratio']:>8.2f}"
+        print(f"{r['recipe']:<{width}}{r['step_ms']:>9.0f}{r['min_step_ms']:>9.0f}{r['ratio']:>8.2f}"
               f"{r['epoch_s']:>9.1f}{peak:>9}{warm:>14}")
 
 
@@ -286,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quant-kernels", default="auto", choices=kernels.KERNELS,
                    help="the quantizer's kernels (kernels.KERNELS)")
     for p in (q, t):
+        p.add_argument("--formats", default=DEFAULT_FORMAT,
+                       help=f"comma-separated block formats, of {', '.join(FORMATS)} "
+                            f"(default: %(default)s)")
         p.add_argument("--device", default="cpu", help="cpu or cuda")
         p.add_argument("--threads", type=options.positive_int(options.MAX_THREADS), default=None, help="torch.set_num_threads")
         p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -293,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
+    for fmt in args.formats.split(","):
+        get_format(fmt)  # a ValueError listing the valid names
     if args.device.split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -324,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.command == "quant":
-        rows = run_quant(args.size, args.device, args.repeats, args.kernels.split(","))
+        rows = run_quant(args.size, args.device, args.repeats, args.kernels.split(","),
+                         tuple(args.formats.split(",")))
         printer = _print_quant
     else:
         rows = run_train(args)

@@ -2,8 +2,10 @@
 import json
 
 import pytest
+import torch
 
 from nvfp4bench.checks import bench
+from nvfp4bench.quant import kernels
 
 
 def test_quant_prints_every_case_with_its_ratio_to_the_copy(capsys):
@@ -16,6 +18,21 @@ def test_quant_prints_every_case_with_its_ratio_to_the_copy(capsys):
     for r in rows:
         assert r["median_ms"] > 0 and r["ratio_to_copy"] == pytest.approx(
             r["median_ms"] / copy["median_ms"])
+
+
+def test_quant_formats_report_bits_and_sqnr(capsys):
+    assert bench.main(["quant", "--size", "64", "--repeats", "1", "--kernels", "eager",
+                       "--formats", "nvfp4,mxfp8", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["format"], r["case"]) for r in rows][:2] == [("-", "copy"), ("nvfp4", "rn_1x16")]
+    by = {(r["format"], r["case"]): r for r in rows}
+    assert len(by) == 1 + 2 * (len(bench.QUANT_CASES) - 1)
+    assert by[("mxfp8", "rn_1x16")]["bits_per_element"] == 8.25
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    expected = bench.sqnr_db(x, kernels.fake_quantize(x, format="mxfp8"))
+    assert by[("mxfp8", "rn_1x16")]["sqnr_gaussian_db"] == pytest.approx(expected)
+    assert by[("mxfp8", "rn_1x16")]["sqnr_gaussian_db"] > by[("nvfp4", "rn_1x16")][
+        "sqnr_gaussian_db"] + 6  # four more bits: about 6 dB each
 
 
 def test_train_times_each_recipe_against_the_baseline(capsys):
@@ -37,6 +54,7 @@ def test_train_times_each_recipe_against_the_baseline(capsys):
     (["quant", "--kernels", "eager,fast"], "--kernels"),
     (["quant", "--device", "tpu"], "cpu or cuda"),
     (["train", "--recipes", "nvfp4_fast"], "unknown recipe"),
+    (["train", "--formats", "nvfp4,fp5"], "unknown format"),
     (["train", "--arch", "mlp"], "--arch"),
     (["train", "--steps", "0"], "--steps"),
     (["train", "--epoch-slices", "0"], "--epoch-slices"),
