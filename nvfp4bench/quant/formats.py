@@ -45,6 +45,10 @@ from nvfp4bench.quant.nvfp4 import quantize as nvfp4_quantize
 
 DEFAULT_FORMAT = "nvfp4"
 MX_BLOCK = 32
+# Elements per row chunk of the formats' eager quantizer: their temporaries stay in cache
+# (4096^2 RN, one thread, whole tensor vs chunks, side by side on a loaded 2-core machine:
+# four over six 2137 -> 652 ms, MXFP4 557 -> 228 ms, MXFP8 412 -> 300 ms).
+CHUNK_ELEMENTS = 1 << 16
 _TENSOR_SCALE_BITS = 32
 
 
@@ -190,7 +194,28 @@ def fake_quantize_prepared(x: torch.Tensor, fmt: Format, two_d: bool, noise, mod
                            amax=None) -> torch.Tensor:
     """``dequantize(quantize(x))`` in fp32 for a prepared (2-D, fp32, contiguous) x in a format
     other than plain NVFP4. ``noise``: the SR draws (``nvfp4.draw_noise`` of x's shape) or None
-    for RN; ``mode`` the SR mode."""
+    for RN; ``mode`` the SR mode.
+
+    Runs over whole tiles of rows, about ``CHUNK_ELEMENTS`` at a time, so that the many
+    temporaries of one chunk stay in cache (the same bits: blocks and tiles lie within a chunk,
+    and four over six takes the whole tensor's amax first)."""
+    m, k = x.shape
+    tile_rows = fmt.tile(two_d)[0]
+    rows = max(tile_rows, CHUNK_ELEMENTS // max(k, 1) // tile_rows * tile_rows)
+    if rows >= m:
+        return _fake_quantize_rows(x, fmt, two_d, noise, mode, amax)
+    if fmt.scale == "e4m3" and amax is None:
+        amax = x.abs().amax()  # the tensor amax every chunk's S_enc comes from
+    out = torch.empty_like(x)
+    for start in range(0, m, rows):
+        part = slice(start, start + rows)
+        out[part] = _fake_quantize_rows(x[part], fmt, two_d,
+                                        None if noise is None else noise[part], mode, amax)
+    return out
+
+
+def _fake_quantize_rows(x: torch.Tensor, fmt: Format, two_d: bool, noise, mode: str, amax):
+    """``fake_quantize_prepared`` of whole tiles of rows (amax: the tensor's, or None)."""
     if fmt.scale == "e8m0":
         values, codes = _mx_blocks(x, fmt, two_d, noise, mode)
         return _mx_dequantize(values, codes, fmt.block)

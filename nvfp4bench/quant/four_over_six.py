@@ -57,11 +57,11 @@ def block_errors(x3: torch.Tensor, scale: torch.Tensor, encode: torch.Tensor,
     the 16 element errors, accumulated element 0 first, as TE's kernel does."""
     q = round_e2m1_rn(x3 * encode)
     d = ((q * scale) * amax) / (E2M1_MAX * bound) - x3
-    per_element = d.abs() if mode == "mae" else d * d
-    total = per_element[..., 0:1].clone()
-    for i in range(1, per_element.shape[-1]):  # 15 whole-tensor adds, in TE's order
-        total += per_element[..., i:i + 1]
-    return total
+    per_element = (d.abs() if mode == "mae" else d * d).movedim(-1, 0).contiguous()
+    total = per_element[0].clone()
+    for term in per_element[1:]:  # 15 adds over all blocks at once, in TE's order
+        total += term
+    return total.unsqueeze(-1)
 
 
 def tile_errors(errors: torch.Tensor, tile_rows: int) -> torch.Tensor:

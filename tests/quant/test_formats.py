@@ -230,3 +230,20 @@ def test_rows_and_columns_that_are_not_block_multiples_are_zero_padded(name):
     for tile in ((1, 16), (16, 16)):
         whole = kernels.fake_quantize(padded, format=name, tile=tile)
         assert torch.equal(kernels.fake_quantize(x, format=name, tile=tile), whole[:48, :48])
+
+
+@pytest.mark.parametrize("name", ["nvfp4_4over6_mse", "mxfp4", "mxfp8_rceil"])
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)])
+def test_row_chunks_give_the_bits_of_one_pass(name, tile, monkeypatch):
+    """A tensor of several chunks (64 rows each here), RN and SR, equals one pass over it."""
+    x = torch.randn(208, 96, generator=torch.Generator().manual_seed(7)) * 3
+    x[150:] *= 40  # a later chunk holds the tensor amax
+    kw = [{}, {"sr": True}]
+    monkeypatch.setattr(formats, "CHUNK_ELEMENTS", 64 * 96)
+    chunked = [kernels.fake_quantize(x, format=name, tile=tile,
+                                     generator=torch.Generator().manual_seed(1), **k) for k in kw]
+    monkeypatch.setattr(formats, "CHUNK_ELEMENTS", 1 << 40)
+    whole = [kernels.fake_quantize(x, format=name, tile=tile,
+                                   generator=torch.Generator().manual_seed(1), **k) for k in kw]
+    for a, b in zip(chunked, whole):
+        assert torch.equal(a, b)
