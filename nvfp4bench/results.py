@@ -6,7 +6,8 @@ Layout (docs/interfaces.md "Results")::
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.ckpt.pt    last-epoch training state
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.best.pt    best-epoch model weights
     OUT/<dataset>/<arch>/<scale>/<recipe>/fold<k>_seed<s>.{lock,log} the grid's lock and log
-    (``holdout_seed<s>`` instead of ``fold<k>_seed<s>`` for ``--split holdout``)
+    (``holdout_seed<s>`` instead of ``fold<k>_seed<s>`` for ``--split holdout``; the folder
+    ``<recipe>@<format>`` instead of ``<recipe>`` for a block format other than nvfp4)
 
 ``<dataset>`` identifies the store (``dataset_dir``): ``<name>-<first 8 hex digits of its content
 fingerprint>`` (``brats-1f0c9a2e``), so two stores never share a result path, whatever their

@@ -72,7 +72,9 @@ class QuantizedLayer(nn.Module):
         return self.op.roles.recipe
 
     def extra_repr(self) -> str:
-        return f"{self.op.name}, recipe={self.recipe.name}"
+        fmt = self.op.roles.format
+        return f"{self.op.name}, recipe={self.recipe.name}" + (
+            "" if fmt.is_nvfp4 else f", format={fmt.name}")
 
 
 def resolve_recipe(recipe: Recipe | str, generator, what: str) -> Recipe:

@@ -22,6 +22,10 @@ te        Transformer Engine (``te/runtime.py``, ``te/linear.py``): ``te.Linear`
           ``te.autocast(recipe=NVFP4BlockScaling(...))``.
 ========  ===================================================================================
 
+The ``format`` argument (``formats.FORMATS``) is passed to ``preflight`` and ``swap`` only for a
+block format other than the default nvfp4 (``format_kwargs``), so a backend written before
+formats existed keeps working for nvfp4.
+
 Nothing here imports Transformer Engine: ``te/runtime.py`` imports it inside the functions that
 need it.
 """
@@ -55,6 +59,11 @@ class Backend(Protocol):
 
     def context(self, recipe: Recipe, device: torch.device,
                 dtype: torch.dtype | None) -> ContextManager: ...
+
+
+def format_kwargs(format: Format) -> dict:
+    """``{"format": format}`` for a format other than nvfp4, else nothing (module docstring)."""
+    return {} if format.name == DEFAULT_FORMAT else {"format": format}
 
 
 def compute_context(device: torch.device, dtype: torch.dtype | None) -> ContextManager:

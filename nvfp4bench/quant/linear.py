@@ -105,7 +105,9 @@ class QuantizedMatmul(nn.Module):
                      "QuantizedMatmul")
 
     def extra_repr(self) -> str:
-        return f"recipe={self.op.roles.recipe.name}, format={self.op.roles.format.name}"
+        fmt = self.op.roles.format
+        return f"recipe={self.op.roles.recipe.name}" + (
+            "" if fmt.is_nvfp4 else f", format={fmt.name}")
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.dim() < 2 or b.dim() < 2:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from nvfp4bench.quant.backends import BACKENDS, Backend, get_backend
+from nvfp4bench.quant.backends import BACKENDS, Backend, format_kwargs, get_backend
 from nvfp4bench.quant.formats import Format, get_format
 from nvfp4bench.quant.recipes import Recipe, get_recipe
 from nvfp4bench.quant.twins import set_submodule
@@ -95,7 +95,7 @@ def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str | Backen
     originals = {name: model.get_submodule(name) for name in names}
     fmt = get_format(format)
     placement = (chosen.swap(model, recipe, names, generator=generator, kernels=kernels,
-                             format=fmt) if names else {})
+                             **format_kwargs(fmt)) if names else {})
     model.quantized_layers = names
     model.layer_backends = {name: placement.get(name, chosen.name) for name in names}
     setattr(model, ORIGINALS_ATTR, originals)  # a plain dict: not registered as submodules

@@ -25,7 +25,7 @@ from nvfp4bench import results
 from nvfp4bench.config import RunConfig, check_image_size
 from nvfp4bench.data import SliceDataset, SliceStore, ensure_synthetic_store, load_folds
 from nvfp4bench.models import build_model
-from nvfp4bench.quant.backends import Backend, get_backend
+from nvfp4bench.quant.backends import Backend, format_kwargs, get_backend
 from nvfp4bench.quant.formats import get_format
 from nvfp4bench.quant.recipes import Recipe, get_recipe
 from nvfp4bench.quant.swap import quantize_model
@@ -119,7 +119,7 @@ def setup(config: RunConfig) -> CellRun:
     precision = resolve_precision(config.precision, recipe, device, backend)
     # the backend's refusals come first: before any data or model is built
     fmt = get_format(config.format)
-    backend.preflight(recipe, device, AUTOCAST_DTYPES[precision], fmt)
+    backend.preflight(recipe, device, AUTOCAST_DTYPES[precision], **format_kwargs(fmt))
     if config.data is None:
         store_dir = Path(ensure_synthetic_store(progress=config.progress))
     else:

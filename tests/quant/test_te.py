@@ -108,6 +108,18 @@ def test_parse_version(text, parsed):
     assert te_backend.parse_version(text) == parsed
 
 
+def test_formats_other_than_nvfp4_are_refused_before_anything_else():
+    from nvfp4bench.quant.backends import get_backend
+    from nvfp4bench.quant.formats import FORMATS
+    te = get_backend("te")
+    for name in ("mxfp4", "mxfp8", "nvfp4_4over6"):
+        with pytest.raises(TEUnavailable, match=f"runs the nvfp4 format only, not {name}; use "
+                                                f"--backend emulator for --format {name}"):
+            te.preflight(get_recipe("nvfp4_full"), torch.device("cpu"), None, FORMATS[name])
+    assert te.preflight(get_recipe("baseline"), torch.device("cpu"), None,
+                        FORMATS["mxfp4"]) is None  # a baseline quantizes nothing
+
+
 def test_version_refusals():
     with pytest.raises(TEUnavailable, match="not installed"):
         te_backend.check_te_version(None)
