@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from nvfp4bench.quant import four_over_six, mx
-from nvfp4bench.quant.nvfp4 import (BLOCK, NVFP4Tensor, _e2m1_values, _tensor_amax, block_amax,
-                                    check_sr, dequantize_blocks, draw_noise, prepare_operand,
-                                    row_blocks, tile_amax)
+from nvfp4bench.quant.nvfp4 import (BLOCK, NVFP4Tensor, block_amax, check_sr, dequantize_blocks,
+                                    draw_noise, e2m1_values, prepare_operand, row_blocks,
+                                    tensor_amax, tile_amax)
 from nvfp4bench.quant.nvfp4 import dequantize as nvfp4_dequantize
 from nvfp4bench.quant.nvfp4 import quantize as nvfp4_quantize
 
@@ -184,7 +184,7 @@ def _four_over_six_blocks(x: torch.Tensor, fmt: Format, two_d: bool, amax):
     x3 = row_blocks(x)
     tile_rows = fmt.tile(two_d)[0]
     bamax = tile_amax(block_amax(x3), tile_rows)
-    amax = _tensor_amax(bamax, amax, x.device)
+    amax = tensor_amax(bamax, amax, x.device)
     scale, encode, s_dec, _ = four_over_six.choose_scales(
         x3, bamax, amax, bound=fmt.e4m3_bound, mode=fmt.four_over_six, tile_rows=tile_rows)
     return x3, scale, encode, s_dec
@@ -257,7 +257,7 @@ def quantize(x: torch.Tensor, *, format: str | Format | None = None, tile=(1, BL
         x3, scale, encode, s_dec = _four_over_six_blocks(x, fmt, two_d, amax)
         if noise is not None:
             noise = noise.view(x3.shape)
-        values = _e2m1_values(x3, encode, noise, sr_mode if sr else "rn").view(x.shape)
+        values = e2m1_values(x3, encode, noise, sr_mode if sr else "rn").view(x.shape)
         return BlockScaledTensor(values, scale.squeeze(-1).to(torch.float8_e4m3fn), s_dec, fmt,
                                  fmt.tile(two_d))
 

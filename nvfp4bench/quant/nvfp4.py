@@ -144,7 +144,7 @@ def block_scales_f32(bamax: torch.Tensor, amax: torch.Tensor, to_e4m3=e4m3_cast)
     return scale, encode, s_dec
 
 
-def _tensor_amax(bamax: torch.Tensor, amax, device) -> torch.Tensor:
+def tensor_amax(bamax: torch.Tensor, amax, device) -> torch.Tensor:
     """The given amax as an fp32 0-d tensor, or the max of the block amaxes."""
     if amax is not None:
         return torch.as_tensor(amax, dtype=torch.float32, device=device)
@@ -329,7 +329,7 @@ def tile_amax(bamax: torch.Tensor, tile_rows: int) -> torch.Tensor:
     return tiles.expand(-1, tile_rows, -1, -1).reshape(m, kb, 1)
 
 
-def _e2m1_values(x3, encode, noise, mode: str, grid_steps=grid_steps_bits) -> torch.Tensor:
+def e2m1_values(x3, encode, noise, mode: str, grid_steps=grid_steps_bits) -> torch.Tensor:
     """``e2m1(fl(x * enc_b))``, signed. SR works on magnitudes and restores x's sign at the end:
     exact, as IEEE products and the rounding are symmetric in the sign."""
     if noise is None:
@@ -346,7 +346,7 @@ def dequantize_blocks(x3, scale, encode, s_dec, noise, mode: str, out=None,
     how the E2M1 cast finds its grid step (``grid_steps_bits`` or ``grid_steps_compare``: the
     same bits).
     """
-    values = _e2m1_values(x3, encode, noise, mode, grid_steps)
+    values = e2m1_values(x3, encode, noise, mode, grid_steps)
     return torch.mul(values * scale, s_dec, out=out)
 
 
@@ -452,10 +452,10 @@ def _quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str, amax)
     """quantize of a prepared 2-D tensor (always eager: not the hot path)."""
     x3 = row_blocks(x)
     bamax = tile_amax(block_amax(x3), tile[0])
-    amax = _tensor_amax(bamax, amax, x.device)
+    amax = tensor_amax(bamax, amax, x.device)
     scale, encode, _ = block_scales_f32(bamax, amax)
     noise = draw_noise(x3.shape, generator, sr_mode, x.device) if sr else None
-    values = _e2m1_values(x3, encode, noise, sr_mode if sr else "rn")  # signed
+    values = e2m1_values(x3, encode, noise, sr_mode if sr else "rn")  # signed
     return NVFP4Tensor(codes=_codes_of(values, x3).view(x.shape),
                        scales=scale.squeeze(-1).to(torch.float8_e4m3fn), amax=amax, tile=tile)
 
