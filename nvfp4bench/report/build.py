@@ -135,11 +135,15 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
         out.append(f"\n**Synthetic data**: `{view.name}` is simulated tumours on a brain template; "
                    "these numbers test the pipeline and say nothing about real patients.")
     n_complete = sum(c.complete for c in view.cells)
+    expected = len(view.cells) + len(view.missing)
+    full = len(view.archs) * len(view.scales) * len(view.recipes) * len(view.blocks)
+    shape = (f"archs x scales x recipes x {proto.blocks} = {len(view.archs)} x "
+             f"{len(view.scales)} x {len(view.recipes)} x {len(view.blocks)}" if expected == full
+             else f"each arch x scale: the recipes run there x the {proto.blocks} it has cells "
+                  f"of; run matrices of different shapes share this folder")
     out.append(f"\nCells: {len(view.cells)} found, {n_complete} complete, "
                f"{len(view.cells) - n_complete} not complete, {len(view.missing)} missing of the "
-               f"{len(view.archs) * len(view.scales) * len(view.recipes) * len(view.blocks)} "
-               f"expected (archs x scales x recipes x {proto.blocks} = {len(view.archs)} x "
-               f"{len(view.scales)} x {len(view.recipes)} x {len(view.blocks)}).")
+               f"{expected} expected ({shape}).")
 
     conflicts = consistency_problems(view)
     if conflicts:

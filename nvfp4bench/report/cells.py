@@ -219,6 +219,24 @@ class DatasetView:
                 if (v := metric_value(c, metric)) is not None}
 
 
+def missing_cells(mine: list[CellResult], name: str, archs, scales, recipes, by_key) -> list:
+    """The keys of the cells missing from each arch x scale's own grid: the recipes run at that
+    arch x scale times the (fold, seed) blocks it has any cell of. Run matrices of different
+    shapes in one folder (the hold-out matrix's 4 arms at one seed beside the multi-seed
+    matrix's 2 arms at 5 seeds, or a format run for some recipes only) are then not counted as
+    missing each other's cells; a cell missing inside its own matrix is."""
+    missing = []
+    for arch, scale in product(archs, scales):
+        here = [c for c in mine if (c.arch, c.scale) == (arch, scale)]
+        mine_recipes = {c.recipe for c in here}
+        blocks = sorted({c.block for c in here})
+        missing += [(name, arch, scale, recipe, fold, seed)
+                    for recipe in recipes if recipe in mine_recipes
+                    for fold, seed in blocks
+                    if (name, arch, scale, recipe, fold, seed) not in by_key]
+    return missing
+
+
 def dataset_views(cells: list[CellResult], eval_set: str = "test") -> list[DatasetView]:
     """One view per dataset and split protocol present (datasets sorted, protocols in SPLITS
     order); a view's blocks are the (fold, seed) grid of its own cells. ``eval_set``: the
@@ -232,8 +250,7 @@ def dataset_views(cells: list[CellResult], eval_set: str = "test") -> list[Datas
         recipes = ordered({c.recipe for c in mine}, tuple(RECIPES))
         folds, seeds = sorted({c.fold for c in mine}), sorted({c.seed for c in mine})
         by_key = {c.key: c for c in mine}
-        missing = [k for k in product([name], archs, scales, recipes, folds, seeds)
-                   if k not in by_key]
+        missing = missing_cells(mine, name, archs, scales, recipes, by_key)
         flags = {c.synthetic for c in mine if c.synthetic is not None}
         synthetic = True if True in flags else (False if flags == {False} else None)
         blocks = [(f, s) for f in folds for s in seeds]

@@ -592,3 +592,21 @@ def test_a_report_without_other_formats_has_no_format_section(results, tmp_path)
     R.build_report(results, tmp_path / "rep", figures=False)
     assert "block format" not in (tmp_path / "rep" / "report.md").read_text()
     assert (tmp_path / "rep" / "formats.csv").read_text().count("\n") == 1  # the header
+
+
+def test_matrices_of_different_shapes_do_not_count_each_others_cells_as_missing(tmp_path):
+    """The hold-out matrix (cnn and vit at one seed) beside a multi-seed one (cnn only, three
+    seeds, one cell not run yet): only that cell is missing, not vit at the other seeds."""
+    root = tmp_path / "results"
+    for arch in ("cnn", "vit"):
+        for recipe in ("baseline", "nvfp4_full"):
+            _write_holdout(root, arch, recipe, SEED, _holdout_cell(arch, recipe, SEED))
+    for seed in (SEED + 1, SEED + 2):
+        for recipe in ("baseline", "nvfp4_full"):
+            if (recipe, seed) != ("nvfp4_full", SEED + 2):
+                _write_holdout(root, "cnn", recipe, seed, _holdout_cell("cnn", recipe, seed))
+    out = R.build_report(root, tmp_path / "rep", figures=False)
+    (view,) = out["views"]
+    assert [m[1:] for m in view.missing] == [("cnn", "tiny", "nvfp4_full", 0, SEED + 2)]
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "1 missing of the 8 expected (each arch x scale: the recipes run there" in report
