@@ -7,7 +7,8 @@ a time cap; a stage that fails or runs out of time reports FAIL and the next one
 
   env          torch / CUDA / GPU / capability, TF32 flags, which quantizer kernels the checks
                and the trainer run on the device
-  tests        pytest: tests/quant/test_nvfp4_device.py (exactness tests on the device) and the
+  tests        pytest: tests/quant/test_nvfp4_device.py (exactness tests on the device, the
+               other block formats against the CPU among them) and the
                CUDA-only tests of tests/quant/test_layers.py, from a checkout's tests/ folder
                (``--tests DIR``; skipped where the package was installed without one)
   ops          elementwise arithmetic of the quantizer, device vs CPU, bit for bit

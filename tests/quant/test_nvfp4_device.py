@@ -115,3 +115,23 @@ def test_rht_on_device(device):
         torch.device(device))  # made once per device
     x = _adversarial(5)
     assert torch.equal(_bits(rht(x.to(device))), _bits(rht(x)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", ["nvfp4_4over6", "nvfp4_4over6_mse", "mxfp4", "mxfp4_rceil",
+                                 "mxfp8", "mxfp8_even"])
+def test_formats_on_cuda_equal_the_cpu(fmt):
+    """The other block formats on the GPU, RN and SR (the same random bits through
+    ``shared_noise``), 1-D blocks and 2-D tiles: the CPU's bits (the CPU's are tested against
+    torchao and the write-up in tests/quant/test_formats*.py)."""
+    for seed in range(2):
+        x = _adversarial(seed)
+        for tile in ((1, 16), (16, 16)):
+            assert torch.equal(_bits(fake_quantize(x.cuda(), format=fmt, tile=tile)),
+                               _bits(fake_quantize(x, format=fmt, tile=tile))), (fmt, tile)
+            runs = []
+            for dev in ("cuda", "cpu"):
+                with nvfp4.shared_noise(torch.Generator().manual_seed(seed)):
+                    runs.append(fake_quantize(x.to(dev), format=fmt, tile=tile, sr=True,
+                                              generator=torch.Generator(dev).manual_seed(0)))
+            assert torch.equal(_bits(runs[0]), _bits(runs[1])), (fmt, tile, "SR")
