@@ -179,15 +179,15 @@ def _mx_dequantize(values: torch.Tensor, codes: torch.Tensor, block: int) -> tor
 
 
 def _four_over_six_blocks(x: torch.Tensor, fmt: Format, two_d: bool, amax):
-    """(x3, s_b, enc_b, S_dec) of a four-over-six quantization of the prepared x: its blocks
-    (rows, K/16, 16) and the kept scales."""
+    """(x3, s_b, enc_b, S_dec, product) of a four-over-six quantization of the prepared x: its
+    blocks (rows, K/16, 16), the kept scales and the kept RN candidate's ``fl(q * s_b)``."""
     x3 = row_blocks(x)
     tile_rows = fmt.tile(two_d)[0]
     bamax = tile_amax(block_amax(x3), tile_rows)
     amax = tensor_amax(bamax, amax, x.device)
-    scale, encode, s_dec, _ = four_over_six.choose_scales(
+    scale, encode, s_dec, _, product = four_over_six.choose_scales(
         x3, bamax, amax, bound=fmt.e4m3_bound, mode=fmt.four_over_six, tile_rows=tile_rows)
-    return x3, scale, encode, s_dec
+    return x3, scale, encode, s_dec, product
 
 
 def fake_quantize_prepared(x: torch.Tensor, fmt: Format, two_d: bool, noise, mode: str,
@@ -219,10 +219,10 @@ def _fake_quantize_rows(x: torch.Tensor, fmt: Format, two_d: bool, noise, mode: 
     if fmt.scale == "e8m0":
         values, codes = _mx_blocks(x, fmt, two_d, noise, mode)
         return _mx_dequantize(values, codes, fmt.block)
-    x3, scale, encode, s_dec = _four_over_six_blocks(x, fmt, two_d, amax)
-    if noise is not None:
-        noise = noise.view(x3.shape)
-    return dequantize_blocks(x3, scale, encode, s_dec, noise, mode).view(x.shape)
+    x3, scale, encode, s_dec, product = _four_over_six_blocks(x, fmt, two_d, amax)
+    if noise is None:  # RN: x_hat = fl(fl(q * s_b) * S_dec) from the kept candidate
+        return (product * s_dec).view(x.shape)
+    return dequantize_blocks(x3, scale, encode, s_dec, noise.view(x3.shape), mode).view(x.shape)
 
 
 def _two_d(tile) -> bool:
@@ -254,7 +254,7 @@ def quantize(x: torch.Tensor, *, format: str | Format | None = None, tile=(1, BL
         if fmt.scale == "e8m0":
             values, codes = _mx_blocks(x, fmt, two_d, noise, sr_mode)
             return BlockScaledTensor(values, codes.to(torch.uint8), None, fmt, fmt.tile(two_d))
-        x3, scale, encode, s_dec = _four_over_six_blocks(x, fmt, two_d, amax)
+        x3, scale, encode, s_dec, _ = _four_over_six_blocks(x, fmt, two_d, amax)
         if noise is not None:
             noise = noise.view(x3.shape)
         values = e2m1_values(x3, encode, noise, sr_mode if sr else "rn").view(x.shape)

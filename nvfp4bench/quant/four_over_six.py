@@ -52,16 +52,17 @@ def candidate_scales(bamax: torch.Tensor, amax: torch.Tensor, bound: float):
 
 
 def block_errors(x3: torch.Tensor, scale: torch.Tensor, encode: torch.Tensor,
-                 amax: torch.Tensor, bound: float, mode: str) -> torch.Tensor:
-    """err_k of each block (rows, K/16, 1) of x3 (rows, K/16, 16) for one candidate: the sum of
-    the 16 element errors, accumulated element 0 first, as TE's kernel does."""
-    q = round_e2m1_rn(x3 * encode)
-    d = ((q * scale) * amax) / (E2M1_MAX * bound) - x3
+                 amax: torch.Tensor, bound: float, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(err_k, fl(q_k * s_k))`` for one candidate: err_k of each block (rows, K/16, 1) of x3
+    (rows, K/16, 16), the sum of the 16 element errors accumulated element 0 first, as TE's
+    kernel does; and the candidate's products, which x_hat is made from."""
+    product = round_e2m1_rn(x3 * encode) * scale
+    d = (product * amax) / (E2M1_MAX * bound) - x3
     per_element = (d.abs() if mode == "mae" else d * d).movedim(-1, 0).contiguous()
     total = per_element[0].clone()
     for term in per_element[1:]:  # 15 adds over all blocks at once, in TE's order
         total += term
-    return total.unsqueeze(-1)
+    return total.unsqueeze(-1), product
 
 
 def tile_errors(errors: torch.Tensor, tile_rows: int) -> torch.Tensor:
@@ -79,16 +80,17 @@ def tile_errors(errors: torch.Tensor, tile_rows: int) -> torch.Tensor:
 
 def choose_scales(x3: torch.Tensor, bamax: torch.Tensor, amax: torch.Tensor, *, bound: float,
                   mode: str, tile_rows: int = 1):
-    """``(s_b, enc_b, S_dec, keeps_4)`` of four over six for the blocks of x3 (rows, K/16, 16),
-    bamax the amax of each block's tile (rows, K/16, 1), amax the tensor's (0-d fp32)."""
+    """``(s_b, enc_b, S_dec, keeps_4, product)`` of four over six for the blocks of x3 (rows,
+    K/16, 16), bamax the amax of each block's tile (rows, K/16, 1), amax the tensor's (0-d fp32);
+    ``product`` is the kept RN candidate's ``fl(q * s_b)`` (x_hat = fl(product * S_dec))."""
     if mode not in ERROR_MODES:
         raise ValueError(f"four over six: error mode must be one of {ERROR_MODES}, got {mode!r}")
     if bound not in E4M3_BOUNDS:
         raise ValueError(f"four over six: the E4M3 bound must be one of {E4M3_BOUNDS}, "
                          f"got {bound!r}")
     scale4, scale6, encode4, encode6, s_dec = candidate_scales(bamax, amax, bound)
-    error4 = tile_errors(block_errors(x3, scale4, encode4, amax, bound, mode), tile_rows)
-    error6 = tile_errors(block_errors(x3, scale6, encode6, amax, bound, mode), tile_rows)
-    keeps_4 = error4 < error6
+    error4, product4 = block_errors(x3, scale4, encode4, amax, bound, mode)
+    error6, product6 = block_errors(x3, scale6, encode6, amax, bound, mode)
+    keeps_4 = tile_errors(error4, tile_rows) < tile_errors(error6, tile_rows)
     return (torch.where(keeps_4, scale4, scale6), torch.where(keeps_4, encode4, encode6), s_dec,
-            keeps_4)
+            keeps_4, torch.where(keeps_4, product4, product6))
