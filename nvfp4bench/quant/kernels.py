@@ -1,6 +1,8 @@
 """How ``fake_quantize``, the QAT hot path, runs: eager PyTorch or compiled kernels.
 
-The arithmetic is ``nvfp4bench.quant.nvfp4``'s; this module only executes it.
+The arithmetic is ``nvfp4bench.quant.nvfp4``'s; this module only executes it. The other block
+formats (``format=``: MXFP4, MXFP8, four over six) run ``formats.fake_quantize_prepared``, in
+eager PyTorch whatever the kernels.
 
 Kernels (speed only; the bits are the same)
 -------------------------------------------
