@@ -173,9 +173,12 @@ def _mx_blocks(x: torch.Tensor, fmt: Format, two_d: bool, noise, mode: str):
 
 
 def _mx_dequantize(values: torch.Tensor, codes: torch.Tensor, block: int) -> torch.Tensor:
+    """``fl(element * 2^(c - 127))`` of (M, K) element values and their (M, ceil(K / block))
+    codes, block by block."""
     m, k = values.shape
-    scale = mx.e8m0_values(codes).repeat_interleave(block, dim=1)[:, :k]
-    return values * scale
+    padded = _padded(values, 1, block)
+    x_hat = padded.view(m, -1, block) * mx.e8m0_values(codes).unsqueeze(-1)
+    return x_hat.view(m, -1)[:, :k]
 
 
 def _four_over_six_blocks(x: torch.Tensor, fmt: Format, two_d: bool, amax):
