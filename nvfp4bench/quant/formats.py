@@ -92,9 +92,10 @@ def _mx(name: str, element: mx.Element, rule: str, description: str) -> Format:
     return Format(name, element, MX_BLOCK, "e8m0", description, scale_rule=rule)
 
 
-_MX_RULES = {"floor": "the OCP v1.0 rule, floor(log2 amax) - p",
-             "ceil": "ceil(log2 amax) - p", "even": "amax rounded to the element's mantissa first",
-             "rceil": "the exact ceiling of log2(amax / max) (cuBLAS, TE)"}
+_MX_RULES = {"floor": "OCP v1.0: 2^floor(log2 amax) over the element's largest power of two",
+             "ceil": "2^ceil(log2 amax) over the element's largest power of two",
+             "even": "amax rounded to the element's mantissa bits, then as floor",
+             "rceil": "the smallest power of two >= amax / the element's max, as cuBLAS and TE"}
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     _nvfp4_family("nvfp4", "NVFP4: E2M1, 16-element blocks, E4M3 scales, fp32 tensor scale"),
