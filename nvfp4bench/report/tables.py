@@ -47,7 +47,8 @@ def metric_bounds(metric: str) -> tuple[float, float]:
 
 # Options that may differ between the cells of one arch x scale without making them incomparable:
 # the cell's identity, where and how it ran, and the precision each baseline recipe resolves to.
-IDENTITY_OPTIONS = frozenset({"arch", "scale", "recipe", "fold", "seed", "split"})
+# what names a cell (the format is part of its variant, <recipe>@<format>)
+IDENTITY_OPTIONS = frozenset({"arch", "scale", "recipe", "format", "fold", "seed", "split"})
 FREE_OPTIONS = NON_RESULT_FIELDS | {"device", "data", "precision", "diagnostics"}
 
 

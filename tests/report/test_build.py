@@ -582,6 +582,7 @@ def test_formats_are_compared_with_nvfp4_under_the_same_recipe(results, tmp_path
     assert [rows["mxfp4"]["holm_p"], rows["nvfp4_4over6"]["holm_p"]] == pytest.approx(holm)
     report = (tmp_path / "before" / "report.md").read_text()
     assert "each block format against nvfp4 under the same recipe" in report
+    assert "should not be compared" not in report  # the format names a cell, like the recipe
     assert "| cnn | tiny | 2d_rht_sr | mxfp4 | 5 |" in report
     assert {r["recipe"] for r in before["comparison"]} >= {"2d_rht_sr@mxfp4", "nvfp4_full"}
     with open(tmp_path / "before" / "formats.csv") as f:
