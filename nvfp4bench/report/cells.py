@@ -220,21 +220,25 @@ class DatasetView:
 
 
 def missing_cells(mine: list[CellResult], name: str, archs, scales, recipes, by_key) -> list:
-    """The keys of the cells missing from each arch x scale's own grid: the recipes run at that
-    arch x scale times the (fold, seed) blocks it has any cell of. Run matrices of different
-    shapes in one folder (the hold-out matrix's 4 arms at one seed beside the multi-seed
-    matrix's 2 arms at 5 seeds, or a format run for some recipes only) are then not counted as
-    missing each other's cells; a cell missing inside its own matrix is."""
+    """The keys of the cells missing from each arch x scale's own grid, one per block format:
+    the recipes run at that arch x scale in that format times the (fold, seed) blocks it has any
+    cell of in that format (the baseline, which has no format, counts as nvfp4). Run matrices of
+    different shapes in one folder (the hold-out matrix's 4 arms at one seed beside the
+    multi-seed matrix's 2 arms at 5 seeds, or some recipes in other formats at one seed) are
+    then not counted as missing each other's cells; a cell missing inside its own matrix is."""
     missing = []
     for arch, scale in product(archs, scales):
         here = [c for c in mine if (c.arch, c.scale) == (arch, scale)]
-        mine_recipes = {c.recipe for c in here}
-        blocks = sorted({c.block for c in here})
-        missing += [(name, arch, scale, recipe, fold, seed)
-                    for recipe in recipes if recipe in mine_recipes
-                    for fold, seed in blocks
-                    if (name, arch, scale, recipe, fold, seed) not in by_key]
-    return missing
+        for fmt in dict.fromkeys(split_variant(c.recipe)[1] for c in here):
+            group = [c for c in here if split_variant(c.recipe)[1] == fmt]
+            run = {c.recipe for c in group}
+            blocks = sorted({c.block for c in group})
+            missing += [(name, arch, scale, recipe, fold, seed)
+                        for recipe in recipes if recipe in run
+                        for fold, seed in blocks
+                        if (name, arch, scale, recipe, fold, seed) not in by_key]
+    return sorted(missing, key=lambda k: (archs.index(k[1]), scales.index(k[2]),
+                                          recipes.index(k[3]), k[4], k[5]))
 
 
 def dataset_views(cells: list[CellResult], eval_set: str = "test") -> list[DatasetView]:

@@ -597,7 +597,8 @@ def test_a_report_without_other_formats_has_no_format_section(results, tmp_path)
 
 def test_matrices_of_different_shapes_do_not_count_each_others_cells_as_missing(tmp_path):
     """The hold-out matrix (cnn and vit at one seed) beside a multi-seed one (cnn only, three
-    seeds, one cell not run yet): only that cell is missing, not vit at the other seeds."""
+    seeds, one cell not run yet) and one cnn recipe in mxfp4 at one seed: only that cell is
+    missing, not vit or the mxfp4 cell at the other seeds."""
     root = tmp_path / "results"
     for arch in ("cnn", "vit"):
         for recipe in ("baseline", "nvfp4_full"):
@@ -606,8 +607,13 @@ def test_matrices_of_different_shapes_do_not_count_each_others_cells_as_missing(
         for recipe in ("baseline", "nvfp4_full"):
             if (recipe, seed) != ("nvfp4_full", SEED + 2):
                 _write_holdout(root, "cnn", recipe, seed, _holdout_cell("cnn", recipe, seed))
+    obj = _holdout_cell("cnn", "nvfp4_full", SEED)  # one recipe in another format, one seed
+    obj["config"]["format"] = "mxfp4"
+    path = root / "synthetic" / "cnn" / "tiny" / "nvfp4_full@mxfp4" / f"holdout_seed{SEED}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(obj))
     out = R.build_report(root, tmp_path / "rep", figures=False)
     (view,) = out["views"]
     assert [m[1:] for m in view.missing] == [("cnn", "tiny", "nvfp4_full", 0, SEED + 2)]
     report = (tmp_path / "rep" / "report.md").read_text()
-    assert "1 missing of the 8 expected (each arch x scale: the recipes run there" in report
+    assert "1 missing of the 9 expected (each arch x scale: the recipes run there" in report
