@@ -15,6 +15,7 @@ from torch import nn
 
 from nvfp4bench.quant import nvfp4, twins
 from nvfp4bench.quant.backends import get_backend
+from nvfp4bench.quant.formats import FORMATS
 from nvfp4bench.quant.recipes import get_recipe
 from nvfp4bench.quant.te.linear import TELinear
 
@@ -31,7 +32,9 @@ class QuantSpec:
     """Which copy of a 2-D tensor x (M, K) to make, as TE's quantizer makes it.
 
     columnwise: quantize x^T (K, M), blocks along M (the wgrad / dgrad copies); rht: rotate the
-    blocks of x^T by the RHT first (needs bf16 input on TE); sr: stochastic rounding.
+    blocks of x^T by the RHT first (needs bf16 input on TE); sr: stochastic rounding; format:
+    the block format (``formats.FORMATS``); ``tile`` (BLOCK, BLOCK) means 2-D tiles of the
+    format's own block (32x32 for MX).
     """
 
     name: str
@@ -39,16 +42,19 @@ class QuantSpec:
     columnwise: bool = False
     rht: bool = False
     sr: bool = False
+    format: str = "nvfp4"
 
 
 @dataclass(frozen=True)
 class QuantOut:
     """One quantized copy, on the CPU: codes uint8 (R, C) 0..15, scales uint8 (R, C/16) (the
-    E4M3 bytes), amax fp32 0-d. (R, C) = (M, K) rowwise, (K, M) columnwise."""
+    E4M3 bytes), amax fp32 0-d. (R, C) = (M, K) rowwise, (K, M) columnwise. In another format:
+    codes are the E2M1 codes or the E4M3 bytes, scales (R, C/block) the scale bytes (E4M3 or
+    E8M0), amax None for MX (no tensor scale)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
-    amax: torch.Tensor
+    amax: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,8 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class LayerCase:
-    """One linear layer step: x (M, K), weight (N, K) fp32, bias (N,) or None, dy (M, N)."""
+    """One linear layer step: x (M, K), weight (N, K) fp32, bias (N,) or None, dy (M, N), in
+    ``format``."""
 
     name: str
     recipe: str
@@ -69,6 +76,7 @@ class LayerCase:
     weight: torch.Tensor
     bias: torch.Tensor | None
     dy: torch.Tensor
+    format: str = "nvfp4"
 
 
 Quantizer = Callable[[torch.Tensor, QuantSpec], QuantOut]
@@ -81,6 +89,16 @@ BIT_EXACT_SPECS = (
     QuantSpec("columnwise 16x16", tile=(BLOCK, BLOCK), columnwise=True),
     QuantSpec("columnwise RHT 1x16", columnwise=True, rht=True),
 )
+# The other formats TE has (``quant.te.runtime.TE_RECIPE_CLASSES``): every copy its quantizers
+# make (four over six: no RHT, no SR; MXFP8: 1x32 and 32x32, no RHT, no SR).
+FORMAT_SPECS = tuple(
+    QuantSpec(f"{fmt} {side} {size}", tile=tile, columnwise=side == "columnwise", format=fmt)
+    for fmt, block in (("nvfp4_4over6", BLOCK), ("nvfp4_4over6_mse", BLOCK), ("mxfp8_te", 32))
+    for side in ("rowwise", "columnwise")
+    for size, tile in ((f"1x{block}", (1, BLOCK)), (f"{block}x{block}", (BLOCK, BLOCK))))
+# (recipe, format) of the layer checks in the other formats: the recipes TE runs in each.
+FORMAT_LAYER_CASES = (("fwd_only", "nvfp4_4over6"), ("chain_rule", "nvfp4_4over6_mse"),
+                      ("nvfp4_full", "mxfp8_te"), ("fwd_rht", "mxfp8_te"))
 SR_SPECS = (
     QuantSpec("rowwise 1x16 SR", sr=True),
     QuantSpec("columnwise RHT 1x16 SR", columnwise=True, rht=True, sr=True),
@@ -151,7 +169,11 @@ def make_sr_inputs(seed: int = 2026) -> dict[str, torch.Tensor]:
 def applicable(x: torch.Tensor, spec: QuantSpec) -> bool:
     """Whether the (input, copy) pair is compared. The RHT can grow a value by up to 4x
     (a 16-vector's energy can gather in one element): inputs above bf16's max / 4 may overflow
-    to inf in the rotation, where neither TE nor docs/nvfp4.md defines the result."""
+    to inf in the rotation, where neither TE nor docs/nvfp4.md defines the result. TE's MXFP8
+    quantizes tensors whose dimensions are multiples of 32 only."""
+    if FORMATS[spec.format].block > BLOCK and any(d % FORMATS[spec.format].block
+                                                  for d in x.shape):
+        return False
     if not spec.rht or x.numel() == 0:
         return True
     return float(x.float().abs().max()) <= torch.finfo(torch.bfloat16).max / 4
@@ -168,22 +190,26 @@ def spec_input(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def make_layer_cases(seed: int = 2026, device: str | torch.device = "cpu",
                      recipes: Sequence[str] = LAYER_RECIPES, tokens: int = 48,
-                     ragged: bool = False) -> list[LayerCase]:
-    """One (x bf16, weight fp32, bias, dy bf16) step per recipe; ``ragged`` adds a case whose
-    token count (40) is not a multiple of 16 (TELinear zero-pads it)."""
+                     ragged: bool = False,
+                     formats: Sequence[tuple[str, str]] = ()) -> list[LayerCase]:
+    """One (x bf16, weight fp32, bias, dy bf16) step per recipe in nvfp4, then one per
+    (recipe, format) of ``formats``; ``ragged`` adds a case whose token count (40) is not a
+    multiple of 16 (TELinear zero-pads it)."""
     g = torch.Generator().manual_seed(seed)
     k, n = 64, 32
-    shapes = [(recipe, tokens) for recipe in recipes]
+    shapes = [(recipe, tokens, "nvfp4") for recipe in recipes]
     if ragged:
-        shapes.append((recipes[0], 40))
+        shapes.append((recipes[0], 40, "nvfp4"))
+    shapes += [(recipe, tokens, fmt) for recipe, fmt in formats]
     cases = []
-    for recipe, m in shapes:
+    for recipe, m, fmt in shapes:
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         w = torch.randn(n, k, generator=g) / math.sqrt(k)
         b = torch.randn(n, generator=g) * 0.1
         dy = torch.randn(m, n, generator=g).to(torch.bfloat16)
-        cases.append(LayerCase(f"{recipe} M={m}", recipe, x.to(device), w.to(device),
-                               b.to(device), dy.to(device)))
+        label = f"{recipe} M={m}" if fmt == "nvfp4" else f"{recipe} {fmt} M={m}"
+        cases.append(LayerCase(label, recipe, x.to(device), w.to(device), b.to(device),
+                               dy.to(device), fmt))
     return cases
 
 
@@ -219,13 +245,16 @@ def emulator_layer_runner(case: LayerCase) -> dict[str, torch.Tensor]:
     """One step of ``twins.quantized(nn.Linear)`` (SR off, so the generator is never drawn)."""
     linear = _linear_for(case)
     generator = torch.Generator(device=case.x.device).manual_seed(0)
-    layer = twins.quantized(linear, get_recipe(case.recipe), generator=generator)
+    layer = twins.quantized(linear, get_recipe(case.recipe), generator=generator,
+                            format=case.format)
     return _step(layer, linear, case, _compute_context(case.x.device))
 
 
 def te_layer_runner(case: LayerCase) -> dict[str, torch.Tensor]:
     """One step of the te backend's ``TELinear`` in the backend's run context."""
     linear = _linear_for(case)
-    layer = TELinear(linear, f"verify[{case.name}]")
-    context = get_backend("te").context(get_recipe(case.recipe), case.x.device, torch.bfloat16)
+    fmt = FORMATS[case.format]
+    layer = TELinear(linear, f"verify[{case.name}]", fmt.block)
+    context = get_backend("te").context(get_recipe(case.recipe), case.x.device, torch.bfloat16,
+                                        fmt)
     return _step(layer, linear, case, context)

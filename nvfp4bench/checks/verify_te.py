@@ -16,10 +16,16 @@ For a user with a Blackwell GPU and TE >= 2.14. Three kinds of checks, each a ro
    ``y = fl(x * enc_b)`` with y's sign; the mean error of the two sides agrees (within 5
    standard errors plus step/256, the bias allowance of 8-bit hardware SR); the per-element
    round-up frequencies agree (a chi-square-like ratio, ~1 when both draw from the same law).
+Formats (``FORMAT_SPECS``): the same bit-exact check for the other formats TE has, each copy
+its quantizers make: ``nvfp4_4over6`` and ``nvfp4_4over6_mse`` (TE's ``NVFP4Quantizer`` with
+``nvfp4_use_4over6``, E4M3 bound 256; rowwise and columnwise, 1x16 and 16x16) and ``mxfp8_te``
+(TE's ``MXFP8Quantizer``: the E4M3 bytes and the E8M0 scale bytes; rowwise and columnwise, 1x32
+and 32x32; inputs whose dimensions are multiples of 32). MX formats have no amax to compare.
+
 3. One forward and backward of a linear layer (``te.Linear`` through the te backend's
    ``TELinear`` vs the emulator's ``twins.quantized(nn.Linear)``), SR off, for every recipe TE
-   can express without SR: output, dX, dW and db agree to a relative RMS error of
-   ``LAYER_REL_TOL``. Not bit-exact: the quantized operands are, but the GEMMs accumulate in a
+   can express without SR, and for each (recipe, format) of ``FORMAT_LAYER_CASES``: output,
+   dX, dW and db agree to a relative RMS error of ``LAYER_REL_TOL``. Not bit-exact: the quantized operands are, but the GEMMs accumulate in a
    different order, and TE's dequantized backward rounds operands to bf16.
 
 The comparison logic is pure and takes two "quantizers" (``(x, QuantSpec) -> QuantOut``) and
@@ -32,6 +38,7 @@ refusal message is printed, no traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -39,13 +46,15 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from nvfp4bench import options
-from nvfp4bench.checks.te_cases import (BIT_EXACT_SPECS, BLOCK, FLT_MAX, LAYER_REL_TOL,
+from nvfp4bench.checks.te_cases import (BIT_EXACT_SPECS, BLOCK, FLT_MAX, FORMAT_LAYER_CASES,
+                                        FORMAT_SPECS, LAYER_REL_TOL,
                                         SR_MEAN_SIGMAS, SR_RATIO_TOL, SR_SPECS, CheckResult,
                                         LayerCase, LayerRunner, Quantizer, QuantOut, QuantSpec,
                                         applicable, emulator_layer_runner, make_inputs,
                                         make_layer_cases, make_sr_inputs, spec_input,
                                         te_layer_runner)
-from nvfp4bench.quant import nvfp4
+from nvfp4bench.quant import formats, nvfp4
+from nvfp4bench.quant.formats import FORMATS
 from nvfp4bench.quant.te.runtime import TEUnavailable, check_te_available, import_te_pytorch
 
 
@@ -58,12 +67,28 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
 
 
+def _format_out(operand: torch.Tensor, spec: QuantSpec) -> QuantOut:
+    """A format other than nvfp4 through ``formats.quantize``: E2M1 codes or E4M3 bytes, the
+    scale bytes, and the tensor amax (None for MX, which has none)."""
+    q = formats.quantize(operand, format=spec.format, tile=spec.tile)
+    if q.format.element.name == "e2m1":
+        codes = nvfp4.e2m1_codes(q.values, operand.float())
+    else:
+        codes = q.values.to(torch.float8_e4m3fn).view(torch.uint8)
+    amax = None if q.s_dec is None else operand.float().abs().amax()
+    return QuantOut(codes=codes.cpu(), scales=q.scales.view(torch.uint8).cpu(),
+                    amax=None if amax is None else amax.reshape(()).cpu())
+
+
 def emulator_quantizer(seed: int = 0) -> Quantizer:
-    """``nvfp4bench.quant.nvfp4.quantize`` as a quantizer; SR draws from one generator seeded ``seed``."""
+    """``nvfp4bench.quant.nvfp4.quantize`` (``formats.quantize`` for another format) as a
+    quantizer; SR draws from one generator seeded ``seed``."""
     generators: dict[str, torch.Generator] = {}
 
     def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantOut:
         operand = (x.t() if spec.columnwise else x).contiguous()
+        if spec.format != "nvfp4":
+            return _format_out(operand, spec)
         generator = None
         if spec.sr:
             key = str(x.device)
@@ -78,23 +103,61 @@ def emulator_quantizer(seed: int = 0) -> Quantizer:
     return quantize
 
 
+def _te_class(te, module: str, name: str):
+    """``te.<name>``, or ``<module>.<name>`` where this TE does not re-export it."""
+    found = getattr(te, name, None)
+    if found is None:
+        found = getattr(importlib.import_module(module), name)  # TE: optional
+    return found
+
+
+def _no_swizzle(t) -> None:
+    if getattr(t, "_with_gemm_swizzled_scales", False):
+        raise RuntimeError("TE returned GEMM-swizzled scales; cannot compare them bytewise")
+
+
 def te_quantizer() -> Quantizer:
-    """TE's ``NVFP4Quantizer`` as a quantizer (needs TE and a Blackwell GPU)."""
+    """TE's ``NVFP4Quantizer`` (and ``MXFP8Quantizer`` for mxfp8_te) as a quantizer (needs TE
+    and a Blackwell GPU)."""
     te = import_te_pytorch()
     import transformer_engine_torch as tex  # Transformer Engine: optional, only with --te
-    NVFP4Quantizer = getattr(te, "NVFP4Quantizer", None)
-    if NVFP4Quantizer is None:  # not re-exported at the top level by some versions
-        from transformer_engine.pytorch.tensor.nvfp4_tensor import NVFP4Quantizer  # TE: optional
+    NVFP4Quantizer = _te_class(te, "transformer_engine.pytorch.tensor.nvfp4_tensor",
+                               "NVFP4Quantizer")
+
+    def quantize_mx(x: torch.Tensor, spec: QuantSpec) -> QuantOut:
+        MXFP8Quantizer = _te_class(te, "transformer_engine.pytorch.tensor.mxfp8_tensor",
+                                   "MXFP8Quantizer")
+        quantizer = MXFP8Quantizer(tex.DType.kFloat8E4M3, rowwise=True,
+                                   columnwise=spec.columnwise,
+                                   with_2d_quantization=spec.tile == (BLOCK, BLOCK))
+        t = quantizer(x.cuda().contiguous())
+        _no_swizzle(t)
+        m, k = x.shape
+        block = FORMATS[spec.format].block
+        # MXFP8 keeps both copies in x's (M, K) layout; the columnwise scales are (M/32, K)
+        if spec.columnwise:
+            codes = t._columnwise_data.view(torch.uint8)[:m, :k].t()
+            scales = t._columnwise_scale_inv.view(torch.uint8)[:m // block, :k].t()
+        else:
+            codes = t._rowwise_data.view(torch.uint8)[:m, :k]
+            scales = t._rowwise_scale_inv.view(torch.uint8)[:m, :k // block]  # padded (128, 4)
+        return QuantOut(codes=codes.contiguous().cpu(), scales=scales.contiguous().cpu(),
+                        amax=None)
 
     def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantOut:
+        fmt = FORMATS[spec.format]
+        if fmt.scale == "e8m0":
+            return quantize_mx(x, spec)
+        four_over_six = ({} if fmt.four_over_six is None else
+                         {"nvfp4_use_4over6": True, "nvfp4_e4m3_max": int(fmt.e4m3_bound),
+                          "nvfp4_4over6_err_mode": fmt.four_over_six.upper()})
         quantizer = NVFP4Quantizer(
             fp4_dtype=tex.DType.kFloat4E2M1, rowwise=True, columnwise=spec.columnwise,
             with_amax_reduction=False, amax_reduction_group=None, with_rht=spec.rht,
             with_post_rht_amax=spec.rht, with_2d_quantization=spec.tile == (BLOCK, BLOCK),
-            stochastic_rounding=spec.sr)
+            stochastic_rounding=spec.sr, **four_over_six)
         t = quantizer(x.cuda().contiguous())
-        if getattr(t, "_with_gemm_swizzled_scales", False):
-            raise RuntimeError("TE returned GEMM-swizzled scales; cannot compare them bytewise")
+        _no_swizzle(t)
         m, k = x.shape
         if spec.columnwise:
             # without the RHT both copies share one amax; TE may store it rowwise only
@@ -143,7 +206,11 @@ def compare_scales(case: str, a: QuantOut, b: QuantOut) -> CheckResult:
 
 
 def compare_amax(case: str, a: QuantOut, b: QuantOut) -> CheckResult:
-    """fp32 amax equal bit for bit."""
+    """fp32 amax equal bit for bit (both None: a format without one, MX)."""
+    if a.amax is None or b.amax is None:
+        passed = a.amax is None and b.amax is None
+        return CheckResult("amax", case, passed, "no amax (MX)" if passed else
+                           "one side has an amax, the other none")
     bits_a = a.amax.float().reshape(1).view(torch.int32)
     bits_b = b.amax.float().reshape(1).view(torch.int32)
     passed = bool(torch.equal(bits_a, bits_b))
@@ -182,8 +249,9 @@ def compare_quantizers(quant_a: Quantizer, quant_b: Quantizer,
             if error is not None:
                 results.append(error)
                 continue
-            results += [compare_codes(case, a, b), compare_scales(case, a, b),
-                        compare_amax(case, a, b)]
+            results += [compare_codes(case, a, b), compare_scales(case, a, b)]
+            if not (a.amax is None and b.amax is None):
+                results.append(compare_amax(case, a, b))
     return results
 
 
@@ -345,7 +413,7 @@ def run_verification(quant_a: Quantizer, quant_b: Quantizer, *,
     """Every check: bit-exact quantization, SR in distribution, and (given runners) layers."""
     inputs = make_inputs(seed) if inputs is None else inputs
     sr_inputs = make_sr_inputs(seed) if sr_inputs is None else sr_inputs
-    results = compare_quantizers(quant_a, quant_b, inputs)
+    results = compare_quantizers(quant_a, quant_b, inputs, BIT_EXACT_SPECS + FORMAT_SPECS)
     for input_name, x in sr_inputs.items():
         for spec in SR_SPECS:
             if spec.rht and x.dtype != torch.bfloat16:
@@ -384,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_verification(
         te_quantizer(), emulator_quantizer(args.seed), layer_a=te_layer_runner,
         layer_b=emulator_layer_runner,
-        layer_cases=make_layer_cases(args.seed, "cuda", ragged=True), seed=args.seed,
+        layer_cases=make_layer_cases(args.seed, "cuda", ragged=True,
+                                     formats=FORMAT_LAYER_CASES), seed=args.seed,
         sr_draws=args.sr_draws)
     print(format_table(results, f"side A: Transformer Engine {info.version} on {info.device} "
                                 f"(sm_{info.capability[0]}{info.capability[1]}); "

@@ -7,8 +7,8 @@ and calls them in this order::
                                        recipe sets one (None: the device's default)
     preflight(recipe, device, dtype, format)  every refusal that needs no model or data (first)
     swap(model, recipe, names, generator=..., kernels=..., format=...) -> {name: backend}
-    context(recipe, device, dtype)     the context every forward runs in (training steps,
-                                       evaluation, diagnostics)
+    context(recipe, device, dtype, format)  the context every forward runs in (training
+                                       steps, evaluation, diagnostics)
 
 ========  ===================================================================================
 backend   what runs the quantized layers
@@ -19,10 +19,11 @@ emulator  the NVFP4 emulator (``twins.py``): plain PyTorch, bit-exact with TE's
 te        Transformer Engine (``te/runtime.py``, ``te/linear.py``): ``te.Linear`` with
           ``NVFP4BlockScaling`` on Blackwell GPUs; convolutions and attention matmuls stay on the
           emulator. Its context is ``torch.autocast`` (bf16) plus
-          ``te.autocast(recipe=NVFP4BlockScaling(...))``.
+          ``te.autocast(recipe=NVFP4BlockScaling(...))`` (``MXFP8BlockScaling`` for mxfp8_te).
 ========  ===================================================================================
 
-The ``format`` argument (``formats.FORMATS``) is passed to ``preflight`` and ``swap`` only for a
+The ``format`` argument (``formats.FORMATS``) is passed to ``preflight``, ``swap`` and ``context``
+only for a
 block format other than the default nvfp4 (``format_kwargs``), so a backend written before
 formats existed keeps working for nvfp4.
 
@@ -57,8 +58,8 @@ class Backend(Protocol):
              generator: torch.Generator | None = None, kernels: str = "eager",
              format: Format = FORMATS[DEFAULT_FORMAT]) -> dict[str, str]: ...
 
-    def context(self, recipe: Recipe, device: torch.device,
-                dtype: torch.dtype | None) -> ContextManager: ...
+    def context(self, recipe: Recipe, device: torch.device, dtype: torch.dtype | None,
+                format: Format = FORMATS[DEFAULT_FORMAT]) -> ContextManager: ...
 
 
 def format_kwargs(format: Format) -> dict:
@@ -96,7 +97,7 @@ class Emulator:
             set_submodule(model, name, twin)
         return {name: self.name for name in names}
 
-    def context(self, recipe, device, dtype):
+    def context(self, recipe, device, dtype, format=FORMATS[DEFAULT_FORMAT]):
         return compute_context(device, dtype)
 
 
@@ -110,18 +111,16 @@ class TransformerEngine:
         return "bf16" if torch.device(device).type == "cuda" else None
 
     def preflight(self, recipe, device, dtype, format=FORMATS[DEFAULT_FORMAT]):
-        if recipe.quantized:
-            te.check_te_format(format)
-        return te.preflight(recipe, dtype, device)
+        return te.preflight(recipe, dtype, device, format)
 
     def swap(self, model, recipe, names, *, generator=None, kernels="eager",
              format=FORMATS[DEFAULT_FORMAT]):
-        if recipe.quantized:
-            te.check_te_format(format)
-        return te_linear.swap(model, recipe, names, generator=generator, kernels=kernels)
+        return te_linear.swap(model, recipe, names, generator=generator, kernels=kernels,
+                              format=format)
 
-    def context(self, recipe, device, dtype):
-        return te.autocast(recipe, dtype=dtype, device_type=torch.device(device).type)
+    def context(self, recipe, device, dtype, format=FORMATS[DEFAULT_FORMAT]):
+        return te.autocast(recipe, dtype=dtype, device_type=torch.device(device).type,
+                           format=format)
 
 
 BACKENDS: dict[str, Backend] = {"emulator": Emulator(), "te": TransformerEngine()}

@@ -12,9 +12,9 @@ nvfp4_4over6         E2M1    16     E4M3                   fp32, E4M3 bound 256;
 nvfp4_4over6_mse     E2M1    16     E4M3                   the same, by MSE (``four_over_six.py``)
 mxfp4                E2M1    32     E8M0, floor (OCP)      none (``mx.py``)
 mxfp4_ceil / _even / E2M1    32     E8M0, torchao's other  none
-_rceil                              rules
-mxfp8 (+ the same    E4M3    32     E8M0                   none
-rule variants)
+_rceil / _te                        rules; TE's
+mxfp8 (+ the same    E4M3    32     E8M0                   none (``mxfp8_te``: Transformer
+rule variants)                                             Engine's MXFP8BlockScaling)
 ==================== ======= ====== ====================== =========================================
 
 Where a recipe switch has no definition in a format's own library:
@@ -95,7 +95,9 @@ def _mx(name: str, element: mx.Element, rule: str, description: str) -> Format:
 _MX_RULES = {"floor": "OCP v1.0: 2^floor(log2 amax) over the element's largest power of two",
              "ceil": "2^ceil(log2 amax) over the element's largest power of two",
              "even": "amax rounded to the element's mantissa bits, then as floor",
-             "rceil": "the smallest power of two >= amax / the element's max, as cuBLAS and TE"}
+             "rceil": "the smallest power of two >= amax / the element's max, as cuBLAS",
+             "te": "as rceil, with Transformer Engine's reciprocal for the smallest code: TE's "
+                   "MXFP8 arithmetic"}
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     _nvfp4_family("nvfp4", "NVFP4: E2M1, 16-element blocks, E4M3 scales, fp32 tensor scale"),

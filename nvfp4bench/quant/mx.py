@@ -20,18 +20,24 @@ Scale rules (torchao 0.18's ``ScaleCalculationMode``; ``e`` is the exponent fiel
                                                    then the mantissa cleared)
     rceil   code = ceil(log2 fl(amax_b / max)) + 127  the exact ceiling (cuBLAS's and the
                                                    ``cvt.rp.satfinite.ue8m0x2.f32`` rule)
+    te      code = ceil(log2 fl(amax_b * r)) + 127    Transformer Engine's MXFP8 kernels: as
+                                                   rceil, but the product with the fp32
+                                                   reciprocal r = fl(1 / max), not a quotient
 
 ``floor``, ``ceil`` and ``even`` clamp the unbiased exponent to [-127, 128] before adding the bias
 (128 + 127 is the NaN code), multiply by ``1 / max(2 ** (code - 127), 2 ** -126)`` (so a block
 whose code is 0, amax_b < 2 ** (p - 126), is scaled by 2 ** 126 and decoded by 2 ** -127, exactly
 as torchao does), and turn a NaN amax into code 255. ``rceil`` clamps to [-127, 127], maps an
 infinite ``amax_b / max`` to 254 and a NaN to 255, and multiplies by ``2 ** (127 - code)``, by
-2 ** -127 for code 254, and by 1 for code 0 (torchao's and Transformer Engine's reciprocal).
+2 ** -127 for code 254, and by 1 for code 0 (torchao's reciprocal). ``te`` clamps and maps the
+same way and multiplies by ``2 ** (127 - code)`` for every code below 254 (code 0 by 2 ** 127),
+by 2 ** -127 for code 254 (TE's ``exp2f_rcp``).
 
-``rceil`` is the exact ceiling here; torchao's CPU fallback takes ``ceil(log2(.))`` of the fp32
-quotient with an fp32 ``log2``, which rounds to an integer for quotients just above a power of
-two (within about ``2 ** -24 * |k| * ln 2`` relative of ``2 ** k``) and then picks the code one
-lower. The tests pin that difference block by block.
+``te`` and ``rceil`` pick the same code for every fp32 amax: r = fl(1/448) = (1 + 0.75 * 2**-24)
+/ 448 and fl(1/6) = (1 + 0.5 * 2**-24) / 6 are too close to 1/max for the product and the
+quotient to round onto different sides of a power of two (checked over every positive finite
+fp32 amax by ``python -m benchmarks.e8m0_rules``). They differ only in the reciprocal of code 0,
+the blocks with amax_b <= max * 2 ** -127, which torchao scales by 1 (to zero) and TE by 2**127.
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ from nvfp4bench.quant.nvfp4 import (E2M1_MAX, E4M3_MAX, grid_steps_bits, round_e
 E8M0_BIAS = 127
 E8M0_NAN = 255
 E8M0_INF = 254  # rceil: the code of an infinite amax / max
-SCALE_RULES = ("floor", "ceil", "even", "rceil")
+SCALE_RULES = ("floor", "ceil", "even", "rceil", "te")
 
 _F32_MANTISSA_BITS = 23
 _F32_MANTISSA_MASK = (1 << _F32_MANTISSA_BITS) - 1
@@ -95,8 +101,8 @@ E4M3 = Element("e4m3", E4M3_MAX, 8, 3, 8)
 def e8m0_codes(bamax: torch.Tensor, element: Element, rule: str) -> torch.Tensor:
     """The E8M0 code (int32, 0..255) of each block from its fp32 amax, by ``rule`` (module
     docstring)."""
-    if rule == "rceil":
-        return _rceil_codes(bamax, element)
+    if rule in ("rceil", "te"):
+        return _round_up_codes(_descale(bamax, element, rule))
     if rule not in SCALE_RULES:
         raise ValueError(f"unknown E8M0 scale rule {rule!r}; expected one of {SCALE_RULES}")
     bits = bamax.float().view(torch.int32)
@@ -117,8 +123,17 @@ def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
     return exponent - (fraction == 0.5).int()
 
 
-def _rceil_codes(bamax: torch.Tensor, element: Element) -> torch.Tensor:
-    descale = bamax.float() / element.max  # fl(amax / max), a true division
+def _descale(bamax: torch.Tensor, element: Element, rule: str) -> torch.Tensor:
+    """``fl(amax / max)`` (rceil, a true division) or ``fl(amax * fl(1 / max))`` (te)."""
+    if rule == "rceil":
+        return bamax.float() / element.max
+    reciprocal = torch.tensor(1.0 / element.max, dtype=torch.float32, device=bamax.device)
+    return bamax.float() * reciprocal
+
+
+def _round_up_codes(descale: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= descale as an E8M0 code, saturating at 254 (2 ** 127); an
+    infinite descale is 254, a NaN 255, zero and descale <= 2 ** -127 are 0."""
     finite = torch.isfinite(descale) & (descale > 0)
     exponent = _ceil_log2(torch.where(finite, descale, torch.ones_like(descale)))
     exponent = torch.where(finite, exponent, -E8M0_BIAS)  # 0 -> the smallest code
@@ -142,9 +157,10 @@ def e8m0_values(codes: torch.Tensor) -> torch.Tensor:
 def e8m0_encode(codes: torch.Tensor, rule: str) -> torch.Tensor:
     """What x is multiplied by before the element cast, per block (module docstring): the
     reciprocal of the scale, with torchao's rule at the ends of the code range."""
-    if rule == "rceil":
-        encode = _pow2(E8M0_BIAS - codes.clamp(min=1, max=E8M0_INF - 1))
-        encode = torch.where(codes == 0, 1.0, encode)
+    if rule in ("rceil", "te"):
+        encode = _pow2(E8M0_BIAS - codes.clamp(max=E8M0_INF - 1))
+        if rule == "rceil":
+            encode = torch.where(codes == 0, 1.0, encode)
         encode = torch.where(codes == E8M0_INF, 2.0 ** -127, encode)
         return torch.where(codes == E8M0_NAN, torch.nan, encode)
     scale = torch.clamp(_pow2(codes.clamp(max=E8M0_INF) - E8M0_BIAS), min=_F32_MIN_NORMAL)

@@ -298,7 +298,7 @@ def round_e2m1_sr(scaled: torch.Tensor, generator: torch.Generator,
     return torch.copysign(round_sr_abs(scaled.float().abs(), noise, mode), scaled)
 
 
-def _codes_of(values: torch.Tensor, sign_of: torch.Tensor) -> torch.Tensor:
+def e2m1_codes(values: torch.Tensor, sign_of: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8 0..15) of grid values; the sign bit comes from the sign of the input,
     so a tiny negative value that rounds to 0 becomes code 8."""
     lut = _CODE_OF_TWICE_MAGNITUDE.to(values.device)
@@ -456,7 +456,7 @@ def _quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str, amax)
     scale, encode, _ = block_scales_f32(bamax, amax)
     noise = draw_noise(x3.shape, generator, sr_mode, x.device) if sr else None
     values = e2m1_values(x3, encode, noise, sr_mode if sr else "rn")  # signed
-    return NVFP4Tensor(codes=_codes_of(values, x3).view(x.shape),
+    return NVFP4Tensor(codes=e2m1_codes(values, x3).view(x.shape),
                        scales=scale.squeeze(-1).to(torch.float8_e4m3fn), amax=amax, tile=tile)
 
 

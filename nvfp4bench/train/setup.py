@@ -107,7 +107,8 @@ class CellRun:
     def run_context(self):
         """The backend's run context (autocast; for TE also te.autocast): every forward of the
         run (training steps, evaluation, diagnostics) runs in it."""
-        return self.backend.context(self.recipe, self.device, self.autocast_dtype)
+        return self.backend.context(self.recipe, self.device, self.autocast_dtype,
+                                    **format_kwargs(get_format(self.config.format)))
 
 
 def setup(config: RunConfig) -> CellRun:

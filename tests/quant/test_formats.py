@@ -2,11 +2,14 @@
 ``four_over_six.py``'s write-up and a property test against a NumPy reference), MX scale rules
 and stochastic rounding by hand. MX against torchao: ``test_formats_torchao.py``; every format
 through the layers: ``test_layers.py``."""
+import math
+import struct
+
 import numpy as np
 import pytest
 import torch
 
-from nvfp4bench.quant import formats, kernels
+from nvfp4bench.quant import formats, kernels, mx
 from nvfp4bench.quant.formats import FORMATS, get_format
 
 
@@ -189,11 +192,57 @@ def test_four_over_six_sr_keeps_the_rn_choice_and_rounds_between_neighbours():
     # MXFP8, amax 500 = 1.95 * 2**8: floor scale 1, 500 saturates to 448; ceil / rceil scale 2,
     # 250 -> 256 (E4M3 step 16 on [128, 256)) -> 512
     ("mxfp8", 500.0, 448.0), ("mxfp8_ceil", 500.0, 512.0), ("mxfp8_rceil", 500.0, 512.0),
+    ("mxfp8_te", 500.0, 512.0),
+    # amax 2**-125 (E4M3): 2**-125 / 448 <= 2**-127, code 0. rceil (torchao) scales by 1 and the
+    # element flushes to 0; te (TE) scales by 2**127: 4 -> 4 * 2**-127
+    ("mxfp8_rceil", 2.0 ** -125, 0.0), ("mxfp8_te", 2.0 ** -125, 2.0 ** -125),
 ])
 def test_mx_scale_rules_by_hand(name, amax, expected):
     x = torch.zeros(1, 32)
     x[0, 0] = amax
     assert kernels.fake_quantize(x, format=name)[0, 0].item() == expected
+
+
+def _te_e8m0_reference(value: float) -> int:
+    """Transformer Engine's ``float_to_e8m0`` on the fp32 bits (its C++ test reference, written
+    independently of ``mx.py``): the exponent field, plus one when any mantissa bit is set,
+    except at 254 (satfinite) and for subnormals <= 2**-127."""
+    if math.isnan(value):
+        return 255
+    if math.isinf(value):
+        return 254
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    exponent, mantissa = bits >> 23, bits & 0x7FFFFF
+    if mantissa and exponent != 254 and not (exponent == 0 and mantissa <= 0x400000):
+        exponent += 1
+    return exponent
+
+
+@pytest.mark.parametrize("element", [mx.E2M1, mx.E4M3])
+def test_te_rule_equals_transformer_engines_bitwise_e8m0_conversion(element):
+    g = torch.Generator().manual_seed(11)
+    amax = torch.cat([torch.rand(4000, generator=g) * 1000,
+                      torch.exp2(torch.rand(4000, generator=g) * 270 - 145),  # 2**-145..2**125
+                      element.max * torch.exp2(torch.arange(-140.0, 120.0)),  # code edges
+                      torch.tensor([0.0, 2.0 ** -149, 3.0e38, float("inf"), float("nan")])])
+    reciprocal = struct.unpack("<f", struct.pack("<f", 1.0 / element.max))[0]
+    expected = []
+    for a in amax.tolist():
+        product = struct.unpack("<f", struct.pack("<f", a * reciprocal))[0]  # fp32 rounding
+        expected.append(_te_e8m0_reference(product))
+    codes = mx.e8m0_codes(amax, element, "te")
+    assert codes.tolist() == expected
+    assert torch.equal(codes, mx.e8m0_codes(amax, element, "rceil"))  # the codes agree
+
+
+def test_te_rule_scales_by_the_reciprocal_of_every_code():
+    """TE's ``exp2f_rcp``: 2**(127 - code) below 254 (code 0: 2**127), 2**-127 at 254, NaN at
+    255; rceil keeps torchao's 1 for code 0."""
+    codes = torch.tensor([0, 1, 127, 253, 254, 255])
+    te = mx.e8m0_encode(codes, "te")
+    assert te[:5].tolist() == [2.0 ** 127, 2.0 ** 126, 1.0, 2.0 ** -126, 2.0 ** -127]
+    assert math.isnan(te[5].item())
+    assert mx.e8m0_encode(codes, "rceil")[0].item() == 1.0
 
 
 def test_mx_tiny_block_scale_code_0_is_decoded_by_2_to_the_minus_127():

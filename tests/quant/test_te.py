@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 from nvfp4bench.checks import te_cases
 from nvfp4bench.checks import verify_te as v
 from nvfp4bench.quant import nvfp4
+from nvfp4bench.quant.formats import FORMATS
 from nvfp4bench.quant.recipes import RECIPES, get_recipe
 from nvfp4bench.quant.swap import BACKENDS, quantize_model
 from nvfp4bench.quant.te import linear as te_linear
@@ -108,16 +110,81 @@ def test_parse_version(text, parsed):
     assert te_backend.parse_version(text) == parsed
 
 
-def test_formats_other_than_nvfp4_are_refused_before_anything_else():
+# --------------------------------------------------------------------------------------------
+# Formats on TE
+# --------------------------------------------------------------------------------------------
+NO_GRADIENT_RECIPES = ("fwd_only", "chain_rule", "fwd_rht")
+MXFP8_HINT = "TE's MXFP8 computes its E8M0 scales by the te rule: use --format mxfp8_te, or "
+
+
+@pytest.mark.parametrize("name, mode, tensors_256", [("nvfp4_4over6", "MAE", "all"),
+                                                     ("nvfp4_4over6_mse", "MSE", "all")])
+def test_four_over_six_maps_onto_nvfp4_block_scaling_for_recipes_without_quantized_gradients(
+        name, mode, tensors_256):
+    for recipe_name in NO_GRADIENT_RECIPES:
+        recipe = get_recipe(recipe_name)
+        assert te_backend.te_recipe_kwargs(recipe, FORMATS[name]) == {
+            "disable_rht": True, "disable_stochastic_rounding": recipe.disable_stochastic_rounding,
+            "disable_2d_quantization": recipe.disable_2d_quantization,
+            "backward_override": recipe.backward_override, "nvfp4_4over6": "all",
+            "nvfp4_4over6_e4m3_use_256": tensors_256, "nvfp4_4over6_err_mode": mode}
+    assert te_backend.te_recipe_class(FORMATS[name]) == "NVFP4BlockScaling"
+    bound_448 = dataclasses.replace(FORMATS[name], name="nvfp4_4over6", e4m3_bound=448.0)
+    kwargs = te_backend.te_recipe_kwargs(get_recipe("fwd_only"), bound_448)
+    assert kwargs["nvfp4_4over6_e4m3_use_256"] == "none"
+    # the pinned "none" does not override the format's choice; a TE without 4over6 is refused
+    out = te_backend.te_constructor_kwargs(kwargs, set(kwargs) | {"row_scaled_activation"})
+    assert out["nvfp4_4over6"] == "all" and out["row_scaled_activation"] is False
+    with pytest.raises(TEUnavailable, match="lacks nvfp4_4over6"):
+        te_backend.te_constructor_kwargs(kwargs, set(kwargs) - {"nvfp4_4over6",
+                                                                "nvfp4_4over6_err_mode",
+                                                                "nvfp4_4over6_e4m3_use_256"})
+
+
+@pytest.mark.parametrize("recipe_name", ["nvfp4_full", "2d_rht", "2d_rht_sr", "sr_only"])
+def test_four_over_six_with_quantized_gradients_is_refused_on_te(recipe_name):
+    with pytest.raises(TEUnavailable, match=f"four over six to activations and weights only, "
+                                            f"but {recipe_name} quantizes gradients too"):
+        te_backend.te_recipe_kwargs(get_recipe(recipe_name), FORMATS["nvfp4_4over6"])
+
+
+def test_mxfp8_te_maps_onto_mxfp8_block_scaling():
+    expected = {"nvfp4_full": (None, False), "fwd_only": ("high_precision", False),
+                "chain_rule": ("dequantized", False), "fwd_rht": ("high_precision", True)}
+    for recipe_name, (override, two_d) in expected.items():
+        assert te_backend.te_recipe_kwargs(get_recipe(recipe_name), FORMATS["mxfp8_te"]) == {
+            "fp8_format": "E4M3", "backward_override": override,
+            "enable_2d_quantization": two_d}
+    assert te_backend.te_recipe_class(FORMATS["mxfp8_te"]) == "MXFP8BlockScaling"
+    for recipe_name in ("2d_rht", "2d_rht_sr", "sr_only"):
+        with pytest.raises(TEUnavailable, match=f"no RHT and no stochastic rounding, which "
+                                                f"{recipe_name} uses on its gradients"):
+            te_backend.te_recipe_kwargs(get_recipe(recipe_name), FORMATS["mxfp8_te"])
+
+
+@pytest.mark.parametrize("name, hint", [("mxfp4", ""), ("mxfp4_rceil", ""),
+                                        ("mxfp8", MXFP8_HINT), ("mxfp8_rceil", MXFP8_HINT)])
+def test_formats_te_has_no_recipe_for_are_refused_before_anything_else(name, hint):
     from nvfp4bench.quant.backends import get_backend
-    from nvfp4bench.quant.formats import FORMATS
     te = get_backend("te")
-    for name in ("mxfp4", "mxfp8", "nvfp4_4over6"):
-        with pytest.raises(TEUnavailable, match=f"runs the nvfp4 format only, not {name}; use "
-                                                f"--backend emulator for --format {name}"):
-            te.preflight(get_recipe("nvfp4_full"), torch.device("cpu"), None, FORMATS[name])
+    message = (f"Transformer Engine has no recipe for the {name} format; {hint}use --backend "
+               f"emulator for --format {name}")
+    with pytest.raises(TEUnavailable, match=re.escape(message)):
+        te.preflight(get_recipe("nvfp4_full"), torch.device("cpu"), None, FORMATS[name])
     assert te.preflight(get_recipe("baseline"), torch.device("cpu"), None,
-                        FORMATS["mxfp4"]) is None  # a baseline quantizes nothing
+                        FORMATS[name]) is None  # a baseline quantizes nothing
+
+
+def test_te_formats_reach_the_device_check_and_mx_linears_need_multiples_of_32():
+    from nvfp4bench.quant.backends import get_backend
+    for name, recipe in (("mxfp8_te", "nvfp4_full"), ("nvfp4_4over6", "fwd_only")):
+        with pytest.raises(TEUnavailable, match="runs on a CUDA GPU"):
+            get_backend("te").preflight(get_recipe(recipe), torch.device("cpu"), None,
+                                        FORMATS[name])
+    te_backend.check_linear_shapes({"fc": (64, 96)}, 32)
+    with pytest.raises(TEUnavailable, match="multiples of 32; these layers are not: 'fc' "
+                                            r"\(in_features=48, out_features=96\)"):
+        te_backend.check_linear_shapes({"fc": (48, 96)}, 32)
 
 
 def test_version_refusals():
@@ -352,7 +419,8 @@ def test_identical_emulators_pass_and_exit_zero():
     assert {"codes", "scales", "amax", "SR neighbours A", "SR mean error",
             "SR round-up law"} <= checks
     specs = {r.case.split(" | ")[1] for r in results}
-    assert {s.name for s in v.BIT_EXACT_SPECS + v.SR_SPECS} <= specs
+    assert {s.name for s in v.BIT_EXACT_SPECS + v.SR_SPECS + v.FORMAT_SPECS} <= specs
+    assert not any(r.check == "amax" and "mxfp8" in r.case for r in results)  # MX: no amax
     assert "FAIL" not in table and table.endswith(f"{len(results)} checks, 0 failed")
     assert v.exit_code(results) == 0
 
@@ -370,6 +438,63 @@ def test_perturbed_emulator_is_caught(field):
     assert all("columnwise RHT" in r.case for r in failed)
     assert v.exit_code(results) == 1
     assert "FAIL" in v.format_table(results)
+
+
+def test_format_copies_decode_to_the_formats_fake_quantize():
+    """The emulator side of a format spec: codes and scale bytes in TE's layout (columnwise:
+    the copy of x^T) that decode to ``fake_quantize`` of that copy (four over six: up to its
+    one fp32 tensor decode scale)."""
+    from nvfp4bench.quant import kernels, mx
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(4)) * 5
+    quant = v.emulator_quantizer()
+    for spec in v.FORMAT_SPECS:
+        out = quant(x, spec)
+        operand = x.t() if spec.columnwise else x
+        fmt = FORMATS[spec.format]
+        expected = kernels.fake_quantize(operand, format=fmt.name, tile=spec.tile)
+        rows, cols = operand.shape
+        assert out.codes.shape == (rows, cols) and out.scales.shape == (rows, cols // fmt.block)
+        if fmt.scale == "e8m0":
+            assert out.amax is None
+            values = out.codes.view(torch.float8_e4m3fn).float()
+            scales = mx.e8m0_values(out.scales.int())
+        else:
+            assert out.amax.item() == operand.abs().max().item()
+            magnitude = nvfp4.E2M1_VALUES[(out.codes & 7).long()]
+            values = torch.where((out.codes & 8) > 0, -magnitude, magnitude)
+            scales = out.scales.view(torch.float8_e4m3fn).float()
+        decoded = (values.view(rows, -1, fmt.block) * scales.unsqueeze(-1)).view(rows, cols)
+        if fmt.scale == "e8m0":
+            assert torch.equal(decoded, expected), spec.name
+        else:
+            nonzero = decoded != 0
+            assert torch.equal(nonzero, expected != 0), spec.name
+            ratio = expected[nonzero] / decoded[nonzero]
+            assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=2 ** -23), spec.name
+
+
+@pytest.mark.parametrize("field", ["codes", "scales"])
+def test_a_perturbed_format_copy_is_caught(field):
+    x = {"random": torch.randn(64, 96, generator=torch.Generator().manual_seed(5))}
+    mx_only = lambda spec: spec.format == "mxfp8_te"  # noqa: E731
+    results = v.compare_quantizers(v.emulator_quantizer(),
+                                   _perturbed(v.emulator_quantizer(), field, mx_only), x,
+                                   v.FORMAT_SPECS)
+    failed = {r.case for r in results if not r.passed}
+    assert failed == {f"random | {s.name}" for s in v.FORMAT_SPECS if mx_only(s)}
+
+
+def test_layer_cases_in_the_other_formats():
+    cases = v.make_layer_cases(11, "cpu", recipes=(), tokens=32, formats=v.FORMAT_LAYER_CASES)
+    assert [(c.recipe, c.format) for c in cases] == list(v.FORMAT_LAYER_CASES)
+    same = v.compare_layers(v.emulator_layer_runner, v.emulator_layer_runner, cases)
+    assert same and all(r.passed for r in same), v.format_table(same)
+
+    def plain_nvfp4(case):  # the plumbing error the check exists for: the format dropped
+        return v.emulator_layer_runner(dataclasses.replace(case, format="nvfp4"))
+    caught = v.compare_layers(v.emulator_layer_runner, plain_nvfp4, cases)
+    assert {r.case for r in caught if not r.passed} >= {c.name for c in cases
+                                                        if c.format == "mxfp8_te"}
 
 
 def test_first_difference_is_reported():

@@ -8,6 +8,7 @@ diagnostics) must run every forward of a TE layer inside ``te.autocast`` with th
 """
 import contextlib
 import dataclasses
+import enum
 import importlib.util
 import json
 import sys
@@ -31,11 +32,30 @@ def store(tmp_path_factory):
 
 
 @dataclasses.dataclass
-class NVFP4BlockScaling:  # the fields the te backend passes
+class NVFP4BlockScaling:  # the fields the te backend passes (a TE without four over six)
     disable_rht: bool = False
     disable_stochastic_rounding: bool = False
     disable_2d_quantization: bool = False
     backward_override: str | None = None
+
+
+@dataclasses.dataclass
+class NVFP4BlockScaling4over6(NVFP4BlockScaling):  # a TE with four over six
+    nvfp4_4over6: str = "none"
+    nvfp4_4over6_e4m3_use_256: str = "all"
+    nvfp4_4over6_err_mode: str = "MAE"
+
+
+class Format(enum.Enum):
+    E4M3 = "E4M3"
+    HYBRID = "HYBRID"
+
+
+@dataclasses.dataclass
+class MXFP8BlockScaling:
+    fp8_format: Format = Format.E4M3
+    backward_override: str | None = None
+    enable_2d_quantization: bool = False
 
 
 @pytest.fixture
@@ -75,7 +95,10 @@ def fake_te(monkeypatch):
     pt.Linear, pt.autocast = Linear, autocast
     pt.is_nvfp4_available = lambda return_reason=False: (True, "")
     tree["transformer_engine.pytorch.quantization"].FP8GlobalStateManager = manager
-    tree["transformer_engine.common.recipe"].NVFP4BlockScaling = NVFP4BlockScaling
+    recipes = tree["transformer_engine.common.recipe"]
+    recipes.NVFP4BlockScaling, recipes.MXFP8BlockScaling, recipes.Format = (
+        NVFP4BlockScaling, MXFP8BlockScaling, Format)
+    state.recipe_module = recipes
     for name, module in tree.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(te, "te_version", lambda: "2.14.0")
@@ -139,6 +162,52 @@ def test_a_te_cnn_runs_its_convolutions_on_the_emulator(fake_te, store, tmp_path
     placement = result["model"]["layer_backends"]
     assert placement and set(placement.values()) == {"emulator"}
     assert fake_te.calls == []
+
+
+def _format_run(store, tmp_path, arch, recipe, fmt):
+    from nvfp4bench.train.run import run
+    config = RunConfig(arch=arch, scale="tiny", recipe=recipe, format=fmt, data=str(store),
+                       out=str(tmp_path), epochs=1, batch_size=16, progress=False, threads=1,
+                       backend="te", device="cpu", precision="bf16", diagnostics=False,
+                       quantize_attention=arch == "vit")
+    return config, run(config)
+
+
+def test_mxfp8_te_runs_under_mxfp8_block_scaling_with_emulator_matmuls_in_mxfp8(
+        fake_te, store, tmp_path):
+    config, result = _format_run(store, tmp_path, "vit", "fwd_rht", "mxfp8_te")
+    assert result["status"] == "complete", result["error"]
+    assert fake_te.recipes and all(
+        r == MXFP8BlockScaling(fp8_format=Format.E4M3, backward_override="high_precision",
+                               enable_2d_quantization=True) for r in fake_te.recipes)
+    assert fake_te.calls and all(inside for _, inside, _ in fake_te.calls)
+    assert result["config"]["format"] == "mxfp8_te" and "@mxfp8_te" in str(result_path(config))
+    placement = result["model"]["layer_backends"]
+    assert {placement[n] for n in placement if n.endswith((".qk", ".av"))} == {"emulator"}
+
+
+def test_mxfp8_te_swaps_emulator_twins_in_the_format(fake_te, store):
+    import torch
+    from nvfp4bench.models import build_model
+    from nvfp4bench.quant.swap import quantize_model
+    model = build_model("vit", "tiny", image_size=32, in_channels=4)
+    quantize_model(model, "nvfp4_full", backend="te", quantize_attention=True,
+                   format="mxfp8_te", generator=torch.Generator().manual_seed(0))
+    twins = [m for n, m in model.named_modules() if n.endswith((".qk", ".av"))]
+    assert twins and {m.op.roles.format.name for m in twins} == {"mxfp8_te"}
+
+
+def test_four_over_six_needs_a_te_that_has_it(fake_te, store, tmp_path):
+    with pytest.raises(te.TEUnavailable, match="recipe lacks nvfp4_4over6"):
+        _format_run(store, tmp_path, "vit", "fwd_only", "nvfp4_4over6")
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    fake_te.recipe_module.NVFP4BlockScaling = NVFP4BlockScaling4over6
+    _, result = _format_run(store, tmp_path, "vit", "fwd_only", "nvfp4_4over6_mse")
+    assert result["status"] == "complete", result["error"]
+    assert all(r == NVFP4BlockScaling4over6(
+        disable_rht=True, disable_stochastic_rounding=True, disable_2d_quantization=True,
+        backward_override="high_precision", nvfp4_4over6="all", nvfp4_4over6_e4m3_use_256="all",
+        nvfp4_4over6_err_mode="MSE") for r in fake_te.recipes)
 
 
 def test_the_emulator_backend_records_its_layers(store, tmp_path):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nvfp4bench.quant.formats import Format, get_format
 from nvfp4bench.quant.recipes import Recipe
 from nvfp4bench.quant.te import runtime as te
 from nvfp4bench.quant.twins import emulator_twin, set_submodule
@@ -57,16 +58,19 @@ class TELinear(nn.Module):
     move in place, so the sharing holds).
 
     forward: ``x (..., K)`` is cast to the autocast dtype, flattened to ``(M, K)``, zero-padded
-    to ``M`` a multiple of 16 (TE refuses other token counts; zero rows change neither amax nor
-    GEMM), run through ``te.Linear`` and cut back to ``(..., N)``.
+    to ``M`` a multiple of ``block`` (the format's block, 16 or 32: TE refuses other token
+    counts; zero rows change neither amax nor GEMM), run through ``te.Linear`` and cut back to
+    ``(..., N)``.
     """
 
-    def __init__(self, linear: nn.Linear, name: str = "") -> None:
+    def __init__(self, linear: nn.Linear, name: str = "", block: int = BLOCK) -> None:
         super().__init__()
         te_pytorch = te.import_te_pytorch()
-        te.check_linear_shapes({name or "linear": (linear.in_features, linear.out_features)})
+        te.check_linear_shapes({name or "linear": (linear.in_features, linear.out_features)},
+                               block)
         self.in_features, self.out_features, self.layer_name = (
             linear.in_features, linear.out_features, name)
+        self.block = block
         self.weight = linear.weight
         self.bias = linear.bias  # a Parameter or None
         device = linear.weight.device if linear.weight.is_cuda else torch.device("cuda")
@@ -100,7 +104,7 @@ class TELinear(nn.Module):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)  # (M, K)
         m = x2d.shape[0]
-        pad = (-m) % BLOCK
+        pad = (-m) % self.block
         if pad:
             x2d = F.pad(x2d, (0, 0, 0, pad))  # (M + pad, K), zero tokens
         y = self._te(x2d)  # (M + pad, N)
@@ -114,23 +118,27 @@ class TELinear(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 def swap(model: nn.Module, recipe: Recipe, names: Sequence[str], *,
-         generator: torch.Generator | None = None, kernels: str = "eager") -> dict[str, str]:
+         generator: torch.Generator | None = None, kernels: str = "eager",
+         format: Format | None = None) -> dict[str, str]:
     """Swap, in place, the modules ``names`` for their te-backend twins; returns where each runs.
 
     ``nn.Linear`` -> ``TELinear`` (``"te"``); ``nn.Conv2d`` / ``nn.ConvTranspose2d`` and the
-    attention ``Matmul`` modules -> the emulator's twins (``"emulator"``: TE has no convolution
-    or batched-matmul module). Everything is checked before anything is swapped: a refusal
+    attention ``Matmul`` modules -> the emulator's twins in the same ``format`` (``"emulator"``:
+    TE has no convolution or batched-matmul module). Everything is checked before anything is swapped: a refusal
     (``TEUnavailable``) leaves the model untouched. A baseline recipe swaps nothing.
     """
     names = list(dict.fromkeys(names))
-    if te.te_recipe_kwargs(recipe) is None:  # baseline: raises for recipes TE cannot express
+    format = get_format(format)
+    if te.te_recipe_kwargs(recipe, format) is None:  # baseline; raises what TE cannot express
         return {}
     te.check_te_available()
     modules = {name: model.get_submodule(name) for name in names}
     linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
-    te.check_linear_shapes({n: (m.in_features, m.out_features) for n, m in linears.items()})
-    made = {n: (emulator_twin(m, recipe, generator, n, kernels) if n not in linears else
-                TELinear(m, n)).train(m.training) for n, m in modules.items()}
+    te.check_linear_shapes({n: (m.in_features, m.out_features) for n, m in linears.items()},
+                           format.block)
+    made = {n: (emulator_twin(m, recipe, generator, n, kernels, format) if n not in linears
+                else TELinear(m, n, format.block)).train(m.training)
+            for n, m in modules.items()}
     for name, twin in made.items():
         set_submodule(model, name, twin)
     return {n: "te" if n in linears else "emulator" for n in names}

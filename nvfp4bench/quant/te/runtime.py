@@ -20,6 +20,23 @@ attention matmuls stay on the emulator (``nvfp4bench.quant.twins``), and ``model
 records which layer ran where. This module holds the recipe mapping, the refusals and the run
 context; ``te_linear.py`` the layer and the swap; ``backends.py`` the backend object.
 
+Formats (``te_recipe_kwargs(recipe, format)``)
+---------------------------------------------
+- ``nvfp4``: every recipe, as above.
+- ``nvfp4_4over6`` / ``nvfp4_4over6_mse``: ``NVFP4BlockScaling(nvfp4_4over6="all",
+  nvfp4_4over6_e4m3_use_256="all", nvfp4_4over6_err_mode="MAE" | "MSE")``. TE applies four over
+  six to activations and weights only (its gradients stay plain NVFP4) and refuses it with the
+  RHT or SR; nvfp4bench's format quantizes gradients with it too. The two agree only where no
+  gradient is quantized, so the te backend runs these formats for the recipes with a
+  ``backward_override`` (``fwd_only``, ``chain_rule``, ``fwd_rht``), with ``disable_rht=True``
+  (the RHT would touch only the columnwise copies, which a backward override never makes).
+- ``mxfp8_te``: ``MXFP8BlockScaling(fp8_format=E4M3, enable_2d_quantization=...)``, whose
+  E8M0 arithmetic is the ``te`` scale rule (``mx.py``). TE's MXFP8 has no RHT and no SR: recipes
+  that use either on a quantized gradient (``2d_rht``, ``2d_rht_sr``, ``sr_only``) are refused.
+  The other MXFP8 rules are refused with a pointer to ``mxfp8_te``.
+- Every other format (``mxfp4*``) is refused: TE has no recipe for it.
+The convolutions and attention matmuls that stay on the emulator run in the same format.
+
 What TE cannot express (refused, never approximated)
 ----------------------------------------------------
 - Nothing in the registry. ``fwd_rht`` is ``NVFP4BlockScaling(backward_override=
@@ -70,6 +87,7 @@ from typing import Any
 
 import torch
 
+from nvfp4bench.quant.formats import Format, get_format
 from nvfp4bench.quant.recipes import Recipe
 
 # The block-scale arithmetic of docs/nvfp4.md section 2 (TE 2.8-2.13 round differently).
@@ -82,6 +100,9 @@ FAST_MATH_ENV = "NVTE_USE_FAST_MATH"
 # NVFP4BlockScaling fields read from NVTE_* environment variables at construction; pinned to the
 # values of docs/nvfp4.md whenever the installed TE has them: the environment cannot change a run.
 PINNED_FIELDS: dict[str, Any] = {"nvfp4_4over6": "none", "row_scaled_activation": False}
+# The formats the te backend runs, and the TE recipe class of each.
+TE_RECIPE_CLASSES = {"nvfp4": "NVFP4BlockScaling", "nvfp4_4over6": "NVFP4BlockScaling",
+                     "nvfp4_4over6_mse": "NVFP4BlockScaling", "mxfp8_te": "MXFP8BlockScaling"}
 _TE_DISTRIBUTIONS = ("transformer_engine", "transformer-engine", "transformer_engine_torch")
 
 
@@ -104,25 +125,45 @@ class TEInfo:
 # --------------------------------------------------------------------------------------------
 # Recipe mapping (pure)
 # --------------------------------------------------------------------------------------------
-def te_recipe_kwargs(recipe: Recipe) -> dict[str, Any] | None:
-    """``NVFP4BlockScaling`` keyword arguments for ``recipe``.
+def te_recipe_kwargs(recipe: Recipe, format: Format | None = None) -> dict[str, Any] | None:
+    """Keyword arguments of ``te_recipe_class(format)`` for ``recipe`` in ``format`` (default
+    nvfp4; module docstring), after ``check_te_format``'s refusals.
 
     Returns None for a baseline (``quantized=False``: no layer is swapped, no TE recipe needed).
     """
     if not recipe.quantized:
         return None
-    return {
+    format = get_format(format)
+    check_te_format(format, recipe)
+    if format.scale == "e8m0":
+        return {"fp8_format": "E4M3", "backward_override": recipe.backward_override,
+                "enable_2d_quantization": not recipe.disable_2d_quantization}
+    kwargs = {
         "disable_rht": recipe.disable_rht,
         "disable_stochastic_rounding": recipe.disable_stochastic_rounding,
         "disable_2d_quantization": recipe.disable_2d_quantization,
         "backward_override": recipe.backward_override,
     }
+    if format.four_over_six is not None:
+        kwargs.update(disable_rht=True, nvfp4_4over6="all",
+                      nvfp4_4over6_e4m3_use_256="all" if format.e4m3_bound == 256 else "none",
+                      nvfp4_4over6_err_mode=format.four_over_six.upper())
+    return kwargs
+
+
+def te_recipe_class(format: Format | None = None) -> str:
+    """The name of the ``transformer_engine.common.recipe`` class for ``format``."""
+    format = get_format(format)
+    check_te_format(format)
+    return TE_RECIPE_CLASSES[format.name]
 
 
 def te_constructor_kwargs(kwargs: Mapping[str, Any], available: Iterable[str]) -> dict[str, Any]:
-    """The kwargs to pass to the installed ``NVFP4BlockScaling``, whose fields are ``available``.
+    """The kwargs to pass to the installed TE recipe class, whose fields are ``available``.
 
-    Adds ``PINNED_FIELDS`` the installed TE has (they default to NVTE_* environment variables).
+    Adds ``PINNED_FIELDS`` the installed TE has and ``kwargs`` does not set (they default to
+    NVTE_* environment variables); a field ``kwargs`` sets that TE lacks is refused (a TE without
+    four over six cannot run ``nvfp4_4over6``).
     ``backward_override`` is always passed when TE has it (its default reads
     NVTE_BACKWARD_OVERRIDE); a TE without it can run only recipes with backward_override None.
     """
@@ -130,16 +171,16 @@ def te_constructor_kwargs(kwargs: Mapping[str, Any], available: Iterable[str]) -
     out = {k: v for k, v in kwargs.items() if k != "backward_override"}
     missing = sorted(k for k in out if k not in available)
     if missing:
-        raise TEUnavailable(f"the installed Transformer Engine's NVFP4BlockScaling lacks "
+        raise TEUnavailable(f"the installed Transformer Engine's recipe lacks "
                             f"{', '.join(missing)}; {INSTALL_HINT}")
     override = kwargs.get("backward_override")
     if "backward_override" in available:
         out["backward_override"] = override
     elif override is not None:
-        raise TEUnavailable(f"the installed Transformer Engine's NVFP4BlockScaling has no "
+        raise TEUnavailable(f"the installed Transformer Engine's recipe has no "
                             f"backward_override (needed for backward_override={override!r}); "
                             f"{INSTALL_HINT}")
-    out.update({k: v for k, v in PINNED_FIELDS.items() if k in available})
+    out.update({k: v for k, v in PINNED_FIELDS.items() if k in available and k not in out})
     return out
 
 
@@ -208,14 +249,15 @@ def check_precision(dtype: torch.dtype | None) -> None:
                             f"--precision bf16 (or auto), or --backend emulator")
 
 
-def check_linear_shapes(shapes: Mapping[str, tuple[int, int]]) -> None:
-    """Refuse linear layers whose (in_features, out_features) are not multiples of 16."""
+def check_linear_shapes(shapes: Mapping[str, tuple[int, int]], block: int = BLOCK) -> None:
+    """Refuse linear layers whose (in_features, out_features) are not multiples of ``block``
+    (the format's block: 16 for NVFP4, 32 for MXFP8)."""
     bad = [f"{name!r} (in_features={i}, out_features={o})" for name, (i, o) in shapes.items()
-           if i % BLOCK or o % BLOCK]
+           if i % block or o % block]
     if bad:
-        raise TEUnavailable(f"TE's NVFP4 needs in_features and out_features to be multiples of "
-                            f"{BLOCK}; these layers are not: {', '.join(bad)}. Use --backend "
-                            f"emulator, or widths that are multiples of {BLOCK}")
+        raise TEUnavailable(f"TE's block scaling needs in_features and out_features to be "
+                            f"multiples of {block}; these layers are not: {', '.join(bad)}. Use "
+                            f"--backend emulator, or widths that are multiples of {block}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,24 +300,44 @@ def check_te_available(env: Mapping[str, str] | None = None) -> TEInfo:
                   capability=(int(capability[0]), int(capability[1])))
 
 
-def check_te_format(format) -> None:
-    """The te backend runs the ``nvfp4`` format only (a Transformer Engine recipe for another
-    format is not wired up yet); any other format runs on the emulator."""
-    if format.name != "nvfp4":
-        raise TEUnavailable(f"--backend te runs the nvfp4 format only, not {format.name}; "
-                            f"use --backend emulator for --format {format.name}")
+def check_te_format(format: Format, recipe: Recipe | None = None) -> None:
+    """Refuse a format TE has no recipe for, or a recipe TE cannot run in it (module
+    docstring); ``recipe`` None checks the format alone."""
+    name = format.name
+    if name not in TE_RECIPE_CLASSES:
+        hint = ("TE's MXFP8 computes its E8M0 scales by the te rule: use --format mxfp8_te, or "
+                if format.scale == "e8m0" and format.element.name == "e4m3" else "")
+        raise TEUnavailable(f"Transformer Engine has no recipe for the {name} format; {hint}use "
+                            f"--backend emulator for --format {name}")
+    if recipe is None or name == "nvfp4":
+        return
+    gradients_quantized = recipe.backward_override is None
+    if format.four_over_six is not None and gradients_quantized:
+        raise TEUnavailable(f"TE applies four over six to activations and weights only, but "
+                            f"{recipe.name} quantizes gradients too (in {name}, as nvfp4bench "
+                            f"defines it); on --backend te, {name} runs the recipes without "
+                            f"quantized gradients (fwd_only, chain_rule, fwd_rht); use --backend "
+                            f"emulator for {recipe.name}")
+    if format.scale == "e8m0" and gradients_quantized and not (
+            recipe.disable_rht and recipe.disable_stochastic_rounding):
+        raise TEUnavailable(f"TE's MXFP8BlockScaling has no RHT and no stochastic rounding, "
+                            f"which {recipe.name} uses on its gradients; use --backend emulator "
+                            f"for {recipe.name} in {name}")
 
 
 def preflight(recipe: Recipe, dtype: torch.dtype | None = torch.bfloat16,
-              device: torch.device | str = "cuda") -> TEInfo | None:
+              device: torch.device | str = "cuda", format: Format | None = None) -> TEInfo | None:
     """Every refusal that does not need the model, before a run starts (call it before building
-    or writing anything): the recipe, the compute dtype, the device, TE, CUDA, the GPU and the
-    environment (the device before the dtype). None for a baseline (which runs in plain PyTorch and needs no TE)."""
-    if te_recipe_kwargs(recipe) is None:
+    or writing anything): the recipe and format, the compute dtype, the device, TE, CUDA, the
+    GPU and the environment (the device before the dtype). None for a baseline (which runs in
+    plain PyTorch and needs no TE)."""
+    if te_recipe_kwargs(recipe, format) is None:
         return None
     check_device(device)  # first: on a machine without a GPU, the precision is beside the point
     check_precision(dtype)
-    return check_te_available()
+    info = check_te_available()
+    make_te_recipe(recipe, format)  # a TE without a field the recipe needs (4over6) is refused
+    return info
 
 
 def _recipe_fields(cls) -> set[str]:
@@ -284,18 +346,23 @@ def _recipe_fields(cls) -> set[str]:
     return set(inspect.signature(cls).parameters)
 
 
-def make_te_recipe(recipe: Recipe):
-    """The ``NVFP4BlockScaling`` object for ``recipe`` (None for a baseline)."""
-    kwargs = te_recipe_kwargs(recipe)
+def make_te_recipe(recipe: Recipe, format: Format | None = None):
+    """The TE recipe object (``NVFP4BlockScaling`` or ``MXFP8BlockScaling``) for ``recipe`` in
+    ``format`` (None for a baseline)."""
+    kwargs = te_recipe_kwargs(recipe, format)
     if kwargs is None:
         return None
     check_te_version(te_version())
+    class_name = te_recipe_class(format)
     try:
-        from transformer_engine.common.recipe import NVFP4BlockScaling  # TE: optional
+        te_recipes = importlib.import_module("transformer_engine.common.recipe")  # TE: optional
+        cls = getattr(te_recipes, class_name)
     except Exception as exc:
-        raise TEUnavailable(f"cannot import transformer_engine.common.recipe.NVFP4BlockScaling "
+        raise TEUnavailable(f"cannot import transformer_engine.common.recipe.{class_name} "
                             f"({type(exc).__name__}: {exc}); {INSTALL_HINT}") from None
-    return NVFP4BlockScaling(**te_constructor_kwargs(kwargs, _recipe_fields(NVFP4BlockScaling)))
+    if "fp8_format" in kwargs:
+        kwargs = {**kwargs, "fp8_format": getattr(te_recipes.Format, kwargs["fp8_format"])}
+    return cls(**te_constructor_kwargs(kwargs, _recipe_fields(cls)))
 
 
 def _te_autocast(te, te_recipe):
@@ -307,16 +374,16 @@ def _te_autocast(te, te_recipe):
 
 @contextlib.contextmanager
 def autocast(recipe: Recipe, *, dtype: torch.dtype | None = torch.bfloat16,
-             device_type: str = "cuda") -> Iterator[None]:
+             device_type: str = "cuda", format: Format | None = None) -> Iterator[None]:
     """The context the train loop runs a te-backend model's forward in.
 
     ``torch.autocast(device_type, dtype)`` (skipped for ``dtype`` None or fp32: baselines only) and,
-    for a quantized recipe, ``te.autocast(recipe=NVFP4BlockScaling(**te_recipe_kwargs(recipe)))``
-    (quantized recipes need ``dtype`` bf16). The forward must run inside it; the backward may
+    for a quantized recipe, ``te.autocast(recipe=make_te_recipe(recipe, format))`` (quantized
+    recipes need ``dtype`` bf16). The forward must run inside it; the backward may
     run after the block (TE stores the recipe with the forward's saved tensors, and TE's own
     examples call ``loss.backward()`` outside ``te.autocast``).
     """
-    te_recipe = make_te_recipe(recipe)
+    te_recipe = make_te_recipe(recipe, format)
     if te_recipe is not None:
         check_precision(dtype)
     with contextlib.ExitStack() as stack:
