@@ -38,7 +38,8 @@ from nvfp4bench.report.cells import (PROTOCOLS, DatasetView, dataset_views, load
 from nvfp4bench.report.figures import diagnostic_summaries, make_figures
 from nvfp4bench.report.tables import (MIN_PAIR_BLOCKS, TABLE_METRICS, comparison_rows,
                                       consistency_problems, cost_rows, format_rows, hd95_unit,
-                                      mean_rank_rows, pairwise_rows, ranking_rows, summary_rows)
+                                      mean_rank_rows, nvfp4_recipes, pairwise_rows, ranking_rows,
+                                      summary_rows)
 
 METRIC_LABELS = {"auprc": "AUPRC", "recall": "recall", "precision": "precision", "f2": "F2",
                  "iou": "IoU", "dice": "Dice (soft, per image)", "hd95_mean": "HD95",
@@ -155,6 +156,8 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
               for m in TABLE_METRICS]
     rows = []
     for arch, scale, recipe in product(view.archs, view.scales, view.recipes):
+        if (arch, scale, recipe, TABLE_METRICS[0]) not in by:
+            continue  # a recipe in another format that this arch x scale never ran
         cols = [by[(arch, scale, recipe, m)] for m in TABLE_METRICS]
         n_cells = cols[0]["n_cells"]
         n_text = str(n_cells)
@@ -191,8 +194,12 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
               _p(r["holm_p"])] for r in mine]))
         out.append("\n% of baseline: mean over pairs of 100 x recipe / baseline; Cohen's d = "
                    "mean(diff) / sd(diff), diff = recipe - baseline; Wilcoxon signed-rank, "
-                   "two-sided, Holm-corrected over the recipes of one arch x scale. With n pairs "
-                   f"the smallest possible Wilcoxon p is 2 / 2^n (0.0625 for 5 {proto.unit}s).")
+                   "two-sided, Holm-corrected over the recipes of one arch x scale"
+                   + (" in one format (the recipes in nvfp4 are the study's family; those "
+                      "in each other format, `<recipe>@<format>`, their own)"
+                      if any("@" in r["recipe"] for r in mine) else "")
+                   + f". With n pairs the smallest possible Wilcoxon p is 2 / 2^n (0.0625 for 5 "
+                     f"{proto.unit}s).")
 
     out += _render_formats(view, metric, label, formats)
     out += _render_pairs(view, metric, label, pairs, skipped, holm_scope)
@@ -201,15 +208,18 @@ def render_dataset(view: DatasetView, baseline: str, metric: str, summary, compa
                f"{part})\n")
     rk = [r for r in ranking if r["metric"] == metric]
     ranks = {(r["arch"], r["scale"], r["recipe"]): r for r in mean_ranks if r["metric"] == metric}
+    ranked = nvfp4_recipes(view.recipes)
     out.append(_md_table(
-        ["arch", "scale", "W", "blocks", *view.recipes],
+        ["arch", "scale", "W", "blocks", *ranked],
         [[r["arch"], r["scale"], _f(r["kendalls_w"], 3), str(r["m_blocks"])]
-         + [_rank_text(ranks.get((r["arch"], r["scale"], name))) for name in view.recipes]
+         + [_rank_text(ranks.get((r["arch"], r["scale"], name))) for name in ranked]
          for r in rk]))
     out.append(f"\nW = 1: every {proto.unit} ranks the recipes alike; 0: no agreement. Only "
                f"{proto.blocks} where every recipe has a value count. Beside W, each recipe's "
                f"mean rank ± sd over those {proto.blocks} (1 = the best {label}; ties share "
-               f"their average rank).")
+               f"their average rank)."
+               + (" The recipes in nvfp4 only: the format section compares the other formats."
+                  if len(ranked) < len(view.recipes) else ""))
 
     out += render_cost(view, baseline, cost)
 
@@ -307,7 +317,10 @@ def _render_pairs(view: DatasetView, metric: str, label: str, pairs, skipped,
               _p(r["holm_p"]) + _flags(r, "holm")] for r in mine]))
         family = ("all pairs of every arch x scale" if holm_scope == "global"
                   else "the pairs of one arch x scale")
-        out.append(f"\nr1 is the recipe with the lower study id, so every difference is r1 - r2 "
+        variants = len(nvfp4_recipes(view.recipes)) < len(view.recipes)
+        out.append(("\nThe recipes in nvfp4; a recipe in another format is compared with nvfp4 "
+                    "in the format section.\n\n" if variants else "\n")
+                   + f"r1 is the recipe with the lower study id, so every difference is r1 - r2 "
                    f"(against the baseline, recipe 0: baseline - recipe); Cohen's d = "
                    f"mean(diff) / sd(diff). Two-sided Wilcoxon signed-rank test over the common "
                    f"{proto.blocks}, zero differences dropped, p = 1 when every difference is "
@@ -334,11 +347,12 @@ def _skipped_text(view: DatasetView, metric: str, group: list[dict]) -> str:
     """The skipped pairs of one arch x scale: each pair with its count of common blocks, or,
     when every pair of its recipes is skipped with one count (e.g. a single seed), one line."""
     arch, scale = group[0]["arch"], group[0]["scale"]
-    present = [r for r in view.recipes if view.values(arch, scale, r, metric)]
-    counts = {r["n_blocks"] for r in group}
-    if len(group) == len(present) * (len(present) - 1) // 2 and len(counts) == 1:
-        return (f"{arch} / {scale}: all {len(group)} pairs of its {len(present)} recipes "
-                f"({counts.pop()} common each)")
+    present = [r for r in nvfp4_recipes(view.recipes) if view.values(arch, scale, r, metric)]
+    counts = sorted({r["n_blocks"] for r in group})
+    if len(group) == len(present) * (len(present) - 1) // 2:
+        common = (f"{counts[0]} common each" if len(counts) == 1
+                  else f"{counts[0]}-{counts[-1]} common")
+        return f"{arch} / {scale}: all {len(group)} pairs of its {len(present)} recipes ({common})"
     return "; ".join(f"{arch} / {scale} {r['recipe_1']} vs {r['recipe_2']} ({r['n_blocks']})"
                      for r in group)
 

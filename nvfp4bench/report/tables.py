@@ -78,10 +78,20 @@ def consistency_problems(view: DatasetView) -> list[str]:
     return problems
 
 
+def nvfp4_recipes(recipes) -> list[str]:
+    """The recipes in the default format (not the variants ``<recipe>@<format>``): the family of
+    the study's recipe comparisons, pair tests and rankings."""
+    return [r for r in recipes if split_variant(r)[1] == DEFAULT_FORMAT]
+
+
 def summary_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
+    """Every arch x scale x recipe x metric; a recipe in another format only where it has a
+    complete cell (format cells are usually run for a few arches)."""
     rows = []
     for arch, scale, recipe in product(view.archs, view.scales, view.recipes):
         n_cells = len(view.complete(arch, scale, recipe))
+        if not n_cells and split_variant(recipe)[1] != DEFAULT_FORMAT:
+            continue
         for metric in metrics:
             s = stats.summarize(list(view.values(arch, scale, recipe, metric).values()),
                                 bounds=metric_bounds(metric))
@@ -93,7 +103,9 @@ def summary_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
 
 def comparison_rows(view: DatasetView, baseline: str, metrics=TABLE_METRICS) -> list[dict]:
     """Each recipe vs the baseline, paired per (fold, seed) block (hold-out: per seed); Holm over
-    the recipes of one arch x scale x metric."""
+    the recipes of one arch x scale x metric in one format: the recipes in nvfp4 are the study's
+    family, and the recipes of each other format form their own, so running more formats never
+    changes the study's adjusted p-values."""
     rows = []
     if baseline not in view.recipes:
         return rows
@@ -108,8 +120,12 @@ def comparison_rows(view: DatasetView, baseline: str, metrics=TABLE_METRICS) -> 
                           "scale": scale, "recipe": recipe, "baseline": baseline,
                           "metric": metric,
                           **paired_stats(view.values(arch, scale, recipe, metric), base)})
-        for row, adjusted in zip(group, stats.holm([r["wilcoxon_p"] for r in group])):
-            row["holm_p"] = adjusted
+        families: dict[str, list[dict]] = defaultdict(list)
+        for row in group:
+            families[split_variant(row["recipe"])[1]].append(row)
+        for family in families.values():
+            for row, adjusted in zip(family, stats.holm([r["wilcoxon_p"] for r in family])):
+                row["holm_p"] = adjusted
         # recipes never run at this arch x scale (all cells missing or failed) get no row
         rows.extend(r for r in group if view.complete(arch, scale, r["recipe"]))
     return rows
@@ -151,10 +167,10 @@ def format_rows(view: DatasetView, metrics=TABLE_METRICS) -> list[dict]:
 
 
 def _complete_table(view: DatasetView, arch: str, scale: str, metric: str):
-    """(recipes, blocks, blocks x recipes table) over the blocks where every recipe of the
-    arch x scale has a value (a complete-block design)."""
-    per_recipe = {r: view.values(arch, scale, r, metric) for r in view.recipes}
-    recipes = [r for r in view.recipes if per_recipe[r]]
+    """(recipes, blocks, blocks x recipes table) over the blocks where every recipe (in nvfp4)
+    of the arch x scale has a value (a complete-block design)."""
+    per_recipe = {r: view.values(arch, scale, r, metric) for r in nvfp4_recipes(view.recipes)}
+    recipes = [r for r in per_recipe if per_recipe[r]]
     blocks = [b for b in view.blocks if all(b in per_recipe[r] for r in recipes)]
     return recipes, blocks, [[per_recipe[r][b] for r in recipes] for b in blocks]
 
@@ -198,7 +214,8 @@ def study_order(recipes) -> list[str]:
 
 def pairwise_rows(view: DatasetView, metrics=TABLE_METRICS,
                   holm_scope: str = "arch_scale") -> tuple[list[dict], list[dict]]:
-    """(tested pairs, skipped pairs) of every recipe pair, per arch x scale x metric.
+    """(tested pairs, skipped pairs) of every pair of recipes in nvfp4, per arch x scale x
+    metric (a recipe in another format is compared with nvfp4 in ``format_rows``).
 
     r1 is the recipe with the lower study id, so ``mean_diff`` and ``cohens_d`` are r1 - r2
     (against the baseline, recipe 0: baseline - recipe), as the study reports them. A pair is
@@ -212,7 +229,8 @@ def pairwise_rows(view: DatasetView, metrics=TABLE_METRICS,
                          f"{holm_scope!r}")
     tested, skipped = [], []
     for arch, scale, metric in product(view.archs, view.scales, metrics):
-        recipes = [r for r in study_order(view.recipes) if view.values(arch, scale, r, metric)]
+        recipes = [r for r in study_order(nvfp4_recipes(view.recipes))
+                   if view.values(arch, scale, r, metric)]
         for r1, r2 in combinations(recipes, 2):
             v1, v2 = view.values(arch, scale, r1, metric), view.values(arch, scale, r2, metric)
             blocks = sorted(set(v1) & set(v2))

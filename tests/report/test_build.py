@@ -559,7 +559,10 @@ def test_results_deeper_than_the_layout_are_not_pooled_with_the_folder_s_own(tmp
 def test_formats_are_compared_with_nvfp4_under_the_same_recipe(results, tmp_path):
     """Cells of 2d_rht_sr in two more formats (folders 2d_rht_sr@<format>): a format section
     paired per fold against 2d_rht_sr in nvfp4, equal to scipy's Wilcoxon and an independent
-    Holm; the baseline comparison lists each variant as a recipe of its own."""
+    Holm; the baseline comparison lists each variant as a recipe of its own, in its own Holm
+    family, so the study's recipes keep their adjusted p-values; the all-pairs tests and the
+    ranking stay over the recipes in nvfp4."""
+    plain = R.build_report(results, tmp_path / "plain", figures=False)
     shift = {"mxfp4": -0.03, "nvfp4_4over6": 0.004}
     for fmt, delta in shift.items():
         for fold in FOLDS:
@@ -587,6 +590,40 @@ def test_formats_are_compared_with_nvfp4_under_the_same_recipe(results, tmp_path
     assert {r["recipe"] for r in before["comparison"]} >= {"2d_rht_sr@mxfp4", "nvfp4_full"}
     with open(tmp_path / "before" / "formats.csv") as f:
         assert sum(1 for r in csv.DictReader(f) if r["arch"] == "cnn") == 2 * 4  # x 4 metrics
+
+    def by_recipe(rows, key="recipe"):
+        return {(r["arch"], r[key], r["metric"]): r for r in rows}
+    study = by_recipe(plain["comparison"])
+    with_formats = by_recipe(before["comparison"])
+    assert all(with_formats[k]["holm_p"] == study[k]["holm_p"] for k in study)
+    for fmt in shift:  # each format a family of its own (here one recipe: Holm p = p)
+        family = [r for r in before["comparison"] if r["recipe"].endswith(f"@{fmt}")
+                  and (r["arch"], r["metric"]) == ("cnn", "auprc")]
+        assert len(family) == 1 and [r["holm_p"] for r in family] == pytest.approx(
+            _holm([r["wilcoxon_p"] for r in family]))
+    assert before["pairs"] == plain["pairs"] and before["ranking"] == plain["ranking"]
+    assert not any("@" in r["recipe"] for r in before["mean_ranks"])
+    # the summary lists a format only where it ran: cnn, not vit
+    assert {(r["arch"], r["recipe"]) for r in before["summary"] if "@" in r["recipe"]} == {
+        ("cnn", "2d_rht_sr@mxfp4"), ("cnn", "2d_rht_sr@nvfp4_4over6")}
+    assert "| vit | tiny | 2d_rht_sr@mxfp4 |" not in report
+
+
+def test_the_recipes_of_one_other_format_are_one_holm_family_against_the_baseline(results,
+                                                                                   tmp_path):
+    for recipe, delta in (("nvfp4_full", -0.02), ("2d_rht_sr", 0.001)):
+        for fold in FOLDS:
+            obj = _cell("cnn", recipe, fold)
+            obj["config"]["format"] = "mxfp4"
+            obj["test"]["auprc"] += delta - 0.002 * fold
+            _write(results, "cnn", "tiny", f"{recipe}@mxfp4", fold, SEED, obj)
+    out = R.build_report(results, tmp_path / "rep", figures=False)
+    rows = {r["recipe"]: r for r in out["comparison"] if (r["arch"], r["metric"]) == ("cnn",
+                                                                                    "auprc")}
+    for members in (["nvfp4_full", "2d_rht_sr"], ["nvfp4_full@mxfp4", "2d_rht_sr@mxfp4"]):
+        assert [rows[m]["holm_p"] for m in members] == pytest.approx(
+            _holm([rows[m]["wilcoxon_p"] for m in members]))
+    assert rows["nvfp4_full@mxfp4"]["holm_p"] > rows["nvfp4_full@mxfp4"]["wilcoxon_p"]
 
 
 def test_a_report_without_other_formats_has_no_format_section(results, tmp_path):
