@@ -52,6 +52,19 @@ def _group_of(key: str) -> str | None:
     return next((g for g, words in DIAGNOSTIC_GROUPS.items() if any(w in low for w in words)), None)
 
 
+def percent_axis_limits(rows: list[dict], margin: float = 0.5,
+                        min_span: float = 4.0) -> tuple[float, float]:
+    """The y range of the sensitivity grid, from the point estimates (``pct_mean``) and 100, not
+    from the intervals: a recipe with two seeds has an interval wider than every difference the
+    grid exists to show. The span of the points (at least ``min_span`` percentage points) is
+    widened by ``margin`` of itself on each side; intervals beyond are cut at the axes."""
+    points = [r["pct_mean"] for r in rows if r["pct_mean"] is not None] + [100.0]
+    low, high = min(points), max(points)
+    span = max(high - low, min_span)
+    centre = (low + high) / 2
+    return centre - span * (0.5 + margin), centre + span * (0.5 + margin)
+
+
 def make_figures(view: DatasetView, comparison, baseline, metric, label, recipe,
                  out_dir: Path) -> list[str]:
     """Write the figures; return the Markdown lines that reference them (or say why not)."""
@@ -122,8 +135,13 @@ def make_figures(view: DatasetView, comparison, baseline, metric, label, recipe,
             ax.set_title(f"{arch} / {scale}", fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"% of {baseline} {label}")
-        fig.suptitle(f"{label} as % of {baseline} ({part})", fontsize=10)
-        save(fig, "sensitivity", f"{label} as % of {baseline}, 95 % CI ({part})")
+        low, high = percent_axis_limits(rows)
+        axes[0][0].set_ylim(low, high)  # shared by every panel
+        cut = any(r["pct_ci_low"] is not None and (r["pct_ci_low"] < low or r["pct_ci_high"] > high)
+                  for r in rows)
+        note = "; intervals cut at the axes" if cut else ""
+        fig.suptitle(f"{label} as % of {baseline} ({part}){note}", fontsize=10)
+        save(fig, "sensitivity", f"{label} as % of {baseline}, 95 % CI ({part}){note}")
     else:
         notes.append("Sensitivity grid skipped: no paired comparison with the baseline.")
 

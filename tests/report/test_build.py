@@ -609,6 +609,17 @@ def test_formats_are_compared_with_nvfp4_under_the_same_recipe(results, tmp_path
     assert "| vit | tiny | 2d_rht_sr@mxfp4 |" not in report
 
 
+def test_the_sensitivity_axis_follows_the_points_not_the_widest_interval():
+    from nvfp4bench.report.figures import percent_axis_limits
+    rows = [{"pct_mean": 92.0, "pct_ci_low": 1.0, "pct_ci_high": 180.0},
+            {"pct_mean": 103.0, "pct_ci_low": 101.0, "pct_ci_high": 105.0},
+            {"pct_mean": None, "pct_ci_low": None, "pct_ci_high": None}]
+    assert percent_axis_limits(rows) == pytest.approx((86.5, 108.5))  # 92..103 widened by half
+    # points all at 100: a span of at least 4 points, centred
+    assert percent_axis_limits([{"pct_mean": 100.0}]) == pytest.approx((96.0, 104.0))
+    assert percent_axis_limits([{"pct_mean": 60.0}]) == pytest.approx((40.0, 120.0))
+
+
 def test_the_recipes_of_one_other_format_are_one_holm_family_against_the_baseline(results,
                                                                                    tmp_path):
     for recipe, delta in (("nvfp4_full", -0.02), ("2d_rht_sr", 0.001)):
