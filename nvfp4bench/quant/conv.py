@@ -13,14 +13,14 @@ tap (``gemm.py``, ``taps.py``), K = (kh, kw, C_in) with C_in fastest:
   that fall on padding are dropped, as cropping a padded result would).
 - Conv2d wgrad: ``dW_t = B(dY^T) A(im2col_t(X)^T)^T`` per tap: the columnwise copies (and RHT
   tiles) of im2col(X) run along its token axis, so X is unfolded into tokens-last fp32 buffers,
-  ``UNFOLD_CHUNK_BYTES`` (256 MiB) at a time. All taps are one tensor with one amax: amax(X)
-  (also when some pixels are in no tap), or with the RHT the amax of the rotated im2col(X)^T
-  over all taps (from a first pass over the chunks when there are several). With RN, taps that
-  read the same input rows shifted by whole output rows (for k4 s2: rows i and i + 2) hold the
-  same 16-token blocks when the output width is a multiple of 16, so each such block is
-  quantized once, in a shared "plane" (``_planes``): half the work for the CNN's convolutions.
-  SR copies draw their bits tap by tap (only their RHT rotation is shared). Neither the
-  chunking nor the sharing changes a bit (tested).
+  ``taps.unfold_chunk_bytes`` at a time (4 MiB on the CPU, 256 MiB on a GPU). All taps are one
+  tensor with one amax: amax(X) (also when some pixels are in no tap), or with the RHT the amax
+  of the rotated im2col(X)^T over all taps (from a first pass over the chunks when there are
+  several). With RN, taps that read the same input rows shifted by whole output rows (for k4
+  s2: rows i and i + 2) hold the same 16-token blocks when the output width is a multiple of
+  16, so each such block is quantized once, in a shared "plane" (``_planes``): half the work
+  for the CNN's convolutions. SR copies draw their bits tap by tap (only their RHT rotation is
+  shared). Neither the chunking nor the sharing changes a bit (tested).
 - ConvTranspose2d is the adjoint of Conv2d (same geometry, input and output swapped): its fprop
   is a Conv2d dgrad (X rowwise along C_in, W along C_in per tap), its dgrad a Conv2d fprop on dY
   (gradient role, SR), its wgrad contracts over the input tokens with dY unfolded tap by tap
