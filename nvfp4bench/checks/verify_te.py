@@ -16,17 +16,18 @@ For a user with a Blackwell GPU and TE >= 2.14. Three kinds of checks, each a ro
    ``y = fl(x * enc_b)`` with y's sign; the mean error of the two sides agrees (within 5
    standard errors plus step/256, the bias allowance of 8-bit hardware SR); the per-element
    round-up frequencies agree (a chi-square-like ratio, ~1 when both draw from the same law).
-Formats (``FORMAT_SPECS``): the same bit-exact check for the other formats TE has, each copy
-its quantizers make: ``nvfp4_4over6`` and ``nvfp4_4over6_mse`` (TE's ``NVFP4Quantizer`` with
-``nvfp4_use_4over6``, E4M3 bound 256; rowwise and columnwise, 1x16 and 16x16) and ``mxfp8_te``
-(TE's ``MXFP8Quantizer``: the E4M3 bytes and the E8M0 scale bytes; rowwise and columnwise, 1x32
-and 32x32; inputs whose dimensions are multiples of 32). MX formats have no amax to compare.
-
 3. One forward and backward of a linear layer (``te.Linear`` through the te backend's
    ``TELinear`` vs the emulator's ``twins.quantized(nn.Linear)``), SR off, for every recipe TE
    can express without SR, and for each (recipe, format) of ``FORMAT_LAYER_CASES``: output,
-   dX, dW and db agree to a relative RMS error of ``LAYER_REL_TOL``. Not bit-exact: the quantized operands are, but the GEMMs accumulate in a
-   different order, and TE's dequantized backward rounds operands to bf16.
+   dX, dW and db agree to a relative RMS error of ``LAYER_REL_TOL``. Not bit-exact: the
+   quantized operands are, but the GEMMs accumulate in a different order, and TE's dequantized
+   backward rounds operands to bf16.
+
+The other formats TE has get check 1 too (``FORMAT_SPECS``), for each copy its quantizers make:
+``nvfp4_4over6`` and ``nvfp4_4over6_mse`` (TE's ``NVFP4Quantizer`` with ``nvfp4_use_4over6``,
+E4M3 bound 256; rowwise and columnwise, 1x16 and 16x16) and ``mxfp8_te`` (TE's
+``MXFP8Quantizer``: the E4M3 bytes and the E8M0 scale bytes; rowwise and columnwise, 1x32 and
+32x32, on the inputs whose dimensions are multiples of 32; MX has no amax to compare).
 
 The comparison logic is pure and takes two "quantizers" (``(x, QuantSpec) -> QuantOut``) and
 two "layer runners" (``LayerCase -> dict of tensors``), so the tests run it with the emulator on
