@@ -21,14 +21,15 @@ from nvfp4bench.quant import mx
 POSITIVE_FINITE_END = 0x7F800000  # the bits of +inf: every positive finite fp32 lies below
 
 
-def differing_codes(rule_a: str, rule_b: str, chunk_bits: int = 24) -> dict:
-    """Per element type: how many positive finite fp32 amaxes get different codes, and the
-    first few of them."""
+def differing_codes(rule_a: str, rule_b: str, chunk_bits: int = 24, first: int = 0,
+                    end: int = POSITIVE_FINITE_END, progress: bool = True) -> dict:
+    """Per element type: how many fp32 amaxes, by bit pattern from ``first`` to ``end`` (default:
+    every positive finite one), get different codes, and the first few of them."""
     step = 1 << chunk_bits
     found = {element.name: {"differ": 0, "examples": []} for element in (mx.E2M1, mx.E4M3)}
-    for start in tqdm(range(0, POSITIVE_FINITE_END, step), desc="fp32 amax", unit="chunk"):
-        amax = torch.arange(start, min(start + step, POSITIVE_FINITE_END),
-                            dtype=torch.int32).view(torch.float32)
+    for start in tqdm(range(first, end, step), desc="fp32 amax", unit="chunk",
+                      disable=not progress):
+        amax = torch.arange(start, min(start + step, end), dtype=torch.int32).view(torch.float32)
         for element in (mx.E2M1, mx.E4M3):
             differ = mx.e8m0_codes(amax, element, rule_a) != mx.e8m0_codes(amax, element, rule_b)
             entry = found[element.name]

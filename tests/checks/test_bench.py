@@ -88,3 +88,15 @@ def test_layer_benchmark_prints_a_step_ratio_per_recipe(capsys):
     assert len(row) == 1
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells[1].endswith(" ms") and cells[2].endswith("x)")  # fp32 ms; nvfp4_full ms (ratio)
+
+
+def test_the_e8m0_rule_comparison_counts_the_amaxes_whose_codes_differ():
+    from benchmarks.e8m0_rules import differing_codes
+    one = 0x3F800000  # the bits of 1.0: 1.0 itself, then 999 amaxes just above it
+    found = differing_codes("floor", "ceil", chunk_bits=8, first=one, end=one + 1000,
+                            progress=False)
+    assert {name: f["differ"] for name, f in found.items()} == {"e2m1": 999, "e4m3": 999}
+    assert found["e2m1"]["examples"][0] == 1.0 + 2.0 ** -23
+    same = differing_codes("te", "rceil", chunk_bits=12, first=one - 50_000, end=one + 50_000,
+                           progress=False)
+    assert {name: f["differ"] for name, f in same.items()} == {"e2m1": 0, "e4m3": 0}
