@@ -22,10 +22,9 @@ te        Transformer Engine (``te/runtime.py``, ``te/linear.py``): ``te.Linear`
           ``te.autocast(recipe=NVFP4BlockScaling(...))`` (``MXFP8BlockScaling`` for mxfp8_te).
 ========  ===================================================================================
 
-The ``format`` argument (``formats.FORMATS``) is passed to ``preflight``, ``swap`` and ``context``
-only for a
-block format other than the default nvfp4 (``format_kwargs``), so a backend written before
-formats existed keeps working for nvfp4.
+The ``format`` argument (``formats.FORMATS``) is passed to ``preflight``, ``swap`` and
+``context`` only for a block format other than the default nvfp4 (``format_kwargs``), so a
+backend written before formats existed keeps working for nvfp4.
 
 Nothing here imports Transformer Engine: ``te/runtime.py`` imports it inside the functions that
 need it.

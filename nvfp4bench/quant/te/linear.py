@@ -124,8 +124,9 @@ def swap(model: nn.Module, recipe: Recipe, names: Sequence[str], *,
 
     ``nn.Linear`` -> ``TELinear`` (``"te"``); ``nn.Conv2d`` / ``nn.ConvTranspose2d`` and the
     attention ``Matmul`` modules -> the emulator's twins in the same ``format`` (``"emulator"``:
-    TE has no convolution or batched-matmul module). Everything is checked before anything is swapped: a refusal
-    (``TEUnavailable``) leaves the model untouched. A baseline recipe swaps nothing.
+    TE has no convolution or batched-matmul module). Everything is checked before anything is
+    swapped: a refusal (``TEUnavailable``) leaves the model untouched. A baseline recipe swaps
+    nothing.
     """
     names = list(dict.fromkeys(names))
     format = get_format(format)
