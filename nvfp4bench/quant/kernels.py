@@ -28,18 +28,19 @@ for a transformer's small layers: ``fake_quantize_pair`` quantizes a layer's for
 one call (one thread, fwd + bwd of a stack of eight 192 x 192 quantized Linears on 512 tokens:
 24.2 -> 22.6 ms; ``benchmarks/bench_layers.py layers``, Linear 576->192: 6.15 -> 5.85 ms).
 Fusing a Linear's four backward quantizations into one graph was measured slower on the same
-stack (23.4 -> 26.9 ms), so the backward makes one call per operand.
+stack (23.4 -> 26.9 ms), and again on a whole vit tiny ``nvfp4_full`` step (1.65x -> 1.69x the
+fp32 step, 128 px, batch 8, one thread), so the backward makes one call per operand.
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
-from pathlib import Path
 
 import torch
 
+from nvfp4bench.quant.compile_cache import (COMPILE_CACHE_ENV, persistent_compile_cache,
+                                            record_vec_isa_probe, vec_isa_options)
 from nvfp4bench.quant.formats import Format, fake_quantize_prepared, get_format
 from nvfp4bench.quant.nvfp4 import (BLOCK, block_amax, block_scales_f32, check_2d, check_sr,
                                     check_tokens_first, columnwise_copy, dequantize_blocks,
@@ -193,7 +194,7 @@ def _fake_quantize_eager(x: torch.Tensor, tile_rows: int, amax, noise, mode: str
 # --------------------------------------------------------------------------------------------
 # What happened to compilation in this process (a cache of outcomes, not a choice): after a
 # failed compilation "auto" stays eager.
-_state = {"compile_error": None, "recompile_limit_warned": False}
+_state = {"compile_error": None, "recompile_limit_warned": False, "vec_isa_recorded": False}
 _compiled_kernels: dict = {}
 
 
@@ -215,38 +216,44 @@ def _use_compiled(x: torch.Tensor, kernels: str) -> bool:
             and x.numel() >= COMPILE_MIN_NUMEL)
 
 
-COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable for its cache folder
-# The user's choice, read before inductor is imported: importing it sets the variable to its
-# default folder (so this module imports inductor's config only where it needs it).
-_USER_COMPILE_CACHE = os.environ.get(COMPILE_CACHE_ENV)
-
-
-def persistent_compile_cache() -> Path:
-    """The folder where inductor keeps the compiled kernels between processes, set for this
-    process before the first compilation: ``$TORCHINDUCTOR_CACHE_DIR`` when the user set it,
-    else ``$XDG_CACHE_HOME/nvfp4bench/inductor`` (``~/.cache/nvfp4bench/inductor``), which,
-    unlike inductor's default under the temporary folder, survives a reboot. A later process
-    (the grid's next cell) then loads the kernels instead of generating and compiling their C++
-    code; it still traces them (a few seconds on the first step). Deleting the folder is safe."""
-    chosen = _USER_COMPILE_CACHE
-    if not chosen:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        chosen = str(Path(base) / "nvfp4bench" / "inductor")
-    os.environ[COMPILE_CACHE_ENV] = chosen
-    return Path(chosen)
-
-
 def _compiled(kernel):
     """``torch.compile(kernel)``, made on first use, with dynamic shapes: one compilation serves
     every shape (a new one for a size-1 dimension, the other tile, SR mode or a given amax: at
     most 2 per function over every model and recipe in ``benchmarks/bench_layers.py steps``),
-    cached on disk in ``persistent_compile_cache()``."""
+    cached on disk in ``persistent_compile_cache()``, without inductor's vector-ISA probe where
+    an earlier process recorded its outcome (``compile_cache``). The arithmetic's Python float
+    constants (``E4M3_MAX``, ...) are traced as the constants they are (``_static_floats``)."""
     fn = _compiled_kernels.get(kernel.__name__)
     if fn is None:
         persistent_compile_cache()
-        fn = _compiled_kernels[kernel.__name__] = torch.compile(
-            kernel, dynamic=True, fullgraph=True, options=_ieee_inductor_options())
+        options = _ieee_inductor_options() | vec_isa_options()
+        compiled = torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
+        fn = _compiled_kernels[kernel.__name__] = _static_floats(compiled)
     return fn
+
+
+def _static_floats(compiled):
+    """``compiled`` tracing the Python floats it reads from modules (``E4M3_MAX``, ...) as the
+    constants they are. Under ``dynamic=True`` dynamo first traces such a float as a symbolic
+    input, finds that it must be a constant and traces the kernel again: ~1.4 s more on the
+    first call of a process, for the same graph. The setting is patched in only for the first
+    call of each kind (its non-tensor arguments, and which arguments are tensors): patching it
+    costs ~10 us, as much as a tenth of a small kernel's call, and a kind seen before is traced
+    already."""
+    import torch._dynamo.config as dynamo_config  # after persistent_compile_cache(): see there
+
+    traced = set()
+
+    def call(*args):
+        kind = tuple(torch.Tensor if isinstance(a, torch.Tensor) else a for a in args)
+        if kind in traced:
+            return compiled(*args)
+        with dynamo_config.patch(specialize_float=True):
+            out = compiled(*args)
+        traced.add(kind)
+        return out
+
+    return call
 
 
 EMULATED_CASTS = "emulate_precision_casts"  # inductor: keep a cast to bf16 and back a rounding
@@ -284,7 +291,7 @@ def _run_compiled(kernels: str, compiled, eager, *args):
     with a size-1 dimension, tiles, SR modes, ...) runs its further variants eager, either
     way, with one warning: the same bits, and the compiled variants stay in use."""
     try:
-        return compiled(*args)
+        out = compiled(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure: report once, then go eager
         if _is_recompile_limit(err):
             if not _state["recompile_limit_warned"]:
@@ -299,6 +306,10 @@ def _run_compiled(kernels: str, compiled, eager, *args):
         warnings.warn(f"nvfp4: torch.compile failed, using eager kernels from now on "
                       f"({_state['compile_error'][:300]})", RuntimeWarning, stacklevel=3)
         return eager(*args)
+    if not _state["vec_isa_recorded"]:
+        _state["vec_isa_recorded"] = True
+        record_vec_isa_probe()
+    return out
 
 
 # "auto" rotates tensors of at least this many elements with compiled roundings. Measured, one

@@ -1,8 +1,5 @@
 """NVFP4 quantizer: known answers (docs/nvfp4.md section 8), an independent NumPy reference, and
 properties (error bound, idempotence, SR neighbours and unbiasedness, determinism, RHT)."""
-import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -579,29 +576,3 @@ def test_both_forms_of_the_e2m1_grid_step_agree_bit_for_bit():
     y = torch.cat([y, -y])
     for a, b in zip(nvfp4.grid_steps_compare(y), nvfp4.grid_steps_bits(y)):
         assert torch.equal(_bits(a), _bits(b))
-
-
-def _python(code: str, env: dict) -> str:
-    """Run ``code`` in a fresh interpreter with ``env`` over a copy of os.environ minus the
-    inductor cache variable; its stdout."""
-    full = {k: v for k, v in os.environ.items() if k != kernels.COMPILE_CACHE_ENV} | env
-    done = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-def test_compiled_kernels_are_cached_in_the_user_cache_folder(tmp_path):
-    _python("import torch; from nvfp4bench.quant.kernels import fake_quantize; "
-            "fake_quantize(torch.randn(64, 64), kernels='compiled')",
-            {"XDG_CACHE_HOME": str(tmp_path)})
-    folder = tmp_path / "nvfp4bench" / "inductor"
-    assert any(p.is_file() for p in folder.rglob("*"))
-
-
-def test_a_compile_cache_folder_the_user_chose_is_kept(tmp_path):
-    out = _python("from nvfp4bench.quant import kernels; "
-                  "print(kernels.persistent_compile_cache())",
-                  {kernels.COMPILE_CACHE_ENV: str(tmp_path / "mine"),
-                   "XDG_CACHE_HOME": str(tmp_path)})
-    assert out.strip() == str(tmp_path / "mine")
