@@ -79,7 +79,7 @@ MAX_IMAGE_SIZE = 4096  # --image-size: far above the study's 256 px
 # Options that never change the numbers a cell produces: left out of the config hash.
 # (The CPU thread count can change float summation order; bit-identical reruns on CPU need the
 # same --threads.)
-# The quantizer's kernels (eager or torch.compile'd) give the same bits (tests/quant/test_nvfp4.py).
+# The quantizer's kernels (eager, native or torch.compile'd) give the same bits (tests/quant/test_nvfp4.py).
 NON_RESULT_FIELDS = frozenset({"out", "resume", "workers", "threads", "progress",
                                "quant_kernels"})
 
@@ -98,7 +98,7 @@ class RunConfig:
     format: str = DEFAULT_FORMAT  # quant.formats.FORMATS: the block format of quantized operands
     backend: str = "emulator"
     quantize_attention: bool = False
-    quant_kernels: str = "auto"  # quant.kernels.KERNELS: eager, compiled, auto (compile big ones)
+    quant_kernels: str = "auto"  # quant.kernels.KERNELS: eager, compiled, native, auto
     # data
     data: str | None = None  # None: the embedded synthetic dataset (built on first use)
     split: str = "kfold"  # the study's protocols (data/folds.py): kfold (5-fold CV) or holdout

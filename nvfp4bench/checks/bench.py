@@ -4,7 +4,7 @@
 [--formats nvfp4,mxfp4,...] [--json]``
     times ``fake_quantize`` of a ``size x size`` fp32 tensor (RN 1x16, RN 16x16, SR 1x16,
     RHT + SR 1x16; "16" is the format's block, 32 for MX) on each of the quantizer's kernels
-    (eager, compiled; ``--kernels``; formats other than nvfp4 run eager) and
+    (eager, compiled, native; ``--kernels``; formats other than nvfp4 run eager) and
     ``dst.copy_(x)`` of the same tensor into an existing one, and prints each median with its
     ratio to the copy, and the signal-to-quantization-noise ratio of each case,
     ``10 log10(sum x^2 / sum (x - x_hat)^2)`` in dB, on that Gaussian tensor and on a

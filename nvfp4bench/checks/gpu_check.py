@@ -50,7 +50,6 @@ from nvfp4bench import options
 from nvfp4bench.atomic import write_text_atomic
 from nvfp4bench.checks import bench, gpu_check_bits, gpu_check_train
 from nvfp4bench.env import PACKAGE_ROOT, git_commit
-from nvfp4bench.quant import kernels
 
 DEFAULT_TESTS = PACKAGE_ROOT / "tests"  # a checkout's tests/, beside the package
 
@@ -149,12 +148,11 @@ def stage_env(ctx: Context) -> dict:
 
 def _kernels_on(dev: torch.device) -> str:
     """Which quantizer kernels the exactness checks and the timed training cells run on ``dev``
-    (the trainer's ``--quant-kernels``; ``auto`` compiles CPU tensors of at least
-    ``kernels.COMPILE_MIN_NUMEL`` elements only, so on CUDA it runs eager)."""
+    (the trainer's ``--quant-kernels``; ``auto`` uses the native or compiled kernels on CPU
+    tensors only, so on CUDA it runs eager)."""
     train = gpu_check_train.TRAIN_KERNELS
     if train == "auto":
-        train = (f"compiled from {kernels.COMPILE_MIN_NUMEL} elements" if dev.type == "cpu"
-                 else "eager")
+        train = "native, or compiled from large tensors" if dev.type == "cpu" else "eager"
     return (f"{gpu_check_bits.CHECK_KERNELS} in the checks, {train} in training "
             f"(--quant-kernels {gpu_check_train.TRAIN_KERNELS})")
 

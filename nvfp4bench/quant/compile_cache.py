@@ -23,11 +23,11 @@ import functools
 import hashlib
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
 
-from nvfp4bench.atomic import write_text_atomic
 
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable for its cache folder
 # The user's choice, read before inductor is imported: importing it sets the variable to its
@@ -58,7 +58,7 @@ def _x86_candidates() -> list[str] | None:
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
-        from torch._inductor import cpu_vec_isa
+        from torch._inductor import cpu_vec_isa  # after persistent_compile_cache(): see there
 
         flags = cpu_vec_isa.x86_isa_checker()
         return [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
@@ -77,7 +77,7 @@ def _probe_marker() -> Path | None:
     if not candidates:
         return None
     try:
-        from torch._inductor import cpp_builder
+        from torch._inductor import cpp_builder  # after persistent_compile_cache(): see there
 
         compiler = cpp_builder.get_cpp_compiler()
         version = cpp_builder.get_compiler_version_info(compiler)
@@ -102,11 +102,26 @@ def record_vec_isa_probe() -> None:
     if marker is None or marker.is_file():
         return
     try:
-        from torch._inductor import cpu_vec_isa
+        from torch._inductor import cpu_vec_isa  # after persistent_compile_cache(): see there
 
         passed = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
     except (ImportError, AttributeError):
         return
     if passed == _x86_candidates():
         with contextlib.suppress(OSError):  # a read-only cache folder: probe again next time
-            write_text_atomic(marker, "\n".join(passed) + "\n")
+            _write_marker(marker, "\n".join(passed) + "\n")
+
+
+def _write_marker(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file beside it, renamed over it: another
+    process sees no marker or a whole one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,4 +1,4 @@
-"""How ``fake_quantize``, the QAT hot path, runs: eager PyTorch or compiled kernels.
+"""How ``fake_quantize``, the QAT hot path, runs: eager PyTorch, native C++ or compiled kernels.
 
 The arithmetic is ``nvfp4bench.quant.nvfp4``'s; this module only executes it. The other block
 formats (``format=``: MXFP4, MXFP8, four over six) run ``formats.fake_quantize_prepared``, in
@@ -8,20 +8,27 @@ Kernels (speed only; the bits are the same)
 -------------------------------------------
 ``fake_quantize`` makes two passes over the tensor: the block amax, then the elementwise
 ``x -> x_hat`` (scale, E2M1 cast, dequantize), with the scale math on the small (M, K/16) block
-tensors in between. They run as eager PyTorch (``"eager"``, the default; on a one-thread CPU in
-row chunks of ``EAGER_CHUNK`` elements so that the temporaries stay in cache) or as one graph
-made by ``torch.compile`` per call (``"compiled"``; ``"auto"`` compiles CPU tensors of at least
-``COMPILE_MIN_NUMEL`` elements and falls back to eager, with one warning, when compiling fails).
+tensors in between. They run as
+
+- ``"eager"`` (the default): PyTorch operations; on a one-thread CPU in row chunks of
+  ``EAGER_CHUNK`` elements so that the temporaries stay in cache;
+- ``"native"``: ``native_nvfp4.cpp``, the same arithmetic in C++ (CPU only; built on first use
+  by ``native.py``, ~25 s once per machine), one call of a few microseconds' overhead;
+- ``"compiled"``: one graph made by ``torch.compile`` per call (inductor's C++ on the CPU,
+  Triton on CUDA), ~40-60 us of dynamo overhead per call;
+- ``"auto"``: native for CPU tensors below ``NATIVE_MAX_NUMEL`` elements where the native
+  kernels build, else compiled for CPU tensors of at least ``COMPILE_MIN_NUMEL`` elements
+  (eager, with one warning, when compiling fails); eager on CUDA.
+
 Pick one with the ``kernels=`` argument (the quantized layers carry it in their ``Roles``;
-``quantize_model(..., kernels=...)`` sets it for a model). Both run the same
-functions in the same order (``dequantize_blocks``, ``block_scales_f32``); the only difference is
-the E4M3 rounding of the block scales, the FP8 cast in eager and exact fp32 arithmetic in the
-kernels (tested equal on every rounding boundary). Every fp32 operation on x is a product, a
-scaling by a power of two, a round/floor or a comparison: no sum that contraction (FMA) or
-reassociation could change, and inductor's C++ flags keep ``-ffp-contract=off
--fno-unsafe-math-optimizations`` anyway. The tests check both kernels against the NumPy
-reference, bit for bit. SR draws its random bits eagerly from the caller's ``torch.Generator``,
-so both kernels consume the same bits.
+``quantize_model(..., kernels=...)`` sets it for a model). All run the same operations in the
+same order (``dequantize_blocks``, ``block_scales_f32``); the only difference is the E4M3
+rounding of the block scales, the FP8 cast in eager and exact fp32 arithmetic in the kernels
+(tested equal on every rounding boundary). Every fp32 operation on x is a product, a scaling by
+a power of two, a round/floor or a comparison: no sum that contraction (FMA) or reassociation
+could change, and both C++ builds keep ``-ffp-contract=off`` and no fast math anyway. The tests
+check every kernel against the NumPy reference, bit for bit. SR draws its random bits eagerly
+from the caller's ``torch.Generator``, so all kernels consume the same bits.
 
 A compiled call costs tens of microseconds of dynamo overhead whatever its size, which matters
 for a transformer's small layers: ``fake_quantize_pair`` quantizes a layer's forward X and W in
@@ -39,7 +46,8 @@ import warnings
 
 import torch
 
-from nvfp4bench.quant.compile_cache import (COMPILE_CACHE_ENV, persistent_compile_cache,
+from nvfp4bench.quant import native
+from nvfp4bench.quant.compile_cache import (persistent_compile_cache,
                                             record_vec_isa_probe, vec_isa_options)
 from nvfp4bench.quant.formats import Format, fake_quantize_prepared, get_format
 from nvfp4bench.quant.nvfp4 import (BLOCK, block_amax, block_scales_f32, check_2d, check_sr,
@@ -49,11 +57,17 @@ from nvfp4bench.quant.nvfp4 import (BLOCK, block_amax, block_scales_f32, check_2
                                     row_blocks, tile_amax)
 from nvfp4bench.quant.nvfp4 import rht as nvfp4_rht
 
-KERNELS = ("eager", "compiled", "auto")  # how fake_quantize runs: the same bits
+KERNELS = ("eager", "compiled", "native", "auto")  # how fake_quantize runs: the same bits
 # "auto" compiles tensors with at least this many elements. One compiled call costs ~40 us of
 # dynamo overhead; it still beat eager from 192 elements up (1 thread: 60 vs 100 us), so the bound
 # only keeps tiny tensors (and their size-1 recompilations) eager.
 COMPILE_MIN_NUMEL = 1 << 12
+
+# "auto" quantizes CPU tensors below this many elements with the native kernels, larger ones
+# with the compiled kernels. Measured, one thread, fp32, median per call, native / compiled:
+# (520, 192) RN 68 / 138 us, SR 268 / 291 us; 1024^2 RN 0.9 / 1.3 ms, SR 2.8 / 2.5 ms;
+# 2048^2 RN 7.3 / 10.1 ms, SR 18 / 12 ms (the compiled SR pass vectorises better).
+NATIVE_MAX_NUMEL = 1 << 20
 
 EAGER_CHUNK = 1 << 18  # elements per chunk of the eager CPU path: its temporaries stay in cache
 
@@ -152,6 +166,22 @@ def _fake_quantize_columns_eager(x: torch.Tensor, amax, noise, mode: str):
     return _fake_quantize_eager(columnwise_copy(x), 1, amax, noise, mode)
 
 
+_NATIVE_MODES = {"rn": 0, "hardware": 1, "ideal": 2}  # native_nvfp4.cpp's Mode
+
+
+def _fake_quantize_native(x: torch.Tensor, tile_rows: int, amax, noise, mode: str):
+    """The C++ kernel (``native.py``): one call, no Python between its two passes."""
+    return native.load().fake_quantize_rows(x, tile_rows, amax, noise, _NATIVE_MODES[mode])
+
+
+def _fake_quantize_columns_native(x: torch.Tensor, amax, noise, mode: str):
+    """(..., M, C) x -> (prod(...) * C, Mp) by the C++ kernel, which reads the blocks in x's
+    layout and writes them transposed."""
+    m, c = x.shape[-2:]
+    return native.load().fake_quantize_columns(x.reshape(-1, m, c), padded_tokens(m), amax,
+                                               noise, _NATIVE_MODES[mode])
+
+
 def _chunked_eager() -> bool:
     """Chunk the eager CPU path only on one intra-op thread. Measured on 4096 x 4096 on a shared
     2-core machine: one thread, 2**18-element chunks are 3.5x faster than whole tensors; two
@@ -194,7 +224,8 @@ def _fake_quantize_eager(x: torch.Tensor, tile_rows: int, amax, noise, mode: str
 # --------------------------------------------------------------------------------------------
 # What happened to compilation in this process (a cache of outcomes, not a choice): after a
 # failed compilation "auto" stays eager.
-_state = {"compile_error": None, "recompile_limit_warned": False, "vec_isa_recorded": False}
+_state = {"compile_error": None, "recompile_limit_warned": False, "vec_isa_recorded": False,
+          "native_warned": False}
 _compiled_kernels: dict = {}
 
 
@@ -206,7 +237,9 @@ def check_kernels(kernels: str) -> str:
 
 
 def _use_compiled(x: torch.Tensor, kernels: str) -> bool:
-    if check_kernels(kernels) == "eager" or x.numel() == 0:
+    """Whether a torch.compile kernel runs on x: under ``"compiled"``, and under ``"auto"`` for
+    CPU tensors of at least ``COMPILE_MIN_NUMEL`` elements while compiling works."""
+    if check_kernels(kernels) in ("eager", "native") or x.numel() == 0:
         return False
     if kernels == "compiled":
         return True
@@ -214,6 +247,34 @@ def _use_compiled(x: torch.Tensor, kernels: str) -> bool:
     # be IEEE-rounded (the scale math divides); untested there, and eager is fast on a GPU.
     return (x.device.type == "cpu" and _state["compile_error"] is None
             and x.numel() >= COMPILE_MIN_NUMEL)
+
+
+def _choose(x: torch.Tensor, kernels: str) -> str:
+    """Which kernels quantize x: ``"native"`` (the C++ kernels, ``native.py``), ``"compiled"``
+    or ``"eager"``. ``"auto"`` takes the native kernels for CPU tensors of fewer than
+    ``NATIVE_MAX_NUMEL`` elements where they build, else what ``_use_compiled`` says; on CUDA
+    it stays eager."""
+    if check_kernels(kernels) == "native" and x.numel():
+        if x.device.type != "cpu":
+            raise ValueError(f"kernels='native' runs CPU tensors only, got one on {x.device}")
+        native.load()  # NativeUnavailable, saying why, where they cannot be built
+        return "native"
+    if (kernels == "auto" and 0 < x.numel() < NATIVE_MAX_NUMEL and x.device.type == "cpu"
+            and _native_available()):
+        return "native"
+    return "compiled" if _use_compiled(x, kernels) else "eager"
+
+
+def _native_available() -> bool:
+    """``native.available()``; the first time it is not, one warning says why (``"auto"`` then
+    uses the compiled kernels or eager PyTorch: the same bits, slower)."""
+    if native.available():
+        return True
+    if not _state["native_warned"]:
+        _state["native_warned"] = True
+        warnings.warn(f"nvfp4: native kernels unavailable, using torch.compile or eager ones "
+                      f"({native.unavailable_reason()[:300]})", RuntimeWarning, stacklevel=4)
+    return False
 
 
 def _compiled(kernel):
@@ -354,7 +415,10 @@ def _fake_quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str,
         return x.clone()
     noise = draw_noise(x.shape, generator, sr_mode, x.device) if sr else None
     args = (x, tile[0], amax, noise, sr_mode if sr else "rn")
-    if _use_compiled(x, kernels):
+    chosen = _choose(x, kernels)
+    if chosen == "native":
+        return _fake_quantize_native(*args)
+    if chosen == "compiled":
         return _run_compiled(kernels, _fake_quantize_compiled, _fake_quantize_eager, *args)
     return _fake_quantize_eager(*args)
 
@@ -365,9 +429,9 @@ def fake_quantize(x: torch.Tensor, *, tile=(1, BLOCK), rht: bool = False, sr: bo
                   kernels: str = "eager", format: str | Format | None = None) -> torch.Tensor:
     """``dequantize(quantize(x, ...))`` in fp32, without materialising codes: the QAT hot path.
 
-    Runs on ``kernels`` (``KERNELS``: eager, compiled or auto); SR draws its random bits from
-    ``generator`` in eager PyTorch either way, so all kernels give the same bits for the same
-    generator state. The result carries no autograd history. ``format``: a block format of
+    Runs on ``kernels`` (``KERNELS``: eager, compiled, native or auto); SR draws its random bits
+    from ``generator`` in eager PyTorch either way, so all kernels give the same bits for the
+    same generator state. The result carries no autograd history. ``format``: a block format of
     ``formats.FORMATS`` (default ``nvfp4``); ``tile`` (16, 16) means the format's 2-D tiles.
     The formats other than ``nvfp4`` run eager whatever ``kernels`` says.
     """
@@ -417,7 +481,7 @@ def fake_quantize_pair(x: torch.Tensor, w: torch.Tensor, *, w_tile=(1, BLOCK),
     with torch.no_grad():
         x, _ = prepare_operand(x.detach(), (1, BLOCK), False, "fake_quantize_pair")
         w, w_tile = prepare_operand(w.detach(), w_tile, False, "fake_quantize_pair")
-        if x.numel() == 0 or w.numel() == 0 or not _use_compiled(x, kernels):
+        if x.numel() == 0 or w.numel() == 0 or _choose(x, kernels) != "compiled":
             return (_fake_quantize_2d(x, (1, BLOCK), False, None, "hardware", None, kernels),
                     _fake_quantize_2d(w, w_tile, False, None, "hardware", None, kernels))
         return _run_compiled(kernels, _fake_quantize_pair_compiled, _fake_quantize_pair_eager,
@@ -451,7 +515,10 @@ def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,
             return x.new_zeros(shape)
         noise = draw_noise(shape, generator, sr_mode, x.device) if sr else None
         args = (x, amax, noise, sr_mode if sr else "rn")
-        if _use_compiled(x, kernels):
+        chosen = _choose(x, kernels)
+        if chosen == "native":
+            return _fake_quantize_columns_native(*args)
+        if chosen == "compiled":
             return _run_compiled(kernels, _fake_quantize_columns_compiled,
                                  _fake_quantize_columns_eager, *args)
         return _fake_quantize_columns_eager(*args)

@@ -78,11 +78,11 @@ def quantize_model(model: nn.Module, recipe: Recipe | str, backend: str | Backen
     which swaps nothing) and ``model.layer_backends`` (name -> the backend that runs it).
     ``generator`` feeds stochastic rounding; ``quantize_attention`` also swaps the two attention
     matmuls (an extension beyond the study). ``kernels`` picks how the emulator's layers run
-    fake_quantize (``kernels.KERNELS``: eager, compiled or auto; the same bits). ``format``: the
-    block format of every quantized operand (``formats.FORMATS``; default ``nvfp4``). Run the model's
-    forwards inside
-    ``get_backend(backend).context(recipe, device, dtype)``. ``recipe`` and ``backend`` may be
-    names or the resolved objects (a training run resolves them once and passes the objects).
+    fake_quantize (``kernels.KERNELS``: eager, compiled, native or auto; the same bits).
+    ``format``: the block format of every quantized operand (``formats.FORMATS``; default
+    ``nvfp4``). Run the model's forwards inside ``get_backend(backend).context(recipe, device,
+    dtype)``. ``recipe`` and ``backend`` may be names or the resolved objects (a training run
+    resolves them once and passes the objects).
     """
     chosen = get_backend(backend)
     if isinstance(recipe, str):

@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize-attention", action="store_true",
                    help="also quantize the two attention matmuls (an extension; off in the study)")
     g.add_argument("--quant-kernels", choices=kernels.KERNELS, default="auto",
-                   help="the emulator's kernels: eager PyTorch, torch.compile'd, or auto "
-                        "(compile large CPU tensors); the bits are the same (default: "
-                        "%(default)s)")
+                   help="the emulator's kernels: eager PyTorch, torch.compile'd, native C++ "
+                        "(CPU), or auto (native on the CPU where it builds, else compiled for "
+                        "large CPU tensors); the bits are the same (default: %(default)s)")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, metavar="DIR",

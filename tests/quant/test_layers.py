@@ -355,19 +355,20 @@ def test_mx_convolutions_need_channels_in_multiples_of_32():
     quantized(nn.Linear(16, 48), "nvfp4_full", format="mxfp4")  # a Linear's blocks are padded
 
 
+@pytest.mark.parametrize("kernels", ["compiled", "native"])
 @pytest.mark.parametrize("recipe", ["nvfp4_full", "sr_only", "2d_rht_sr"])
-def test_compiled_quantizer_gives_a_linear_the_same_bits_as_eager(recipe):
-    """The compiled kernels (the columnwise wgrad copies among them) inside a layer: Y, dX, dW
-    and db equal the eager kernels', SR included for the same seed."""
+def test_compiled_quantizer_gives_a_linear_the_same_bits_as_eager(recipe, kernels):
+    """The compiled and the native kernels (the columnwise wgrad copies among them) inside a
+    layer: Y, dX, dW and db equal the eager kernels', SR included for the same seed."""
     layer, x = make_case(CASE["linear"])  # 15 tokens: the wgrad copies are padded
     dy = output_grad(layer, x)
     runs = {}
-    for backend in ("eager", "compiled"):
+    for backend in ("eager", kernels):
         gen = torch.Generator().manual_seed(3) if RECIPES[recipe].stochastic_rounding else None
         runs[backend] = run_layer(quantized(layer, recipe, generator=gen, kernels=backend), x, dy)
     for what, a, e in zip(("output", "input grad", "weight grad", "bias grad"),
-                          runs["compiled"], runs["eager"]):
-        assert_bits(a, e, f"{recipe} {what}")
+                          runs[kernels], runs["eager"]):
+        assert_bits(a, e, f"{recipe} {kernels} {what}")
 
 
 @pytest.mark.parametrize("case", [CASE["linear"], CASE["conv_s2p1_batch1"],

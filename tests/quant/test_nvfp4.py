@@ -304,7 +304,14 @@ def test_rowwise_blocks_allow_any_row_count():
 # ---------------------------------------------------------------------------------------------
 # Kernels: the compiled kernels and the chunked eager path give the same bits
 # ---------------------------------------------------------------------------------------------
-BACKENDS = ["eager", "compiled"]
+BACKENDS = ["eager", "compiled", "native"]
+
+
+@pytest.fixture
+def without_native(monkeypatch):
+    """A machine where the native kernels do not build (silently: no warning)."""
+    monkeypatch.setattr(kernels.native, "_load_or_error", lambda: (None, "no C++ compiler"))
+    monkeypatch.setitem(kernels._state, "native_warned", True)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -456,7 +463,7 @@ def test_columnwise_copy_refuses_a_vector():
         kernels.fake_quantize_columnwise(torch.ones(32))
 
 
-def test_auto_backend_falls_back_to_eager_with_one_warning(monkeypatch):
+def test_auto_backend_falls_back_to_eager_with_one_warning(monkeypatch, without_native):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
@@ -474,7 +481,8 @@ def test_auto_backend_falls_back_to_eager_with_one_warning(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["compiled", "auto"])
-def test_a_kernel_at_the_recompile_limit_runs_that_call_eager(monkeypatch, backend):
+def test_a_kernel_at_the_recompile_limit_runs_that_call_eager(monkeypatch, without_native,
+                                                              backend):
     class FailOnRecompileLimitHit(RuntimeError):  # dynamo's exception, matched by name
         pass
 
@@ -496,14 +504,51 @@ def test_a_kernel_at_the_recompile_limit_runs_that_call_eager(monkeypatch, backe
     assert torch.equal(_bits(first), _bits(ref)) and torch.equal(_bits(second), _bits(ref))
 
 
-def test_auto_backend_leaves_small_tensors_eager(monkeypatch):
+def test_auto_backend_never_compiles_small_tensors(monkeypatch):
     def must_not_run(*args):
         raise AssertionError("compiled path used")
 
     monkeypatch.setattr(kernels, "_fake_quantize_compiled", must_not_run)
     x = _adversarial(0)[:16]
     assert x.numel() < kernels.COMPILE_MIN_NUMEL
-    fake_quantize(x, kernels="auto")
+    fake_quantize(x, kernels="auto")  # native kernels where they build
+    monkeypatch.setattr(kernels.native, "_load_or_error", lambda: (None, "no C++ compiler"))
+    monkeypatch.setitem(kernels._state, "native_warned", True)
+    fake_quantize(x, kernels="auto")  # eager
+
+
+def test_auto_uses_the_native_kernels_where_they_build(monkeypatch):
+    if not kernels.native.available():
+        pytest.skip(f"native kernels unavailable: {kernels.native.unavailable_reason()}")
+    calls = []
+    real = kernels._fake_quantize_native
+    monkeypatch.setattr(kernels, "_fake_quantize_native", lambda *a: calls.append(1) or real(*a))
+    fake_quantize(_adversarial(0), kernels="auto")
+    assert calls
+    monkeypatch.setattr(kernels, "NATIVE_MAX_NUMEL", 1024)  # a large tensor: compiled kernels
+    fake_quantize(_adversarial(0), kernels="auto")
+    assert len(calls) == 1
+
+
+def test_without_native_kernels_auto_warns_once_and_native_says_why(monkeypatch):
+    monkeypatch.setattr(kernels.native, "_load_or_error", lambda: (None, "no C++ compiler"))
+    monkeypatch.setitem(kernels._state, "native_warned", False)
+    x = _adversarial(0)
+    with pytest.warns(RuntimeWarning, match="native kernels unavailable.*no C"):
+        first = fake_quantize(x, kernels="auto")
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        fake_quantize(x, kernels="auto")
+    assert not [w for w in later if "native" in str(w.message)]
+    assert torch.equal(_bits(first), _bits(fake_quantize(x)))
+    with pytest.raises(kernels.native.NativeUnavailable, match="no C"):
+        fake_quantize(x, kernels="native")
+
+
+def test_native_kernels_are_kept_per_cpu(monkeypatch):
+    here = kernels.native.module_name()
+    monkeypatch.setattr(kernels.native, "_cpu_flags", lambda: "sse2 some_future_isa")
+    assert kernels.native.module_name() != here
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
