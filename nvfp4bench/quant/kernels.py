@@ -16,8 +16,8 @@ tensors in between. They run as
   by ``native.py``, ~25 s once per machine), one call of a few microseconds' overhead;
 - ``"compiled"``: one graph made by ``torch.compile`` per call (inductor's C++ on the CPU,
   Triton on CUDA), ~40-60 us of dynamo overhead per call;
-- ``"auto"``: native for CPU tensors below ``NATIVE_MAX_NUMEL`` elements where the native
-  kernels build, else compiled for CPU tensors of at least ``COMPILE_MIN_NUMEL`` elements
+- ``"auto"``: native for CPU tensors below ``NATIVE_MAX_NUMEL`` elements (2^23 for RN, 2^20
+  for SR) where the native kernels build, else compiled for CPU tensors of at least ``COMPILE_MIN_NUMEL`` elements
   (eager, with one warning, when compiling fails); eager on CUDA.
 
 Pick one with the ``kernels=`` argument (the quantized layers carry it in their ``Roles``;
@@ -64,10 +64,11 @@ KERNELS = ("eager", "compiled", "native", "auto")  # how fake_quantize runs: the
 COMPILE_MIN_NUMEL = 1 << 12
 
 # "auto" quantizes CPU tensors below this many elements with the native kernels, larger ones
-# with the compiled kernels. Measured, one thread, fp32, median per call, native / compiled:
-# (520, 192) RN 68 / 138 us, SR 268 / 291 us; 1024^2 RN 0.9 / 1.3 ms, SR 2.8 / 2.5 ms;
-# 2048^2 RN 7.3 / 10.1 ms, SR 18 / 12 ms (the compiled SR pass vectorises better).
-NATIVE_MAX_NUMEL = 1 << 20
+# with the compiled kernels, per rounding. Measured, one thread, fp32, median per call, native /
+# compiled: (520, 192) RN 68 / 138 us, SR 268 / 291 us; 1024^2 RN 0.9 / 1.3 ms, SR 2.8 / 2.5
+# ms; 2048^2 RN 7.3 / 10.1 ms, SR 18 / 12 ms (the compiled SR pass vectorises better); 4096^2
+# RN 70 / 56 ms.
+NATIVE_MAX_NUMEL = {"rn": 1 << 23, "sr": 1 << 20}
 
 EAGER_CHUNK = 1 << 18  # elements per chunk of the eager CPU path: its temporaries stay in cache
 
@@ -249,28 +250,30 @@ def _use_compiled(x: torch.Tensor, kernels: str) -> bool:
             and x.numel() >= COMPILE_MIN_NUMEL)
 
 
-def _choose(x: torch.Tensor, kernels: str) -> str:
-    """Which kernels quantize x: ``"native"`` (the C++ kernels, ``native.py``), ``"compiled"``
-    or ``"eager"``. ``"auto"`` takes the native kernels for CPU tensors of fewer than
-    ``NATIVE_MAX_NUMEL`` elements where they build, else what ``_use_compiled`` says; on CUDA
-    it stays eager."""
+def _choose(x: torch.Tensor, kernels: str, sr: bool = False) -> str:
+    """Which kernels quantize x (with SR when ``sr``): ``"native"`` (the C++ kernels,
+    ``native.py``), ``"compiled"`` or ``"eager"``. ``"auto"`` takes the native kernels for CPU
+    tensors of fewer than ``NATIVE_MAX_NUMEL`` elements (per rounding) where they build, else
+    what ``_use_compiled`` says; on CUDA it stays eager."""
     if check_kernels(kernels) == "native" and x.numel():
         if x.device.type != "cpu":
             raise ValueError(f"kernels='native' runs CPU tensors only, got one on {x.device}")
         native.load()  # NativeUnavailable, saying why, where they cannot be built
         return "native"
-    if (kernels == "auto" and 0 < x.numel() < NATIVE_MAX_NUMEL and x.device.type == "cpu"
+    limit = NATIVE_MAX_NUMEL["sr" if sr else "rn"]
+    if (kernels == "auto" and 0 < x.numel() < limit and x.device.type == "cpu"
             and _native_available()):
         return "native"
     return "compiled" if _use_compiled(x, kernels) else "eager"
 
 
 def _native_available() -> bool:
-    """``native.available()``; the first time it is not, one warning says why (``"auto"`` then
-    uses the compiled kernels or eager PyTorch: the same bits, slower)."""
+    """``native.available()``; the first time it is not on a platform they are built for, one
+    warning says why (``"auto"`` then uses the compiled kernels or eager PyTorch: the same
+    bits, slower)."""
     if native.available():
         return True
-    if not _state["native_warned"]:
+    if native.supported() and not _state["native_warned"]:
         _state["native_warned"] = True
         warnings.warn(f"nvfp4: native kernels unavailable, using torch.compile or eager ones "
                       f"({native.unavailable_reason()[:300]})", RuntimeWarning, stacklevel=4)
@@ -415,7 +418,7 @@ def _fake_quantize_2d(x: torch.Tensor, tile, sr: bool, generator, sr_mode: str,
         return x.clone()
     noise = draw_noise(x.shape, generator, sr_mode, x.device) if sr else None
     args = (x, tile[0], amax, noise, sr_mode if sr else "rn")
-    chosen = _choose(x, kernels)
+    chosen = _choose(x, kernels, sr)
     if chosen == "native":
         return _fake_quantize_native(*args)
     if chosen == "compiled":
@@ -515,7 +518,7 @@ def fake_quantize_columnwise(x: torch.Tensor, *, sr: bool = False,
             return x.new_zeros(shape)
         noise = draw_noise(shape, generator, sr_mode, x.device) if sr else None
         args = (x, amax, noise, sr_mode if sr else "rn")
-        chosen = _choose(x, kernels)
+        chosen = _choose(x, kernels, sr)
         if chosen == "native":
             return _fake_quantize_columns_native(*args)
         if chosen == "compiled":

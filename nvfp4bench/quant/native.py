@@ -54,10 +54,15 @@ def module_name() -> str:
     return "nvfp4bench_native_" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
+def supported() -> bool:
+    """Whether this platform is one the native kernels are built for (Linux x86-64)."""
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+
+
 @functools.lru_cache(maxsize=1)
 def _load_or_error():
     """(module, None) or (None, the reason it is unavailable): tried once per process."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if not supported():
         return None, f"native kernels are built on Linux x86-64 only, not {platform.platform()}"
     try:
         from torch.utils import cpp_extension  # imported only where the kernels are built

@@ -525,9 +525,12 @@ def test_auto_uses_the_native_kernels_where_they_build(monkeypatch):
     monkeypatch.setattr(kernels, "_fake_quantize_native", lambda *a: calls.append(1) or real(*a))
     fake_quantize(_adversarial(0), kernels="auto")
     assert calls
-    monkeypatch.setattr(kernels, "NATIVE_MAX_NUMEL", 1024)  # a large tensor: compiled kernels
-    fake_quantize(_adversarial(0), kernels="auto")
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setitem(kernels.NATIVE_MAX_NUMEL, "sr", 1024)  # a large tensor for SR
+    fake_quantize(_adversarial(0), sr=True, generator=g, kernels="auto")  # compiled kernels
     assert len(calls) == 1
+    fake_quantize(_adversarial(0), kernels="auto")  # not large for RN
+    assert len(calls) == 2
 
 
 def test_without_native_kernels_auto_warns_once_and_native_says_why(monkeypatch):
@@ -543,6 +546,16 @@ def test_without_native_kernels_auto_warns_once_and_native_says_why(monkeypatch)
     assert torch.equal(_bits(first), _bits(fake_quantize(x)))
     with pytest.raises(kernels.native.NativeUnavailable, match="no C"):
         fake_quantize(x, kernels="native")
+
+
+def test_no_warning_where_native_kernels_are_not_built(monkeypatch):
+    monkeypatch.setattr(kernels.native, "supported", lambda: False)  # e.g. macOS, arm64
+    monkeypatch.setattr(kernels.native, "_load_or_error", lambda: (None, "not Linux x86-64"))
+    monkeypatch.setitem(kernels._state, "native_warned", False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fake_quantize(_adversarial(0)[:16], kernels="auto")  # small: eager, nothing to say
+    assert not seen
 
 
 def test_native_kernels_are_kept_per_cpu(monkeypatch):
