@@ -79,7 +79,8 @@ MAX_IMAGE_SIZE = 4096  # --image-size: far above the study's 256 px
 # Options that never change the numbers a cell produces: left out of the config hash.
 # (The CPU thread count can change float summation order; bit-identical reruns on CPU need the
 # same --threads.)
-# The quantizer's kernels (eager, native or torch.compile'd) give the same bits (tests/quant/test_nvfp4.py).
+# The quantizer's kernels (eager, native or torch.compile'd) give the same bits
+# (tests/quant/test_nvfp4.py).
 NON_RESULT_FIELDS = frozenset({"out", "resume", "workers", "threads", "progress",
                                "quant_kernels"})
 

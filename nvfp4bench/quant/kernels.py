@@ -17,8 +17,8 @@ tensors in between. They run as
 - ``"compiled"``: one graph made by ``torch.compile`` per call (inductor's C++ on the CPU,
   Triton on CUDA), ~40-60 us of dynamo overhead per call;
 - ``"auto"``: native for CPU tensors below ``NATIVE_MAX_NUMEL`` elements (2^23 for RN, 2^20
-  for SR) where the native kernels build, else compiled for CPU tensors of at least ``COMPILE_MIN_NUMEL`` elements
-  (eager, with one warning, when compiling fails); eager on CUDA.
+  for SR) where the native kernels build, else compiled for CPU tensors of at least
+  ``COMPILE_MIN_NUMEL`` elements (eager, with one warning, when compiling fails); eager on CUDA.
 
 Pick one with the ``kernels=`` argument (the quantized layers carry it in their ``Roles``;
 ``quantize_model(..., kernels=...)`` sets it for a model). All run the same operations in the

@@ -3,8 +3,8 @@ as the PyTorch code), built on first use with torch's C++-extension tools and lo
 
 Why: a ``torch.compile`` kernel call costs ~40-60 us of dynamo and AOTAutograd wrappers in
 Python whatever its size, about as much as the arithmetic of a transformer layer's operand; a
-call into this module costs a few microseconds. It needs what inductor's CPU kernels need (a
-C++ compiler; ninja), and is built with the compiler's ``-march=native``, so the shared object is
+call into this module costs a few microseconds. It needs a C++ compiler (as inductor's CPU
+kernels do) and ninja (``requirements-common.txt``), and is built with the compiler's ``-march=native``, so the shared object is
 kept per CPU (its instruction-set flags are part of the module name) in
 ``$XDG_CACHE_HOME/nvfp4bench/native`` (``~/.cache/nvfp4bench/native``; the first build takes
 ~25 s, a later process loads it in ~0.1 s). Deleting the folder is safe.
