@@ -634,3 +634,17 @@ def test_both_forms_of_the_e2m1_grid_step_agree_bit_for_bit():
     y = torch.cat([y, -y])
     for a, b in zip(nvfp4.grid_steps_compare(y), nvfp4.grid_steps_bits(y)):
         assert torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
+def test_native_kernels_match_eager_bits_on_nan_and_inf(special):
+    """One NaN or infinity in the tensor: the native kernels give eager's bits, NaN payloads
+    included (a NaN amax makes every element NaN; an infinite amax makes S_enc 1)."""
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    x[3, 5] = special
+    for tile in ((1, 16), (16, 16)):
+        assert torch.equal(_bits(fake_quantize(x, tile=tile, kernels="native")),
+                           _bits(fake_quantize(x, tile=tile)))
+    cols = x.view(2, 16, 64)
+    assert torch.equal(_bits(kernels.fake_quantize_columnwise(cols, kernels="native")),
+                       _bits(kernels.fake_quantize_columnwise(cols)))
