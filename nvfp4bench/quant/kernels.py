@@ -65,9 +65,8 @@ COMPILE_MIN_NUMEL = 1 << 12
 
 # "auto" quantizes CPU tensors below this many elements with the native kernels, larger ones
 # with the compiled kernels, per rounding. Measured, one thread, fp32, median per call, native /
-# compiled: (520, 192) RN 68 / 138 us, SR 268 / 291 us; 1024^2 RN 0.9 / 1.3 ms, SR 2.8 / 2.5
-# ms; 2048^2 RN 7.3 / 10.1 ms, SR 18 / 12 ms (the compiled SR pass vectorises better); 4096^2
-# RN 70 / 56 ms.
+# compiled: (520, 192) RN 68 / 138 us, SR 253 / 316 us; 1024^2 RN 0.9 / 1.3 ms, SR 2.4 / 2.5
+# ms; 2048^2 RN 7.3 / 10.1 ms, SR 12.3 / 10.2 ms; 4096^2 RN 70 / 56 ms.
 NATIVE_MAX_NUMEL = {"rn": 1 << 23, "sr": 1 << 20}
 
 EAGER_CHUNK = 1 << 18  # elements per chunk of the eager CPU path: its temporaries stay in cache

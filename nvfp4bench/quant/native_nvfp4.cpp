@@ -115,10 +115,13 @@ template <int64_t Mode>
 inline void quantize_block(const float* __restrict src, float* __restrict dst, BlockScales b,
                            float s_dec, const uint8_t* __restrict bits,
                            const float* __restrict uniform) {
+  float draws[kBlock];  // hardware SR: the 8-bit draws as floats first (both loops vectorise)
+  if constexpr (Mode == kSRHardware)
+    for (int64_t e = 0; e < kBlock; ++e) draws[e] = float(bits[e]);
   for (int64_t e = 0; e < kBlock; ++e) {
     float v;
     if constexpr (Mode == kRN) v = e2m1_rn(src[e], b.encode);
-    if constexpr (Mode == kSRHardware) v = e2m1_sr<true>(src[e], b.encode, float(bits[e]));
+    if constexpr (Mode == kSRHardware) v = e2m1_sr<true>(src[e], b.encode, draws[e]);
     if constexpr (Mode == kSRIdeal) v = e2m1_sr<false>(src[e], b.encode, uniform[e]);
     dst[e] = (v * b.scale) * s_dec;
   }
