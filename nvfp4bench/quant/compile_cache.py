@@ -35,6 +35,13 @@ COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable for its
 _USER_COMPILE_CACHE = os.environ.get(COMPILE_CACHE_ENV)
 
 
+def user_cache_folder() -> Path:
+    """nvfp4bench's folder in the user's cache: ``$XDG_CACHE_HOME/nvfp4bench``
+    (``~/.cache/nvfp4bench``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nvfp4bench"
+
+
 def persistent_compile_cache() -> Path:
     """The folder where inductor keeps the compiled kernels between processes, set for this
     process before the first compilation: ``$TORCHINDUCTOR_CACHE_DIR`` when the user set it,
@@ -43,10 +50,7 @@ def persistent_compile_cache() -> Path:
     (the grid's next cell) then loads the kernels instead of generating and compiling their C++
     code; it still traces them (about a second on the first step). Deleting the folder is
     safe."""
-    chosen = _USER_COMPILE_CACHE
-    if not chosen:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        chosen = str(Path(base) / "nvfp4bench" / "inductor")
+    chosen = _USER_COMPILE_CACHE or str(user_cache_folder() / "inductor")
     os.environ[COMPILE_CACHE_ENV] = chosen
     return Path(chosen)
 

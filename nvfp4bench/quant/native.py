@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import platform
 from pathlib import Path
+
+from nvfp4bench.quant.compile_cache import user_cache_folder
 
 SOURCE = Path(__file__).with_name("native_nvfp4.cpp")
 # No fused multiply-add, no fast math: each fp32 operation rounds once, as PyTorch's do.
@@ -31,8 +32,7 @@ class NativeUnavailable(RuntimeError):
 
 def build_folder() -> Path:
     """``$XDG_CACHE_HOME/nvfp4bench/native`` (``~/.cache/nvfp4bench/native``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "nvfp4bench" / "native"
+    return user_cache_folder() / "native"
 
 
 def _cpu_flags() -> str:
